@@ -1,0 +1,395 @@
+#!/usr/bin/env bash
+# A real, local Kubernetes control plane (etcd + kube-apiserver +
+# kube-controller-manager) for Sandfork's e2e tests and demo. No nodes, no
+# containers: it serves the API, runs the controllers (garbage collector,
+# namespace deletion, service accounts and tokens, ...) and binds to 127.0.0.1 only.
+#
+# Usage:
+#   e2e/cluster/local-cluster.sh up DIR      start (or reuse) a cluster whose state lives in DIR;
+#                                            returns once /readyz is ok and the `default`
+#                                            ServiceAccount exists; prints the env lines
+#   e2e/cluster/local-cluster.sh down DIR    stop it (TERM, then KILL); safe to repeat, or after
+#                                            a failed `up`; keeps DIR (logs, data) in place
+#   e2e/cluster/local-cluster.sh env DIR     print `export KUBECONFIG=...` and PATH lines
+#   e2e/cluster/local-cluster.sh status DIR  exit 0 when all components run and /readyz is ok
+#
+# Files in DIR: kubeconfig (admin, group system:masters), pki/, etcd/ (data),
+# *.pid, *.log (etcd.log, kube-apiserver.log, kube-controller-manager.log), ports.env.
+#
+# Environment:
+#   SANDFORK_TOOLS_DIR, SANDFORK_*_VERSION  passed to e2e/tools/build-tools.sh, which `up`
+#                                 runs to find the binaries (building them when missing)
+#   SANDFORK_CLUSTER_NO_BUILD=1   fail instead of building missing binaries
+#   SANDFORK_ETCD_PORT, SANDFORK_ETCD_PEER_PORT, SANDFORK_APISERVER_PORT,
+#   SANDFORK_KCM_PORT             fixed ports (default: free ports picked at random, then
+#                                 kept in DIR/ports.env for restarts of the same DIR)
+#   SANDFORK_CLUSTER_TIMEOUT      seconds `up` waits for readiness (default 180)
+#   SANDFORK_CLUSTER_STOP_TIMEOUT seconds `down` waits after TERM before KILL (default 15)
+#   SANDFORK_CLUSTER_KEEP_ON_FAILURE=1  leave processes running when `up` fails
+#   SANDFORK_APISERVER_EXTRA_ARGS, SANDFORK_KCM_EXTRA_ARGS  extra flags (word-split)
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+BUILD_TOOLS="$HERE/../tools/build-tools.sh"
+COMPONENTS=(etcd kube-apiserver kube-controller-manager)
+
+log() { echo "local-cluster: $*" >&2; }
+die() { echo "local-cluster: ERROR: $*" >&2; exit 1; }
+
+usage() { sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+
+[[ $# -ge 2 ]] || usage
+CMD=$1
+if [[ ! -d "$2" ]]; then
+  case "$CMD" in
+    up) mkdir -p "$2" ;;
+    down) echo "local-cluster: $2 does not exist: nothing to stop" >&2; exit 0 ;;
+    *) die "$2 does not exist" ;;
+  esac
+fi
+DIR="$(cd "$2" && pwd)"
+
+# --- helpers ----------------------------------------------------------------
+
+# pid_of NAME: the recorded pid, if that process is still ours (its command
+# line mentions DIR; guards against pid reuse). Prints nothing otherwise.
+pid_of() {
+  local f="$DIR/$1.pid" pid
+  [[ -f "$f" ]] || return 0
+  pid="$(cat "$f" 2>/dev/null || true)"
+  [[ "$pid" =~ ^[0-9]+$ ]] || return 0
+  [[ -r "/proc/$pid/cmdline" ]] || return 0
+  # zombies (state Z) count as gone
+  [[ "$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null)" != Z ]] || return 0
+  tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qF -- "$DIR" || return 0
+  echo "$pid"
+}
+
+# Ports that something listens on (TCP, v4 and v6), decimal, one per line.
+listening_ports() {
+  local f local_addr st
+  for f in /proc/net/tcp /proc/net/tcp6; do
+    [[ -r $f ]] || continue
+    while read -r _ local_addr _ st _; do
+      [[ $st == 0A ]] && echo $((16#${local_addr##*:}))
+    done < <(tail -n +2 "$f")
+  done
+  return 0
+}
+
+# free_port EXCLUDED...: a random port in 20000-59999 that nothing listens on.
+free_port() {
+  local used p
+  used=" $(listening_ports | tr '\n' ' ') $* "
+  for _ in $(seq 1 200); do
+    p=$((20000 + (RANDOM * 32768 + RANDOM) % 40000))
+    [[ "$used" == *" $p "* ]] || { echo "$p"; return; }
+  done
+  die "no free port found"
+}
+
+find_tools() {
+  local envlines
+  if [[ "${SANDFORK_CLUSTER_NO_BUILD:-0}" == 1 ]]; then
+    envlines="$("$BUILD_TOOLS" --env)" || die "binaries missing and SANDFORK_CLUSTER_NO_BUILD=1"
+  else
+    if ! "$BUILD_TOOLS" --check 2>/dev/null; then
+      log "binaries not cached yet: building them now (this takes a long time once)"
+    fi
+    envlines="$("$BUILD_TOOLS")" || die "e2e/tools/build-tools.sh failed"
+  fi
+  eval "$envlines"
+  ETCD="$SANDFORK_ETCD_BIN/etcd"
+  APISERVER="$SANDFORK_K8S_BIN/kube-apiserver"
+  KCM="$SANDFORK_K8S_BIN/kube-controller-manager"
+  KUBECTL="$SANDFORK_K8S_BIN/kubectl"
+}
+
+kubectl_() { "$KUBECTL" --kubeconfig "$DIR/kubeconfig" --request-timeout=5s "$@"; }
+
+print_env() {
+  local envlines
+  envlines="$("$BUILD_TOOLS" --env 2>/dev/null || true)"
+  [[ -n "$envlines" ]] && echo "$envlines"
+  echo "export KUBECONFIG='$DIR/kubeconfig'"
+  if [[ -f "$DIR/ports.env" ]]; then
+    # shellcheck disable=SC1091
+    . "$DIR/ports.env"
+    echo "export SANDFORK_APISERVER_URL='https://127.0.0.1:$APISERVER_PORT'"
+  fi
+}
+
+# --- certificates -------------------------------------------------------------
+
+gen_pki() {
+  local pki="$DIR/pki"
+  if [[ -f "$pki/.complete" ]]; then return; fi
+  command -v openssl >/dev/null || die "openssl not found (Debian: apt-get install openssl)"
+  rm -rf "$pki" && mkdir -p "$pki" && chmod 700 "$pki"
+  log "generating certificates in $pki"
+  (
+    cd "$pki"
+    set -e
+    exec 3>&2 2>openssl.log
+    # CA
+    openssl ecparam -name prime256v1 -genkey -noout -out ca.key
+    openssl req -x509 -new -key ca.key -sha256 -days 3650 -subj "/CN=sandfork-local-ca" \
+      -addext "basicConstraints=critical,CA:TRUE" \
+      -addext "keyUsage=critical,keyCertSign,cRLSign,digitalSignature" -out ca.crt
+    # sign NAME SUBJECT EXTFILE-CONTENT
+    sign() {
+      openssl ecparam -name prime256v1 -genkey -noout -out "$1.key"
+      openssl req -new -key "$1.key" -subj "$2" -out "$1.csr"
+      printf '%s\n' "$3" >"$1.ext"
+      openssl x509 -req -in "$1.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -sha256 \
+        -days 3650 -extfile "$1.ext" -out "$1.crt"
+      rm -f "$1.csr" "$1.ext"
+    }
+    sign apiserver "/CN=kube-apiserver" "basicConstraints=CA:FALSE
+keyUsage=critical,digitalSignature,keyEncipherment
+extendedKeyUsage=serverAuth
+subjectAltName=IP:127.0.0.1,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
+    sign admin "/O=system:masters/CN=sandfork-admin" "basicConstraints=CA:FALSE
+keyUsage=critical,digitalSignature,keyEncipherment
+extendedKeyUsage=clientAuth"
+    # The apiserver's client cert towards kubelets is unused here (no nodes).
+    # Service-account token signing key pair.
+    openssl genrsa -out sa.key 2048
+    openssl rsa -in sa.key -pubout -out sa.pub
+    chmod 600 ./*.key
+    exec 2>&3
+  ) || { cat "$pki/openssl.log" >&2 2>/dev/null; die "certificate generation failed"; }
+  touch "$pki/.complete"
+}
+
+write_kubeconfig() {
+  b64() { base64 -w0 <"$1"; }
+  umask 077
+  cat >"$DIR/kubeconfig.tmp" <<EOF
+apiVersion: v1
+kind: Config
+clusters:
+- name: sandfork-local
+  cluster:
+    server: https://127.0.0.1:$APISERVER_PORT
+    certificate-authority-data: $(b64 "$DIR/pki/ca.crt")
+users:
+- name: sandfork-admin
+  user:
+    client-certificate-data: $(b64 "$DIR/pki/admin.crt")
+    client-key-data: $(b64 "$DIR/pki/admin.key")
+contexts:
+- name: sandfork-local
+  context:
+    cluster: sandfork-local
+    user: sandfork-admin
+current-context: sandfork-local
+EOF
+  mv -f "$DIR/kubeconfig.tmp" "$DIR/kubeconfig"
+  umask 022
+}
+
+# --- process control ----------------------------------------------------------
+
+# start NAME BIN ARGS...: run in the background, stdout/stderr to DIR/NAME.log.
+start() {
+  local name=$1; shift
+  {
+    echo "=== $(date -u +%Y-%m-%dT%H:%M:%SZ) starting: $*"
+  } >>"$DIR/$name.log"
+  "$@" </dev/null >>"$DIR/$name.log" 2>&1 &
+  echo $! >"$DIR/$name.pid"
+}
+
+fail_with_logs() {
+  local msg=$1 c
+  echo "local-cluster: ERROR: $msg" >&2
+  for c in "${COMPONENTS[@]}"; do
+    [[ -f "$DIR/$c.log" ]] || continue
+    echo "----- last lines of $DIR/$c.log$( [[ -n "$(pid_of "$c")" ]] || echo ' (process not running)') -----" >&2
+    tail -n 25 "$DIR/$c.log" >&2
+  done
+  if [[ "${SANDFORK_CLUSTER_KEEP_ON_FAILURE:-0}" != 1 ]]; then
+    do_down >&2 || true
+  fi
+  exit 1
+}
+
+# check_alive NAME...: fail loudly if any of them died.
+check_alive() {
+  local c
+  for c in "$@"; do
+    [[ -n "$(pid_of "$c")" ]] || fail_with_logs "$c exited during startup"
+  done
+}
+
+# wait_for DESC TIMEOUT COMPONENTS CMD...: poll CMD every 0.5s.
+wait_for() {
+  local desc=$1 deadline=$((SECONDS + $2)) comps=$3; shift 3
+  until "$@" >/dev/null 2>&1; do
+    # shellcheck disable=SC2086
+    check_alive $comps
+    ((SECONDS < deadline)) || fail_with_logs "timed out after $(($2))s waiting for $desc"
+    sleep 0.5
+  done
+}
+
+do_down() {
+  local c pid deadline stopped=0 pids=()
+  local timeout="${SANDFORK_CLUSTER_STOP_TIMEOUT:-15}"
+  # Reverse start order: controller manager, apiserver, then etcd.
+  for c in kube-controller-manager kube-apiserver etcd; do
+    pid="$(pid_of "$c")"
+    if [[ -n "$pid" ]]; then
+      kill -TERM "$pid" 2>/dev/null || true
+      deadline=$((SECONDS + timeout))
+      while [[ -n "$(pid_of "$c")" ]] && ((SECONDS < deadline)); do sleep 0.2; done
+      if [[ -n "$(pid_of "$c")" ]]; then
+        log "$c (pid $pid) ignored TERM for ${timeout}s: sending KILL"
+        kill -KILL "$pid" 2>/dev/null || true
+        while [[ -n "$(pid_of "$c")" ]]; do sleep 0.1; done
+      fi
+      stopped=$((stopped + 1))
+      pids+=("$pid")
+    fi
+    rm -f "$DIR/$c.pid"
+  done
+  # Reap, if these were our own children (up failing in this same shell).
+  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  log "stopped $stopped process(es) of $DIR"
+}
+
+all_running() {
+  local c
+  for c in "${COMPONENTS[@]}"; do [[ -n "$(pid_of "$c")" ]] || return 1; done
+}
+
+# --- up -------------------------------------------------------------------------
+
+do_up() {
+  find_tools
+  command -v base64 >/dev/null || die "base64 (coreutils) not found"
+
+  if all_running && [[ -f "$DIR/kubeconfig" ]] && kubectl_ get --raw /readyz >/dev/null 2>&1; then
+    log "already up: $DIR"
+    print_env
+    return 0
+  fi
+  # Half-started or stale: clean up first.
+  do_down 2>/dev/null || true
+
+  local t0=$SECONDS
+  # Ports: env > DIR/ports.env (restart of the same DIR) > random free ports.
+  local ETCD_PORT='' ETCD_PEER_PORT='' APISERVER_PORT='' KCM_PORT=''
+  if [[ -f "$DIR/ports.env" ]]; then
+    # shellcheck disable=SC1091
+    . "$DIR/ports.env"
+  fi
+  ETCD_PORT="${SANDFORK_ETCD_PORT:-${ETCD_PORT:-$(free_port)}}"
+  ETCD_PEER_PORT="${SANDFORK_ETCD_PEER_PORT:-${ETCD_PEER_PORT:-$(free_port "$ETCD_PORT")}}"
+  APISERVER_PORT="${SANDFORK_APISERVER_PORT:-${APISERVER_PORT:-$(free_port "$ETCD_PORT" "$ETCD_PEER_PORT")}}"
+  KCM_PORT="${SANDFORK_KCM_PORT:-${KCM_PORT:-$(free_port "$ETCD_PORT" "$ETCD_PEER_PORT" "$APISERVER_PORT")}}"
+  cat >"$DIR/ports.env" <<EOF
+ETCD_PORT=$ETCD_PORT
+ETCD_PEER_PORT=$ETCD_PEER_PORT
+APISERVER_PORT=$APISERVER_PORT
+KCM_PORT=$KCM_PORT
+EOF
+  local p
+  for p in "$ETCD_PORT" "$ETCD_PEER_PORT" "$APISERVER_PORT" "$KCM_PORT"; do
+    if listening_ports | grep -qx "$p"; then
+      die "port $p is already in use (set SANDFORK_*_PORT or remove $DIR/ports.env)"
+    fi
+  done
+
+  gen_pki
+  write_kubeconfig
+  mkdir -p "$DIR/etcd" "$DIR/apiserver-certs" "$DIR/kcm-certs"
+  chmod 700 "$DIR/etcd"
+
+  log "starting etcd on 127.0.0.1:$ETCD_PORT"
+  start etcd "$ETCD" \
+    --name=sandfork \
+    --data-dir="$DIR/etcd" \
+    --listen-client-urls="http://127.0.0.1:$ETCD_PORT" \
+    --advertise-client-urls="http://127.0.0.1:$ETCD_PORT" \
+    --listen-peer-urls="http://127.0.0.1:$ETCD_PEER_PORT" \
+    --initial-advertise-peer-urls="http://127.0.0.1:$ETCD_PEER_PORT" \
+    --initial-cluster="sandfork=http://127.0.0.1:$ETCD_PEER_PORT" \
+    --unsafe-no-fsync \
+    --log-level=warn
+  # shellcheck disable=SC2317
+  etcd_ready() { (: <>"/dev/tcp/127.0.0.1/$ETCD_PORT") 2>/dev/null; }
+  wait_for "etcd to listen" 30 etcd etcd_ready
+
+  log "starting kube-apiserver on https://127.0.0.1:$APISERVER_PORT"
+  # shellcheck disable=SC2086
+  start kube-apiserver "$APISERVER" \
+    --etcd-servers="http://127.0.0.1:$ETCD_PORT" \
+    --cert-dir="$DIR/apiserver-certs" \
+    --tls-cert-file="$DIR/pki/apiserver.crt" \
+    --tls-private-key-file="$DIR/pki/apiserver.key" \
+    --client-ca-file="$DIR/pki/ca.crt" \
+    --secure-port="$APISERVER_PORT" \
+    --bind-address=127.0.0.1 \
+    --advertise-address=127.0.0.1 \
+    --service-cluster-ip-range=10.0.0.0/24 \
+    --authorization-mode=Node,RBAC \
+    --service-account-issuer=https://kubernetes.default.svc.cluster.local \
+    --service-account-key-file="$DIR/pki/sa.pub" \
+    --service-account-signing-key-file="$DIR/pki/sa.key" \
+    --allow-privileged=true \
+    --profiling=false \
+    ${SANDFORK_APISERVER_EXTRA_ARGS:-}
+
+  log "starting kube-controller-manager"
+  # shellcheck disable=SC2086
+  start kube-controller-manager "$KCM" \
+    --kubeconfig="$DIR/kubeconfig" \
+    --authentication-kubeconfig="$DIR/kubeconfig" \
+    --authorization-kubeconfig="$DIR/kubeconfig" \
+    --bind-address=127.0.0.1 \
+    --secure-port="$KCM_PORT" \
+    --cert-dir="$DIR/kcm-certs" \
+    --service-account-private-key-file="$DIR/pki/sa.key" \
+    --root-ca-file="$DIR/pki/ca.crt" \
+    --use-service-account-credentials=true \
+    --controllers='*' \
+    --leader-elect=false \
+    --service-cluster-ip-range=10.0.0.0/24 \
+    --profiling=false \
+    ${SANDFORK_KCM_EXTRA_ARGS:-}
+
+  local timeout="${SANDFORK_CLUSTER_TIMEOUT:-180}"
+  wait_for "kube-apiserver /readyz" "$timeout" "${COMPONENTS[*]}" kubectl_ get --raw /readyz
+  local left=$((timeout - (SECONDS - t0))); ((left > 5)) || left=5
+  wait_for "the default namespace" "$left" "${COMPONENTS[*]}" kubectl_ get namespace default
+  left=$((timeout - (SECONDS - t0))); ((left > 5)) || left=5
+  wait_for "the default ServiceAccount" "$left" "${COMPONENTS[*]}" \
+    kubectl_ -n default get serviceaccount default
+  log "up in $((SECONDS - t0))s: KUBECONFIG=$DIR/kubeconfig (https://127.0.0.1:$APISERVER_PORT)"
+  print_env
+}
+
+do_status() {
+  local c rc=0 pid
+  for c in "${COMPONENTS[@]}"; do
+    pid="$(pid_of "$c")"
+    if [[ -n "$pid" ]]; then echo "$c: running (pid $pid)"; else echo "$c: not running"; rc=1; fi
+  done
+  if [[ $rc == 0 ]]; then
+    envlines="$("$BUILD_TOOLS" --env 2>/dev/null)" || { echo "binaries missing"; return 1; }
+    eval "$envlines"
+    KUBECTL="$SANDFORK_K8S_BIN/kubectl"
+    if kubectl_ get --raw /readyz >/dev/null 2>&1; then echo "readyz: ok"; else echo "readyz: not ok"; rc=1; fi
+  fi
+  return $rc
+}
+
+case "$CMD" in
+  up) do_up ;;
+  down) do_down ;;
+  env) print_env ;;
+  status) do_status ;;
+  *) usage ;;
+esac

@@ -1,0 +1,469 @@
+//! Capturing a running VM's memory and vCPU state.
+//!
+//! Live capture: pause the vCPUs, save their state, write-protect guest
+//! memory with userfaultfd, resume; then a copier thread fills the snapshot
+//! while a fault-handler thread saves the before-image of any page the guest
+//! writes first. A per-page state (clean, copying, copied) claimed with
+//! compare-and-swap lets exactly one of them copy each page, and a page is
+//! un-protected only once its before-image is in the snapshot, so the
+//! snapshot is guest memory as it was at the pause.
+//!
+//! Stop-and-copy: pause, copy everything, resume (the baseline).
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use rustix::event::{EventfdFlags, PollFd, PollFlags};
+use serde::{Deserialize, Serialize};
+use userfaultfd::{Event, FaultKind, FeatureFlags, RegisterMode, Uffd, UffdBuilder};
+
+use crate::memory::{GuestMemory, PAGE_SIZE, SnapshotMapping};
+use crate::vcpu::{VcpuState, VmState};
+use crate::vm::{Vm, VmError};
+
+/// UFFD_FEATURE_WP_HUGETLBFS_SHMEM: write-protect on shared memory (memfd).
+const UFFD_FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;
+/// UFFD_FEATURE_WP_UNPOPULATED: protect pages never touched too, so a first
+/// write to a hole still faults.
+const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
+// The crate names the neighbouring flags; check our hand-written bits line up.
+const _: () = assert!(FeatureFlags::THREAD_ID.bits() == 1 << 8);
+const _: () = assert!(FeatureFlags::PAGEFAULT_FLAG_WP.bits() == 1);
+
+/// Pages the copier claims and un-protects at a time.
+const CHUNK_PAGES: usize = 64;
+
+const PAGE_CLEAN: u8 = 0;
+const PAGE_COPYING: u8 = 1;
+const PAGE_COPIED: u8 = 2;
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum CaptureMode {
+    /// Pause only to save vCPU state and write-protect memory.
+    #[default]
+    Live,
+    /// Pause for the whole copy.
+    StopAndCopy,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error("snapshot memory is {snapshot} bytes but guest memory is {guest}")]
+    SizeMismatch { snapshot: usize, guest: usize },
+    #[error("userfaultfd {op} failed")]
+    Userfaultfd {
+        op: &'static str,
+        #[source]
+        source: userfaultfd::Error,
+    },
+    #[error("{op} failed")]
+    Sys {
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("capture worker thread panicked")]
+    WorkerPanicked,
+}
+
+fn uffd_op(op: &'static str) -> impl FnOnce(userfaultfd::Error) -> CaptureError {
+    move |source| CaptureError::Userfaultfd { op, source }
+}
+
+/// What a capture cost.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct CaptureStats {
+    pub mode: CaptureMode,
+    /// How long the vCPUs were stopped.
+    pub pause_ns: u64,
+    /// Of the pause, the time spent write-protecting memory.
+    pub arm_ns: u64,
+    /// From resume until the snapshot was complete (live) or the copy time
+    /// (stop-and-copy).
+    pub copy_ns: u64,
+    pub bytes: u64,
+    pub pages_copied_by_fault_handler: u64,
+    pub pages_copied_by_copier: u64,
+    pub write_faults: u64,
+}
+
+impl CaptureStats {
+    pub fn pause_us(&self) -> f64 {
+        self.pause_ns as f64 / 1e3
+    }
+}
+
+/// A finished capture: the saved state; the memory is in the snapshot mapping.
+pub struct Captured {
+    pub vcpus: Vec<VcpuState>,
+    pub vm: VmState,
+    pub stats: CaptureStats,
+}
+
+/// Stop-and-copy capture into `snapshot`.
+pub fn stop_and_copy(vm: &Vm, snapshot: &SnapshotMapping) -> Result<Captured, CaptureError> {
+    check_sizes(vm.memory(), snapshot)?;
+    let paused = vm.pause(true)?;
+    let copy_started = Instant::now();
+    // SAFETY: both mappings are `len` bytes, distinct, and alive; the vCPUs
+    // are stopped so guest memory does not change during the copy.
+    unsafe {
+        std::ptr::copy_nonoverlapping(vm.memory().as_ptr(), snapshot.as_ptr(), snapshot.len())
+    };
+    let copy_ns = copy_started.elapsed().as_nanos() as u64;
+    vm.resume();
+    let pause_ns = paused.started().elapsed().as_nanos() as u64;
+    Ok(Captured {
+        vcpus: paused.vcpus,
+        vm: paused.vm,
+        stats: CaptureStats {
+            mode: CaptureMode::StopAndCopy,
+            pause_ns,
+            copy_ns,
+            bytes: snapshot.len() as u64,
+            pages_copied_by_copier: (snapshot.len() / PAGE_SIZE) as u64,
+            ..Default::default()
+        },
+    })
+}
+
+fn check_sizes(memory: &GuestMemory, snapshot: &SnapshotMapping) -> Result<(), CaptureError> {
+    if memory.len() != snapshot.len() {
+        return Err(CaptureError::SizeMismatch {
+            snapshot: snapshot.len(),
+            guest: memory.len(),
+        });
+    }
+    Ok(())
+}
+
+/// State shared by the copier and the fault handler of one live capture.
+struct LiveCopy {
+    guest: Arc<GuestMemory>,
+    snapshot: Arc<SnapshotMapping>,
+    uffd: Uffd,
+    page_states: Vec<AtomicU8>,
+    stop_handler: OwnedFd,
+    pages_by_handler: AtomicU64,
+    pages_by_copier: AtomicU64,
+    write_faults: AtomicU64,
+}
+
+impl LiveCopy {
+    fn page_addr(&self, page: usize) -> *mut libc::c_void {
+        // SAFETY: callers pass page < page count, so the offset is inside the mapping.
+        unsafe { self.guest.as_ptr().add(page * PAGE_SIZE).cast() }
+    }
+
+    /// Copies `page` if nobody has claimed it yet; returns whether we did.
+    fn claim_and_copy(&self, page: usize) -> bool {
+        if self.page_states[page]
+            .compare_exchange(PAGE_CLEAN, PAGE_COPYING, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            return false;
+        }
+        let offset = page * PAGE_SIZE;
+        // SAFETY: the page is inside both mappings; it is write-protected and
+        // we hold its claim, so the guest cannot change it while we read, and
+        // nobody else writes this page of the snapshot.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.guest.as_ptr().add(offset),
+                self.snapshot.as_ptr().add(offset),
+                PAGE_SIZE,
+            )
+        };
+        self.page_states[page].store(PAGE_COPIED, Ordering::Release);
+        true
+    }
+
+    fn wait_copied(&self, page: usize) {
+        while self.page_states[page].load(Ordering::Acquire) != PAGE_COPIED {
+            std::hint::spin_loop();
+        }
+    }
+
+    fn unprotect(&self, first_page: usize, pages: usize) -> Result<(), CaptureError> {
+        loop {
+            match self
+                .uffd
+                .remove_write_protection(self.page_addr(first_page), pages * PAGE_SIZE, true)
+            {
+                Err(userfaultfd::Error::SystemError(errno)) if errno as i32 == libc::EAGAIN => continue,
+                result => return result.map_err(uffd_op("UFFDIO_WRITEPROTECT (clear)")),
+            }
+        }
+    }
+
+    fn run_copier(&self) -> Result<(), CaptureError> {
+        let pages = self.page_states.len();
+        for first in (0..pages).step_by(CHUNK_PAGES) {
+            let end = (first + CHUNK_PAGES).min(pages);
+            for page in first..end {
+                if self.claim_and_copy(page) {
+                    self.pages_by_copier.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            // Pages the fault handler claimed must be copied before the
+            // chunk loses its protection.
+            for page in first..end {
+                self.wait_copied(page);
+            }
+            self.unprotect(first, end - first)?;
+        }
+        Ok(())
+    }
+
+    fn run_fault_handler(&self) -> Result<(), CaptureError> {
+        let base = self.guest.as_ptr() as usize;
+        loop {
+            let mut fds = [
+                PollFd::new(&self.uffd, PollFlags::IN),
+                PollFd::new(&self.stop_handler, PollFlags::IN),
+            ];
+            match rustix::event::poll(&mut fds, None) {
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(errno) => {
+                    return Err(CaptureError::Sys {
+                        op: "poll userfaultfd",
+                        source: errno.into(),
+                    });
+                }
+                Ok(_) => {}
+            }
+            let stop = !fds[1].revents().is_empty();
+            while let Some(event) = self.uffd.read_event().map_err(uffd_op("read event"))? {
+                if let Event::Pagefault {
+                    kind: FaultKind::WriteProtected,
+                    addr,
+                    ..
+                } = event
+                {
+                    self.write_faults.fetch_add(1, Ordering::Relaxed);
+                    let page = (addr as usize - base) / PAGE_SIZE;
+                    if self.claim_and_copy(page) {
+                        self.pages_by_handler.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        self.wait_copied(page);
+                    }
+                    self.unprotect(page, 1)?;
+                }
+            }
+            if stop {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// A live capture in progress: the vCPUs run again, the copy goes on.
+pub struct LiveCapture {
+    copy: Arc<LiveCopy>,
+    copier: Option<JoinHandle<Result<(), CaptureError>>>,
+    handler: Option<JoinHandle<Result<(), CaptureError>>>,
+    vcpus: Vec<VcpuState>,
+    vm_state: VmState,
+    pause_ns: u64,
+    arm_ns: u64,
+    resumed: Instant,
+}
+
+impl LiveCapture {
+    /// Pauses `vm`, saves its state, write-protects its memory and resumes
+    /// it; the copy into `snapshot` then runs in the background.
+    pub fn start(vm: &Vm, snapshot: Arc<SnapshotMapping>) -> Result<Self, CaptureError> {
+        let guest = vm.memory().clone();
+        check_sizes(&guest, &snapshot)?;
+        let uffd = UffdBuilder::new()
+            .close_on_exec(true)
+            .non_blocking(true)
+            // KVM's own accesses to guest memory must fault too.
+            .user_mode_only(false)
+            .require_features(
+                FeatureFlags::PAGEFAULT_FLAG_WP
+                    | FeatureFlags::from_bits_retain(
+                        UFFD_FEATURE_WP_HUGETLBFS_SHMEM | UFFD_FEATURE_WP_UNPOPULATED,
+                    ),
+            )
+            .create()
+            .map_err(uffd_op("create"))?;
+        uffd.register_with_mode(guest.as_ptr().cast(), guest.len(), RegisterMode::WRITE_PROTECT)
+            .map_err(uffd_op("register"))?;
+        let stop_handler = rustix::event::eventfd(0, EventfdFlags::CLOEXEC).map_err(|errno| {
+            CaptureError::Sys {
+                op: "eventfd",
+                source: errno.into(),
+            }
+        })?;
+        let copy = Arc::new(LiveCopy {
+            page_states: (0..guest.pages()).map(|_| AtomicU8::new(PAGE_CLEAN)).collect(),
+            guest,
+            snapshot,
+            uffd,
+            stop_handler,
+            pages_by_handler: AtomicU64::new(0),
+            pages_by_copier: AtomicU64::new(0),
+            write_faults: AtomicU64::new(0),
+        });
+        // The handler must be ready before the first protected write.
+        let handler = {
+            let copy = copy.clone();
+            std::thread::Builder::new()
+                .name("wp-faults".into())
+                .spawn(move || copy.run_fault_handler())
+                .map_err(|source| CaptureError::Sys {
+                    op: "spawn fault handler",
+                    source,
+                })?
+        };
+        let mut capture = Self {
+            copy,
+            copier: None,
+            handler: Some(handler),
+            vcpus: Vec::new(),
+            vm_state: VmState {
+                irqchips: Vec::new(),
+                clock: Default::default(),
+            },
+            pause_ns: 0,
+            arm_ns: 0,
+            resumed: Instant::now(),
+        };
+        // On any error from here, dropping `capture` stops the handler and
+        // closes the userfaultfd, which lifts every protection.
+        let paused = vm.pause(true)?;
+        let arm_started = Instant::now();
+        let armed = capture
+            .copy
+            .uffd
+            .write_protect(capture.copy.guest.as_ptr().cast(), capture.copy.guest.len())
+            .map_err(uffd_op("UFFDIO_WRITEPROTECT"));
+        capture.arm_ns = arm_started.elapsed().as_nanos() as u64;
+        vm.resume();
+        capture.resumed = Instant::now();
+        capture.pause_ns = (capture.resumed - paused.started()).as_nanos() as u64;
+        armed?;
+        capture.vcpus = paused.vcpus;
+        capture.vm_state = paused.vm;
+        let copy = capture.copy.clone();
+        capture.copier = Some(
+            std::thread::Builder::new()
+                .name("snapshot-copier".into())
+                .spawn(move || copy.run_copier())
+                .map_err(|source| CaptureError::Sys {
+                    op: "spawn copier",
+                    source,
+                })?,
+        );
+        Ok(capture)
+    }
+
+    /// Whether `page` is already in the snapshot (and so no longer protected,
+    /// or about to be un-protected).
+    pub fn page_copied(&self, page: usize) -> bool {
+        self.copy.page_states[page].load(Ordering::Acquire) == PAGE_COPIED
+    }
+
+    pub fn pause_ns(&self) -> u64 {
+        self.pause_ns
+    }
+
+    /// Waits for the copy to complete.
+    pub fn finish(mut self) -> Result<Captured, CaptureError> {
+        let copier_result = join(self.copier.take());
+        let copy_ns = self.resumed.elapsed().as_nanos() as u64;
+        let handler_result = self.stop_handler();
+        copier_result?;
+        handler_result?;
+        let copy = &self.copy;
+        Ok(Captured {
+            vcpus: std::mem::take(&mut self.vcpus),
+            vm: self.vm_state.clone(),
+            stats: CaptureStats {
+                mode: CaptureMode::Live,
+                pause_ns: self.pause_ns,
+                arm_ns: self.arm_ns,
+                copy_ns,
+                bytes: copy.guest.len() as u64,
+                pages_copied_by_fault_handler: copy.pages_by_handler.load(Ordering::Relaxed),
+                pages_copied_by_copier: copy.pages_by_copier.load(Ordering::Relaxed),
+                write_faults: copy.write_faults.load(Ordering::Relaxed),
+            },
+        })
+    }
+
+    fn stop_handler(&mut self) -> Result<(), CaptureError> {
+        let Some(handler) = self.handler.take() else {
+            return Ok(());
+        };
+        let _ = rustix::io::write(self.copy.stop_handler.as_fd(), &1u64.to_ne_bytes());
+        join(Some(handler))
+    }
+}
+
+impl Drop for LiveCapture {
+    fn drop(&mut self) {
+        // An unfinished capture (error or early drop) must not leave the
+        // guest blocked: let the copier finish, stop the handler, and
+        // unregister, which lifts every remaining protection.
+        let _ = join(self.copier.take());
+        let _ = self.stop_handler();
+        let _ = self
+            .copy
+            .uffd
+            .unregister(self.copy.guest.as_ptr().cast(), self.copy.guest.len());
+    }
+}
+
+fn join(handle: Option<JoinHandle<Result<(), CaptureError>>>) -> Result<(), CaptureError> {
+    match handle {
+        None => Ok(()),
+        Some(handle) => handle.join().map_err(|_| CaptureError::WorkerPanicked)?,
+    }
+}
+
+/// Live capture into `snapshot`, waiting for the copy to complete.
+pub fn live(vm: &Vm, snapshot: Arc<SnapshotMapping>) -> Result<Captured, CaptureError> {
+    LiveCapture::start(vm, snapshot)?.finish()
+}
+
+/// A deliberately broken capture for tests and the benchmark's control: the
+/// vCPU state is saved at a pause, but memory is copied while the guest runs,
+/// without write protection. Its result is torn whenever the guest writes.
+pub fn unprotected_copy(vm: &Vm, snapshot: &SnapshotMapping) -> Result<Captured, CaptureError> {
+    check_sizes(vm.memory(), snapshot)?;
+    let paused = vm.pause(true)?;
+    vm.resume();
+    let pause_ns = paused.started().elapsed().as_nanos() as u64;
+    let started = Instant::now();
+    for page in 0..snapshot.len() / PAGE_SIZE {
+        let offset = page * PAGE_SIZE;
+        // SAFETY: in-bounds page of two distinct live mappings. The guest may
+        // write the source page meanwhile, which is the point of this copy.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                vm.memory().as_ptr().add(offset),
+                snapshot.as_ptr().add(offset),
+                PAGE_SIZE,
+            )
+        };
+    }
+    Ok(Captured {
+        vcpus: paused.vcpus,
+        vm: paused.vm,
+        stats: CaptureStats {
+            mode: CaptureMode::Live,
+            pause_ns,
+            copy_ns: started.elapsed().as_nanos() as u64,
+            bytes: snapshot.len() as u64,
+            ..Default::default()
+        },
+    })
+}

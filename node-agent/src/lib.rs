@@ -1,0 +1,10 @@
+//! Sandfork node agent: runs sandboxes as KVM virtual machines on memfd
+//! memory, captures them live with userfaultfd write-protection, and
+//! restores branches copy-on-write from the captures.
+
+pub mod capture;
+pub mod guest;
+pub mod memory;
+pub mod snapshot;
+pub mod vcpu;
+pub mod vm;

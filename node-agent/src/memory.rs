@@ -1,0 +1,332 @@
+//! Guest memory: a sealed memfd for booted sandboxes, or a copy-on-write
+//! private mapping of a capture's memory file for branches.
+
+use std::fs::File;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::ptr::NonNull;
+
+use rustix::fs::{MemfdFlags, SealFlags};
+use rustix::mm::{Advice, MapFlags, ProtFlags};
+
+pub const PAGE_SIZE: usize = 4096;
+
+/// Smallest and largest guest memory the agent accepts.
+pub const MIN_MEMORY_BYTES: u64 = 64 << 20;
+pub const MAX_MEMORY_BYTES: u64 = 256 << 30;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error(
+        "guest memory must be {min_mib} MiB to {max_gib} GiB in whole 2 MiB steps, got {bytes} bytes",
+        min_mib = MIN_MEMORY_BYTES >> 20,
+        max_gib = MAX_MEMORY_BYTES >> 30
+    )]
+    InvalidSize { bytes: u64 },
+    #[error("guest memory of {wanted_mib} MiB exceeds what this host has available ({available_mib} MiB)")]
+    HostTooSmall { wanted_mib: u64, available_mib: u64 },
+    #[error("memory file is {file_bytes} bytes, expected {expected_bytes}")]
+    FileSizeMismatch { file_bytes: u64, expected_bytes: u64 },
+    #[error("{op} failed")]
+    Sys {
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn sys(op: &'static str) -> impl FnOnce(rustix::io::Errno) -> MemoryError {
+    move |errno| MemoryError::Sys {
+        op,
+        source: errno.into(),
+    }
+}
+
+/// Checks a guest memory size against the agent's limits and, when
+/// `check_host` is set, against the memory the host has available.
+pub fn validate_size(bytes: u64, check_host: bool) -> Result<(), MemoryError> {
+    if !(MIN_MEMORY_BYTES..=MAX_MEMORY_BYTES).contains(&bytes) || bytes % (2 << 20) != 0 {
+        return Err(MemoryError::InvalidSize { bytes });
+    }
+    if check_host {
+        if let Some(available) = host_available_bytes() {
+            if bytes > available {
+                return Err(MemoryError::HostTooSmall {
+                    wanted_mib: bytes >> 20,
+                    available_mib: available >> 20,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `MemAvailable` from /proc/meminfo, in bytes.
+pub fn host_available_bytes() -> Option<u64> {
+    meminfo_field("MemAvailable:")
+}
+
+/// A field of /proc/meminfo (given in kB there), in bytes.
+pub fn meminfo_field(field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|line| line.starts_with(field))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Where a guest memory mapping comes from.
+#[derive(Debug)]
+enum Backing {
+    /// A fresh memfd, size-sealed; the guest's writes land in it.
+    Memfd(OwnedFd),
+    /// A private (copy-on-write) mapping of a capture's memory file: reads
+    /// share the capture's pages, writes get private copies.
+    PrivateFile(#[allow(dead_code, reason = "held open for the mapping's lifetime")] File),
+}
+
+/// A host mapping of guest-physical memory starting at guest address 0.
+#[derive(Debug)]
+pub struct GuestMemory {
+    base: NonNull<u8>,
+    len: usize,
+    backing: Backing,
+}
+
+// SAFETY: the mapping is plain shared memory owned by this value; concurrent
+// access is coordinated by its users (vCPUs write through KVM, the capture
+// code reads through raw pointers under its page-state protocol).
+unsafe impl Send for GuestMemory {}
+// SAFETY: see `Send`; `&GuestMemory` only hands out raw pointers.
+unsafe impl Sync for GuestMemory {}
+
+impl GuestMemory {
+    /// Creates `len` bytes of zeroed guest memory in a new memfd, sealed
+    /// against shrinking and growing, mapped shared.
+    pub fn new_memfd(name: &str, len: u64) -> Result<Self, MemoryError> {
+        let fd = rustix::fs::memfd_create(
+            name,
+            MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING | MemfdFlags::NOEXEC_SEAL,
+        )
+        .or_else(|_| {
+            rustix::fs::memfd_create(name, MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)
+        })
+        .map_err(sys("memfd_create"))?;
+        rustix::fs::ftruncate(&fd, len).map_err(sys("ftruncate memfd"))?;
+        rustix::fs::fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL)
+            .map_err(sys("seal memfd"))?;
+        let base = map(fd.as_fd(), len as usize, MapFlags::SHARED)?;
+        Ok(Self {
+            base,
+            len: len as usize,
+            backing: Backing::Memfd(fd),
+        })
+    }
+
+    /// Maps a capture's memory file copy-on-write. The file must be exactly
+    /// `len` bytes long.
+    pub fn map_private(file: File, len: u64) -> Result<Self, MemoryError> {
+        let file_bytes = file
+            .metadata()
+            .map_err(|source| MemoryError::Sys {
+                op: "stat memory file",
+                source,
+            })?
+            .len();
+        if file_bytes != len {
+            return Err(MemoryError::FileSizeMismatch {
+                file_bytes,
+                expected_bytes: len,
+            });
+        }
+        let base = map(file.as_fd(), len as usize, MapFlags::PRIVATE | MapFlags::NORESERVE)?;
+        Ok(Self {
+            base,
+            len: len as usize,
+            backing: Backing::PrivateFile(file),
+        })
+    }
+
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.base.as_ptr()
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn pages(&self) -> usize {
+        self.len / PAGE_SIZE
+    }
+
+    /// The file behind the mapping, when it is a memfd (shared mapping).
+    pub fn memfd(&self) -> Option<BorrowedFd<'_>> {
+        match &self.backing {
+            Backing::Memfd(fd) => Some(fd.as_fd()),
+            Backing::PrivateFile(_) => None,
+        }
+    }
+
+    /// Copies `data` into guest memory at guest address `addr`.
+    pub fn write_at(&self, addr: u64, data: &[u8]) {
+        let end = addr as usize + data.len();
+        assert!(end <= self.len, "write past the end of guest memory");
+        // SAFETY: the range is inside the mapping (checked above) and `data`
+        // cannot overlap it (it is a Rust slice, the mapping is not).
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.as_ptr().add(addr as usize), data.len())
+        };
+    }
+
+    /// Reads the u64 at guest address `addr` (volatile: the guest may be running).
+    pub fn read_u64(&self, addr: u64) -> u64 {
+        assert!(addr as usize + 8 <= self.len && addr % 8 == 0);
+        // SAFETY: aligned and inside the mapping (checked above).
+        unsafe { std::ptr::read_volatile(self.as_ptr().add(addr as usize).cast::<u64>()) }
+    }
+
+    /// Drops this process's page-table entries for the whole mapping; the data
+    /// stays in the memfd and is faulted back in on the next access.
+    pub fn drop_page_tables(&self) -> Result<(), MemoryError> {
+        // SAFETY: the range is exactly our mapping; for a shared memfd mapping
+        // MADV_DONTNEED drops mappings only, never contents.
+        unsafe { rustix::mm::madvise(self.as_ptr().cast(), self.len, Advice::LinuxDontNeed) }
+            .map_err(sys("madvise(DONTNEED)"))
+    }
+}
+
+impl Drop for GuestMemory {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping created in `map`; nothing uses it
+        // after drop (KVM memslots referencing it are torn down with the VM fd first).
+        let _ = unsafe { rustix::mm::munmap(self.base.as_ptr().cast(), self.len) };
+    }
+}
+
+fn map(fd: BorrowedFd<'_>, len: usize, flags: MapFlags) -> Result<NonNull<u8>, MemoryError> {
+    // SAFETY: a fresh mapping at a kernel-chosen address of a file we own;
+    // it overlaps nothing existing.
+    let ptr = unsafe {
+        rustix::mm::mmap(
+            std::ptr::null_mut(),
+            len,
+            ProtFlags::READ | ProtFlags::WRITE,
+            flags,
+            fd,
+            0,
+        )
+    }
+    .map_err(sys("mmap guest memory"))?;
+    Ok(NonNull::new(ptr.cast()).expect("mmap returned null"))
+}
+
+/// A shared, writable mapping of a file that a capture fills (the
+/// snapshot's memory). Created with its final size before a capture starts.
+#[derive(Debug)]
+pub struct SnapshotMapping {
+    base: NonNull<u8>,
+    len: usize,
+    _file: File,
+}
+
+// SAFETY: plain shared memory owned by this value; writers coordinate through
+// the capture's page-state protocol.
+unsafe impl Send for SnapshotMapping {}
+// SAFETY: see `Send`.
+unsafe impl Sync for SnapshotMapping {}
+
+impl SnapshotMapping {
+    /// Sizes `file` to `len` bytes, allocates its pages and maps them, so that
+    /// the copy into it does not pay for page allocation.
+    pub fn create(file: File, len: u64) -> Result<Self, MemoryError> {
+        rustix::fs::ftruncate(&file, len).map_err(sys("ftruncate snapshot"))?;
+        // Allocating up front is an optimisation; tmpfs supports it, others may not.
+        let _ = rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, len);
+        let base = map(file.as_fd(), len as usize, MapFlags::SHARED)?;
+        // SAFETY: the range is exactly the mapping just created.
+        let _ = unsafe {
+            rustix::mm::madvise(base.as_ptr().cast(), len as usize, Advice::LinuxPopulateWrite)
+        };
+        Ok(Self {
+            base,
+            len: len as usize,
+            _file: file,
+        })
+    }
+
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.base.as_ptr()
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Drop for SnapshotMapping {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping created in `create`.
+        let _ = unsafe { rustix::mm::munmap(self.base.as_ptr().cast(), self.len) };
+    }
+}
+
+/// A read-only view of a whole file, for verifying or exporting captures.
+pub struct ReadOnlyMapping {
+    base: NonNull<u8>,
+    len: usize,
+}
+
+impl ReadOnlyMapping {
+    pub fn new(file: &File) -> Result<Self, MemoryError> {
+        let len = file
+            .metadata()
+            .map_err(|source| MemoryError::Sys {
+                op: "stat file",
+                source,
+            })?
+            .len() as usize;
+        if len == 0 {
+            return Ok(Self {
+                base: NonNull::dangling(),
+                len,
+            });
+        }
+        // SAFETY: a fresh read-only mapping of a file we hold open.
+        let ptr = unsafe {
+            rustix::mm::mmap(
+                std::ptr::null_mut(),
+                len,
+                ProtFlags::READ,
+                MapFlags::SHARED,
+                file,
+                0,
+            )
+        }
+        .map_err(sys("mmap file"))?;
+        Ok(Self {
+            base: NonNull::new(ptr.cast()).expect("mmap returned null"),
+            len,
+        })
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: the mapping is `len` readable bytes and lives as long as `self`.
+        // Capture files are not written once complete.
+        unsafe { std::slice::from_raw_parts(self.base.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for ReadOnlyMapping {
+    fn drop(&mut self) {
+        if self.len != 0 {
+            // SAFETY: unmaps exactly the mapping created in `new`.
+            let _ = unsafe { rustix::mm::munmap(self.base.as_ptr().cast(), self.len) };
+        }
+    }
+}

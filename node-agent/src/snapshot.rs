@@ -1,0 +1,395 @@
+//! Snapshots: a capture kept on the node (a directory holding the raw
+//! memory file and the saved state, restored copy-on-write), and the
+//! portable single-file format it can be exported to and imported from.
+//!
+//! File format, little-endian:
+//! - header (64 bytes): magic `SANDFORK`, format version, header length,
+//!   state length and CRC32, memory chunk size, memory length, chunk count,
+//!   header CRC32 (over the bytes before it);
+//! - state: JSON (`SnapshotState`);
+//! - chunk table: one CRC32 per memory chunk;
+//! - memory: the guest memory, `memory_bytes` long.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::capture::CaptureStats;
+use crate::memory::{self, MemoryError, ReadOnlyMapping, SnapshotMapping};
+use crate::vcpu::{VcpuState, VmState};
+
+pub const MAGIC: [u8; 8] = *b"SANDFORK";
+pub const FORMAT_VERSION: u32 = 1;
+const HEADER_LEN: usize = 64;
+const CHUNK_BYTES: u64 = 4 << 20;
+const MAX_STATE_BYTES: u64 = 64 << 20;
+
+const MEMORY_FILE: &str = "memory";
+const STATE_FILE: &str = "state.json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("{op} {path}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error("capture {0} already exists")]
+    Exists(PathBuf),
+    #[error("capture {0} does not exist or is incomplete")]
+    NotFound(PathBuf),
+    #[error("{path}: not a Sandfork snapshot (bad magic)")]
+    BadMagic { path: PathBuf },
+    #[error("{path}: snapshot format version {found} is not supported (this agent reads {FORMAT_VERSION})")]
+    UnsupportedVersion { path: PathBuf, found: u32 },
+    #[error("{path}: corrupted snapshot: {what}")]
+    Corrupted { path: PathBuf, what: String },
+    #[error("{path}: truncated snapshot: {what}")]
+    Truncated { path: PathBuf, what: String },
+    #[error("{path}: invalid state")]
+    State {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+fn io_err<'a>(
+    op: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> SnapshotError + 'a {
+    move |source| SnapshotError::Io {
+        op,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Everything in a snapshot besides memory.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct SnapshotState {
+    pub memory_bytes: u64,
+    pub vcpus: Vec<VcpuState>,
+    pub vm: VmState,
+    pub stats: CaptureStats,
+    /// The sandbox it was captured from.
+    pub source: String,
+    pub created_unix_ms: u64,
+}
+
+/// A capture directory on the node. Its files are readable by the owner
+/// only; it is complete once `state.json` exists.
+#[derive(Clone, Debug)]
+pub struct CaptureDir {
+    path: PathBuf,
+}
+
+impl CaptureDir {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self { path: path.into() }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn memory_path(&self) -> PathBuf {
+        self.path.join(MEMORY_FILE)
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.path.join(STATE_FILE).is_file()
+    }
+
+    /// Creates the directory and a memory file of `memory_bytes`, mapped and
+    /// ready to be filled by a capture.
+    pub fn create(&self, memory_bytes: u64) -> Result<SnapshotMapping, SnapshotError> {
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&self.path)
+            .map_err(|source| match source.kind() {
+                std::io::ErrorKind::AlreadyExists => SnapshotError::Exists(self.path.clone()),
+                _ => SnapshotError::Io {
+                    op: "create",
+                    path: self.path.clone(),
+                    source,
+                },
+            })?;
+        let memory_path = self.memory_path();
+        let file = create_private(&memory_path)?;
+        Ok(SnapshotMapping::create(file, memory_bytes)?)
+    }
+
+    /// Records the state, making the capture complete.
+    pub fn commit(&self, state: &SnapshotState) -> Result<(), SnapshotError> {
+        let tmp = self.path.join("state.json.tmp");
+        let mut file = create_private(&tmp)?;
+        serde_json::to_writer(&mut file, state).map_err(|source| SnapshotError::State {
+            path: tmp.clone(),
+            source,
+        })?;
+        file.sync_all().map_err(io_err("sync", &tmp))?;
+        std::fs::rename(&tmp, self.path.join(STATE_FILE))
+            .map_err(io_err("rename", &tmp))
+    }
+
+    pub fn read_state(&self) -> Result<SnapshotState, SnapshotError> {
+        let path = self.path.join(STATE_FILE);
+        let file = File::open(&path).map_err(|source| match source.kind() {
+            std::io::ErrorKind::NotFound => SnapshotError::NotFound(self.path.clone()),
+            _ => SnapshotError::Io {
+                op: "open",
+                path: path.clone(),
+                source,
+            },
+        })?;
+        serde_json::from_reader(BufReader::new(file))
+            .map_err(|source| SnapshotError::State { path, source })
+    }
+
+    pub fn open_memory(&self) -> Result<File, SnapshotError> {
+        let path = self.memory_path();
+        File::open(&path).map_err(io_err("open", &path))
+    }
+
+    /// Deletes the capture. Branches that map its memory keep their view.
+    pub fn remove(&self) -> Result<(), SnapshotError> {
+        match std::fs::remove_dir_all(&self.path) {
+            Err(err) if err.kind() != std::io::ErrorKind::NotFound => Err(SnapshotError::Io {
+                op: "remove",
+                path: self.path.clone(),
+                source: err,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Writes the capture to `out` in the portable format (mode 0600).
+    pub fn export(&self, out: &Path) -> Result<(), SnapshotError> {
+        let state = self.read_state()?;
+        let state_json = serde_json::to_vec(&state).map_err(|source| SnapshotError::State {
+            path: self.path.clone(),
+            source,
+        })?;
+        let memory_file = self.open_memory()?;
+        let memory = ReadOnlyMapping::new(&memory_file)?;
+        let memory = memory.as_slice();
+        if memory.len() as u64 != state.memory_bytes {
+            return Err(SnapshotError::Corrupted {
+                path: self.memory_path(),
+                what: format!(
+                    "memory file is {} bytes, state says {}",
+                    memory.len(),
+                    state.memory_bytes
+                ),
+            });
+        }
+        let chunk_crcs: Vec<u8> = memory
+            .chunks(CHUNK_BYTES as usize)
+            .flat_map(|chunk| crc32fast::hash(chunk).to_le_bytes())
+            .collect();
+        let header = Header {
+            state_len: state_json.len() as u64,
+            state_crc: crc32fast::hash(&state_json),
+            chunk_bytes: CHUNK_BYTES as u32,
+            memory_bytes: state.memory_bytes,
+            chunk_count: state.memory_bytes.div_ceil(CHUNK_BYTES),
+        };
+        let tmp = out.with_extension("partial");
+        let file = create_private(&tmp)?;
+        let mut writer = BufWriter::with_capacity(1 << 20, file);
+        let write = (|| {
+            writer.write_all(&header.encode())?;
+            writer.write_all(&state_json)?;
+            writer.write_all(&chunk_crcs)?;
+            writer.write_all(memory)?;
+            writer.flush()?;
+            writer.get_ref().sync_all()
+        })();
+        if let Err(source) = write.and_then(|()| std::fs::rename(&tmp, out)) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(SnapshotError::Io {
+                op: "write",
+                path: out.to_owned(),
+                source,
+            });
+        }
+        Ok(())
+    }
+
+    /// Reads a portable snapshot file into this (new) capture directory,
+    /// checking every checksum; on any error nothing is left behind.
+    pub fn import(&self, input: &Path) -> Result<SnapshotState, SnapshotError> {
+        let file = File::open(input).map_err(io_err("open", input))?;
+        let file_len = file.metadata().map_err(io_err("stat", input))?.len();
+        let mut reader = BufReader::with_capacity(1 << 20, file);
+        let truncated = |what: &str| SnapshotError::Truncated {
+            path: input.to_owned(),
+            what: what.to_owned(),
+        };
+        let mut header_bytes = [0u8; HEADER_LEN];
+        reader
+            .read_exact(&mut header_bytes)
+            .map_err(|_| truncated("header"))?;
+        let header = Header::decode(&header_bytes, input)?;
+        let expected_len = HEADER_LEN as u64
+            + header.state_len
+            + header.chunk_count * 4
+            + header.memory_bytes;
+        if file_len < expected_len {
+            return Err(truncated(&format!(
+                "{file_len} bytes, the header describes {expected_len}"
+            )));
+        }
+        if file_len > expected_len {
+            return Err(SnapshotError::Corrupted {
+                path: input.to_owned(),
+                what: format!("{} trailing bytes", file_len - expected_len),
+            });
+        }
+        let mut state_json = vec![0u8; header.state_len as usize];
+        reader
+            .read_exact(&mut state_json)
+            .map_err(|_| truncated("state"))?;
+        if crc32fast::hash(&state_json) != header.state_crc {
+            return Err(SnapshotError::Corrupted {
+                path: input.to_owned(),
+                what: "state checksum mismatch".into(),
+            });
+        }
+        let state: SnapshotState =
+            serde_json::from_slice(&state_json).map_err(|source| SnapshotError::State {
+                path: input.to_owned(),
+                source,
+            })?;
+        if state.memory_bytes != header.memory_bytes {
+            return Err(SnapshotError::Corrupted {
+                path: input.to_owned(),
+                what: "state and header disagree on the memory size".into(),
+            });
+        }
+        let mut crc_table = vec![0u8; header.chunk_count as usize * 4];
+        reader
+            .read_exact(&mut crc_table)
+            .map_err(|_| truncated("chunk table"))?;
+
+        let mapping = self.create(header.memory_bytes)?;
+        let fill = (|| {
+            for (index, crc) in crc_table.chunks_exact(4).enumerate() {
+                let start = index as u64 * CHUNK_BYTES;
+                let len = CHUNK_BYTES.min(header.memory_bytes - start) as usize;
+                // SAFETY: [start, start + len) lies inside the mapping, which
+                // nothing else uses until the capture is committed.
+                let chunk = unsafe {
+                    std::slice::from_raw_parts_mut(mapping.as_ptr().add(start as usize), len)
+                };
+                reader.read_exact(chunk).map_err(|_| truncated("memory"))?;
+                if crc32fast::hash(chunk) != u32::from_le_bytes(crc.try_into().unwrap()) {
+                    return Err(SnapshotError::Corrupted {
+                        path: input.to_owned(),
+                        what: format!("memory chunk {index} checksum mismatch"),
+                    });
+                }
+            }
+            self.commit(&state)
+        })();
+        drop(mapping);
+        if let Err(err) = fill {
+            let _ = self.remove();
+            return Err(err);
+        }
+        Ok(state)
+    }
+}
+
+fn create_private(path: &Path) -> Result<File, SnapshotError> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(path)
+        .map_err(io_err("create", path))
+}
+
+struct Header {
+    state_len: u64,
+    state_crc: u32,
+    chunk_bytes: u32,
+    memory_bytes: u64,
+    chunk_count: u64,
+}
+
+impl Header {
+    fn encode(&self) -> [u8; HEADER_LEN] {
+        let mut bytes = [0u8; HEADER_LEN];
+        bytes[0..8].copy_from_slice(&MAGIC);
+        bytes[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        bytes[12..16].copy_from_slice(&(HEADER_LEN as u32).to_le_bytes());
+        bytes[16..24].copy_from_slice(&self.state_len.to_le_bytes());
+        bytes[24..28].copy_from_slice(&self.state_crc.to_le_bytes());
+        bytes[28..32].copy_from_slice(&self.chunk_bytes.to_le_bytes());
+        bytes[32..40].copy_from_slice(&self.memory_bytes.to_le_bytes());
+        bytes[40..48].copy_from_slice(&self.chunk_count.to_le_bytes());
+        let crc = crc32fast::hash(&bytes[..HEADER_LEN - 4]);
+        bytes[HEADER_LEN - 4..].copy_from_slice(&crc.to_le_bytes());
+        bytes
+    }
+
+    fn decode(bytes: &[u8; HEADER_LEN], path: &Path) -> Result<Self, SnapshotError> {
+        let u32_at = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap());
+        let u64_at = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap());
+        let corrupted = |what: String| SnapshotError::Corrupted {
+            path: path.to_owned(),
+            what,
+        };
+        if bytes[0..8] != MAGIC {
+            return Err(SnapshotError::BadMagic {
+                path: path.to_owned(),
+            });
+        }
+        let version = u32_at(8);
+        if version != FORMAT_VERSION {
+            return Err(SnapshotError::UnsupportedVersion {
+                path: path.to_owned(),
+                found: version,
+            });
+        }
+        if crc32fast::hash(&bytes[..HEADER_LEN - 4]) != u32_at(HEADER_LEN - 4) {
+            return Err(corrupted("header checksum mismatch".into()));
+        }
+        let header = Self {
+            state_len: u64_at(16),
+            state_crc: u32_at(24),
+            chunk_bytes: u32_at(28),
+            memory_bytes: u64_at(32),
+            chunk_count: u64_at(40),
+        };
+        if u32_at(12) as usize != HEADER_LEN || u64::from(header.chunk_bytes) != CHUNK_BYTES {
+            return Err(corrupted("unexpected header or chunk size".into()));
+        }
+        if header.state_len > MAX_STATE_BYTES {
+            return Err(corrupted(format!("state of {} bytes", header.state_len)));
+        }
+        memory::validate_size(header.memory_bytes, false)?;
+        if header.chunk_count != header.memory_bytes.div_ceil(CHUNK_BYTES) {
+            return Err(corrupted("chunk count does not match the memory size".into()));
+        }
+        Ok(header)
+    }
+}
+
+pub fn unix_ms_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_millis() as u64)
+        .unwrap_or(0)
+}
