@@ -17,9 +17,12 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::capture::CaptureStats;
-use crate::memory::{self, MemoryError, ReadOnlyMapping, SnapshotMapping};
+use std::sync::Arc;
+
+use crate::capture::{self, CaptureError, CaptureMode, CaptureStats};
+use crate::memory::{self, GuestMemory, MemoryError, ReadOnlyMapping, SnapshotMapping};
 use crate::vcpu::{VcpuState, VmState};
+use crate::vm::{Vm, VmError};
 
 pub const MAGIC: [u8; 8] = *b"SANDFORK";
 pub const FORMAT_VERSION: u32 = 1;
@@ -53,6 +56,10 @@ pub enum SnapshotError {
     Corrupted { path: PathBuf, what: String },
     #[error("{path}: truncated snapshot: {what}")]
     Truncated { path: PathBuf, what: String },
+    #[error(transparent)]
+    Capture(#[from] CaptureError),
+    #[error(transparent)]
+    Vm(#[from] VmError),
     #[error("{path}: invalid state")]
     State {
         path: PathBuf,
@@ -82,6 +89,16 @@ pub struct SnapshotState {
     /// The sandbox it was captured from.
     pub source: String,
     pub created_unix_ms: u64,
+}
+
+impl std::fmt::Debug for SnapshotState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SnapshotState")
+            .field("memory_bytes", &self.memory_bytes)
+            .field("vcpus", &self.vcpus)
+            .field("source", &self.source)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A capture directory on the node. Its files are readable by the owner
@@ -125,6 +142,46 @@ impl CaptureDir {
         let memory_path = self.memory_path();
         let file = create_private(&memory_path)?;
         Ok(SnapshotMapping::create(file, memory_bytes)?)
+    }
+
+    /// Captures `vm` (named `source`) into this new directory. On failure the
+    /// directory is removed and the VM keeps running untouched.
+    pub fn capture_from(
+        &self,
+        vm: &Vm,
+        mode: CaptureMode,
+        source: &str,
+    ) -> Result<SnapshotState, SnapshotError> {
+        let mapping = Arc::new(self.create(vm.memory().len() as u64)?);
+        let result = (|| {
+            let captured = match mode {
+                CaptureMode::Live => capture::live(vm, mapping.clone())?,
+                CaptureMode::StopAndCopy => capture::stop_and_copy(vm, &mapping)?,
+            };
+            let state = SnapshotState {
+                memory_bytes: mapping.len() as u64,
+                vcpus: captured.vcpus,
+                vm: captured.vm,
+                stats: captured.stats,
+                source: source.to_owned(),
+                created_unix_ms: unix_ms_now(),
+            };
+            self.commit(&state)?;
+            Ok(state)
+        })();
+        drop(mapping);
+        if result.is_err() {
+            let _ = self.remove();
+        }
+        result
+    }
+
+    /// Starts a branch: a new VM on a copy-on-write mapping of this
+    /// capture's memory, continuing from the captured vCPU state.
+    pub fn restore(&self) -> Result<Vm, SnapshotError> {
+        let state = self.read_state()?;
+        let memory = GuestMemory::map_private(self.open_memory()?, state.memory_bytes)?;
+        Ok(Vm::restore(memory, &state.vm, &state.vcpus)?)
     }
 
     /// Records the state, making the capture complete.

@@ -1,4 +1,4 @@
-//! Live capture and restore against real KVM and userfaultfd.
+//! Live capture, restore and snapshot files against real KVM and userfaultfd.
 
 mod common;
 
@@ -6,24 +6,36 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use sandfork_node_agent::capture;
-use sandfork_node_agent::guest::{GuestImage, Workload, verify_counter};
-use sandfork_node_agent::memory::SnapshotMapping;
+use sandfork_node_agent::capture::{self, CaptureMode};
+use sandfork_node_agent::guest::{CounterState, DirtyPattern, GuestImage, Workload, verify_counter};
+use sandfork_node_agent::memory::{ReadOnlyMapping, SnapshotMapping};
+use sandfork_node_agent::snapshot::{CaptureDir, SnapshotError};
 use sandfork_node_agent::vm::Vm;
 
+fn boot(workload: &Workload, memory_mib: u64, vcpus: usize) -> Vm {
+    let image = GuestImage::for_workload(workload, 1_000_000).unwrap();
+    Vm::boot("test", memory_mib << 20, vcpus, &image).unwrap()
+}
+
+/// Boots the counter guest and waits until every vCPU finished a pass, so
+/// that all of memory is being rewritten.
 fn boot_counter(memory_mib: u64, vcpus: usize) -> Vm {
-    let image = GuestImage::for_workload(&Workload::Counter, 0).unwrap();
-    let vm = Vm::boot("test-counter", memory_mib << 20, vcpus, &image).unwrap();
-    // Let every vCPU finish at least one pass so that memory is busy.
+    let vm = boot(&Workload::Counter, memory_mib, vcpus);
+    wait_reports(&vm, 1);
+    vm
+}
+
+fn report_count(vm: &Vm, vcpu: usize) -> u64 {
+    vm.reports()[vcpu].count.load(Ordering::Relaxed)
+}
+
+fn wait_reports(vm: &Vm, at_least: u64) {
     assert!(
-        common::wait_until(Duration::from_secs(60), || vm
-            .reports()
-            .iter()
-            .all(|report| report.count.load(Ordering::Relaxed) >= 1)),
-        "counter guest made no progress: {:?}",
+        common::wait_until(Duration::from_secs(120), || (0..vm.vcpu_count())
+            .all(|vcpu| report_count(vm, vcpu) >= at_least)),
+        "guest made no progress: {:?}",
         vm.failure()
     );
-    vm
 }
 
 fn scratch_snapshot(bytes: u64) -> (tempfile::TempDir, Arc<SnapshotMapping>) {
@@ -38,21 +50,260 @@ fn scratch_snapshot(bytes: u64) -> (tempfile::TempDir, Arc<SnapshotMapping>) {
 }
 
 fn snapshot_bytes(snapshot: &SnapshotMapping) -> &[u8] {
-    // SAFETY (test): the capture is finished, nothing writes the mapping anymore.
+    // SAFETY: the capture has finished; nothing writes the mapping any more.
     unsafe { std::slice::from_raw_parts(snapshot.as_ptr(), snapshot.len()) }
 }
 
+fn guest_bytes(vm: &Vm) -> &[u8] {
+    // SAFETY: callers pause the VM first, so its memory does not change.
+    unsafe { std::slice::from_raw_parts(vm.memory().as_ptr(), vm.memory().len()) }
+}
+
+/// Pauses `vm` and checks that its own live memory is consistent with its
+/// registers, i.e. that it is still a healthy counter guest.
+fn verify_live(vm: &Vm) -> CounterState {
+    let paused = vm.pause(true).unwrap();
+    let regs: Vec<_> = paused.vcpus.iter().map(|state| state.regs).collect();
+    let result = verify_counter(guest_bytes(vm), &regs);
+    vm.resume();
+    result.unwrap()
+}
+
+fn live_capture_is_consistent(memory_mib: u64, vcpus: usize) {
+    let vm = boot_counter(memory_mib, vcpus);
+    let (_dir, snapshot) = scratch_snapshot(memory_mib << 20);
+    let captured = capture::live(&vm, snapshot.clone()).unwrap();
+    eprintln!("{memory_mib} MiB x{vcpus}: {:?}", captured.stats);
+    let regs: Vec<_> = captured.vcpus.iter().map(|state| state.regs).collect();
+    verify_counter(snapshot_bytes(&snapshot), &regs).unwrap();
+    assert!(
+        captured.stats.write_faults > 0,
+        "the guest never hit a protected page, so the test proved nothing"
+    );
+    assert_eq!(
+        captured.stats.pages_copied_by_copier + captured.stats.pages_copied_by_fault_handler,
+        (memory_mib << 20) / 4096
+    );
+    // The source keeps running, consistent with itself.
+    let before = report_count(&vm, 0);
+    wait_reports(&vm, before + 1);
+    verify_live(&vm);
+}
+
 #[test]
-fn live_capture_of_a_running_counter_guest_is_consistent() {
+fn live_capture_256mib_is_consistent() {
+    if common::devices_present() {
+        live_capture_is_consistent(256, 1);
+    }
+}
+
+#[test]
+fn live_capture_1gib_is_consistent() {
+    if common::devices_present() {
+        live_capture_is_consistent(1024, 1);
+    }
+}
+
+#[test]
+fn live_capture_pauses_every_vcpu() {
+    if common::devices_present() {
+        live_capture_is_consistent(256, 3);
+    }
+}
+
+#[test]
+fn stop_and_copy_capture_is_consistent() {
     if !common::devices_present() {
         return;
     }
     let vm = boot_counter(256, 1);
     let (_dir, snapshot) = scratch_snapshot(256 << 20);
-    let captured = capture::live(&vm, snapshot.clone()).unwrap();
-    eprintln!("{:?}", captured.stats);
+    let captured = capture::stop_and_copy(&vm, &snapshot).unwrap();
     let regs: Vec<_> = captured.vcpus.iter().map(|state| state.regs).collect();
-    let state = verify_counter(snapshot_bytes(&snapshot), &regs).unwrap();
-    eprintln!("{state:?}");
-    assert!(captured.stats.write_faults > 0, "the guest never wrote during the copy");
+    verify_counter(snapshot_bytes(&snapshot), &regs).unwrap();
+    assert!(captured.stats.pause_ns >= captured.stats.copy_ns);
+}
+
+/// The control: the same copy without write protection is torn, so the
+/// consistency check above can fail.
+#[test]
+fn copy_without_write_protection_is_torn() {
+    if !common::devices_present() {
+        return;
+    }
+    let vm = boot_counter(256, 1);
+    let (_dir, snapshot) = scratch_snapshot(256 << 20);
+    let captured = capture::unprotected_copy(&vm, &snapshot).unwrap();
+    let regs: Vec<_> = captured.vcpus.iter().map(|state| state.regs).collect();
+    let mismatch = verify_counter(snapshot_bytes(&snapshot), &regs)
+        .expect_err("a copy taken while the guest runs must be torn");
+    eprintln!("{mismatch}");
+    assert!(mismatch.mismatched_pages > 1);
+}
+
+fn capture_dir(root: &tempfile::TempDir, name: &str) -> CaptureDir {
+    CaptureDir::new(root.path().join(name))
+}
+
+#[test]
+fn branches_continue_from_the_captured_instant_and_diverge() {
+    if !common::devices_present() {
+        return;
+    }
+    let source = boot_counter(256, 2);
+    let root = tempfile::tempdir_in("/dev/shm").unwrap();
+    let dir = capture_dir(&root, "capture");
+    let state = dir.capture_from(&source, CaptureMode::Live, "source").unwrap();
+    let captured_passes: Vec<u64> = state.vcpus.iter().map(|vcpu| vcpu.regs.rbx).collect();
+    let memory_file = std::fs::File::open(dir.memory_path()).unwrap();
+    let regs: Vec<_> = state.vcpus.iter().map(|vcpu| vcpu.regs).collect();
+    verify_counter(ReadOnlyMapping::new(&memory_file).unwrap().as_slice(), &regs).unwrap();
+
+    let branch_a = dir.restore().unwrap();
+    let branch_b = dir.restore().unwrap();
+    for branch in [&branch_a, &branch_b] {
+        wait_reports(branch, 1);
+        // The first pass a branch finishes is the one in progress at the capture.
+        for (vcpu, &pass) in captured_passes.iter().enumerate() {
+            let first = branch.reports()[vcpu].last.load(Ordering::Relaxed);
+            assert!(
+                report_count(branch, vcpu) > 1 || first == pass,
+                "vCPU {vcpu} of a branch reported pass {first} first, captured pass {pass}"
+            );
+        }
+        let live = verify_live(branch);
+        for (vcpu, progress) in live.vcpus.iter().enumerate() {
+            assert!(progress.pass >= captured_passes[vcpu]);
+        }
+    }
+
+    // Independent: a write into branch A is seen neither by B nor by the capture,
+    // and stopping A does not stop B.
+    let paused_a = branch_a.pause(false).unwrap();
+    let marker_addr = (256u64 << 20) - 4096 + 64;
+    branch_a.memory().write_at(marker_addr, &0xfeed_u64.to_le_bytes());
+    assert_eq!(branch_a.memory().read_u64(marker_addr), 0xfeed);
+    assert_eq!(branch_b.memory().read_u64(marker_addr), 0);
+    assert_eq!(
+        ReadOnlyMapping::new(&memory_file).unwrap().as_slice()[marker_addr as usize],
+        0
+    );
+    let b_before = report_count(&branch_b, 0);
+    let a_before = report_count(&branch_a, 0);
+    wait_reports(&branch_b, b_before + 2);
+    assert_eq!(report_count(&branch_a, 0), a_before);
+    drop(paused_a);
+    branch_a.resume();
+
+    // The source is unaffected by its branches.
+    verify_live(&source);
+    assert_eq!(source.memory().read_u64(marker_addr), 0);
+}
+
+#[test]
+fn a_branch_can_be_branched() {
+    if !common::devices_present() {
+        return;
+    }
+    let source = boot_counter(128, 1);
+    let root = tempfile::tempdir_in("/dev/shm").unwrap();
+    let first = capture_dir(&root, "first");
+    first.capture_from(&source, CaptureMode::Live, "source").unwrap();
+    let branch = first.restore().unwrap();
+    wait_reports(&branch, 2);
+    let second = capture_dir(&root, "second");
+    let state = second.capture_from(&branch, CaptureMode::Live, "branch").unwrap();
+    let memory_file = std::fs::File::open(second.memory_path()).unwrap();
+    let regs: Vec<_> = state.vcpus.iter().map(|vcpu| vcpu.regs).collect();
+    verify_counter(ReadOnlyMapping::new(&memory_file).unwrap().as_slice(), &regs).unwrap();
+    let grandchild = second.restore().unwrap();
+    wait_reports(&grandchild, 1);
+    verify_live(&grandchild);
+    verify_live(&branch);
+}
+
+#[test]
+fn other_workloads_capture_and_restore() {
+    if !common::devices_present() {
+        return;
+    }
+    let root = tempfile::tempdir_in("/dev/shm").unwrap();
+    for (name, workload) in [
+        (
+            "dirty",
+            Workload::Dirty {
+                pattern: DirtyPattern::Random,
+                pages_per_second: 0,
+            },
+        ),
+        ("idle", Workload::Idle),
+    ] {
+        let vm = boot(&workload, 64, 2);
+        std::thread::sleep(Duration::from_millis(200));
+        let dir = capture_dir(&root, name);
+        let state = dir.capture_from(&vm, CaptureMode::Live, name).unwrap();
+        assert_eq!(state.vcpus.len(), 2);
+        let branch = dir.restore().unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(branch.failure(), None, "{name} branch failed");
+        assert_eq!(vm.failure(), None, "{name} source failed");
+    }
+}
+
+#[test]
+fn snapshot_files_round_trip_and_reject_damage() {
+    if !common::devices_present() {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let vm = boot_counter(64, 1);
+    let root = tempfile::tempdir_in("/dev/shm").unwrap();
+    let dir = capture_dir(&root, "original");
+    let state = dir.capture_from(&vm, CaptureMode::Live, "vm").unwrap();
+    for file in [dir.memory_path(), dir.path().join("state.json")] {
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{} is readable by others", file.display());
+    }
+    let exported = root.path().join("snapshot.sfk");
+    dir.export(&exported).unwrap();
+    let mode = std::fs::metadata(&exported).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+
+    let imported = capture_dir(&root, "imported");
+    imported.import(&exported).unwrap();
+    let original_memory = std::fs::read(dir.memory_path()).unwrap();
+    assert_eq!(std::fs::read(imported.memory_path()).unwrap(), original_memory);
+    let branch = imported.restore().unwrap();
+    wait_reports(&branch, 1);
+    assert_eq!(
+        branch.reports()[0].last.load(Ordering::Relaxed),
+        state.vcpus[0].regs.rbx
+    );
+
+    let bytes = std::fs::read(&exported).unwrap();
+    let damaged = |name: &str, contents: Vec<u8>| {
+        let path = root.path().join(name);
+        std::fs::write(&path, contents).unwrap();
+        let target = capture_dir(&root, &format!("from-{name}"));
+        let err = target.import(&path).expect_err(name);
+        assert!(!target.path().exists(), "{name}: a partial capture was left");
+        err
+    };
+    let err = damaged("truncated", bytes[..bytes.len() - 4096].to_vec());
+    assert!(matches!(err, SnapshotError::Truncated { .. }), "{err}");
+    let mut flipped = bytes.clone();
+    let last = flipped.len() - 100;
+    flipped[last] ^= 0x40;
+    let err = damaged("flipped", flipped);
+    assert!(err.to_string().contains("checksum mismatch"), "{err}");
+    let mut magic = bytes.clone();
+    magic[0] = b'X';
+    let err = damaged("magic", magic);
+    assert!(matches!(err, SnapshotError::BadMagic { .. }), "{err}");
+    let mut version = bytes.clone();
+    version[8] = 9;
+    let err = damaged("version", version);
+    assert!(matches!(err, SnapshotError::UnsupportedVersion { found: 9, .. }), "{err}");
+    let err = damaged("empty", Vec::new());
+    assert!(matches!(err, SnapshotError::Truncated { .. }), "{err}");
 }
