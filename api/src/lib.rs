@@ -1,0 +1,29 @@
+//! Sandfork's API: the `Sandbox` and `SandboxBranch` custom resources
+//! (group `sandfork.dev`, version `v1alpha1`), the conventions the operator
+//! and the node agents share (agent Lease annotations, labels), and the code
+//! generated from the node agent's gRPC service in `proto/`.
+#![forbid(unsafe_code)]
+
+pub mod agent;
+pub mod branch;
+pub mod conditions;
+pub mod crdgen;
+pub mod sandbox;
+
+pub use branch::{SandboxBranch, SandboxBranchSpec, SandboxBranchStatus};
+pub use sandbox::{Sandbox, SandboxSpec, SandboxStatus};
+
+/// The API group of both custom resources.
+pub const GROUP: &str = "sandfork.dev";
+/// The API version of both custom resources.
+pub const VERSION: &str = "v1alpha1";
+
+/// Labels the operator puts on the Sandboxes a SandboxBranch creates.
+pub mod labels {
+    /// Name of the SandboxBranch that created the Sandbox.
+    pub const BRANCH: &str = "sandfork.dev/sandbox-branch";
+    /// The Sandbox's index among that SandboxBranch's branches (0-based).
+    pub const BRANCH_INDEX: &str = "sandfork.dev/branch-index";
+    /// Name of the Sandbox the branch was captured from.
+    pub const SOURCE: &str = "sandfork.dev/source";
+}

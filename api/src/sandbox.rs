@@ -1,0 +1,246 @@
+//! `Sandbox`: a virtual machine running on one node.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Smallest guest memory a Sandbox may ask for, in MiB.
+pub const MIN_MEMORY_MIB: u64 = 64;
+/// Largest guest memory a Sandbox may ask for, in MiB (256 GiB).
+pub const MAX_MEMORY_MIB: u64 = 262_144;
+/// Most vCPUs a Sandbox may ask for.
+pub const MAX_VCPUS: u32 = 64;
+
+/// A virtual machine that runs on one node, started by the node's Sandfork
+/// agent. The spec is immutable: delete and recreate a Sandbox to change it.
+// Several `printcolumn`s each carry `type_`; clippy reads them as duplicates.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "sandfork.dev",
+    version = "v1alpha1",
+    kind = "Sandbox",
+    namespaced,
+    status = "SandboxStatus",
+    shortname = "sbx",
+    category = "sandfork",
+    derive = "PartialEq",
+    doc = "A KVM sandbox running on one node; branches of a running Sandbox are made with a SandboxBranch.",
+    printcolumn(name = "Node", type_ = "string", json_path = ".status.node"),
+    printcolumn(
+        name = "Memory",
+        type_ = "integer",
+        json_path = ".spec.memoryMiB",
+        description = "guest memory in MiB"
+    ),
+    printcolumn(name = "vCPUs", type_ = "integer", json_path = ".spec.vcpus"),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason"
+    ),
+    printcolumn(
+        name = "Source",
+        type_ = "string",
+        json_path = ".status.origin.sourceSandbox",
+        description = "the Sandbox this one was branched from"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[x_kube(validation = Rule::new("self == oldSelf").message("Sandbox spec is immutable; delete the Sandbox and create a new one"))]
+#[serde(rename_all = "camelCase")]
+pub struct SandboxSpec {
+    /// What the sandbox runs.
+    pub guest: GuestSpec,
+
+    /// Guest memory in MiB: 64 to 262144, a multiple of 2.
+    #[serde(rename = "memoryMiB")]
+    #[schemars(range(min = 64, max = 262_144), extend("multipleOf" = 2))]
+    pub memory_mib: u64,
+
+    /// Number of vCPUs: 1 to 64.
+    #[serde(default = "default_vcpus")]
+    #[schemars(range(min = 1, max = 64))]
+    pub vcpus: u32,
+
+    /// Run only on a node whose labels contain all of these.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "label_map")]
+    pub node_selector: Option<BTreeMap<String, String>>,
+
+    /// Run on this node; placement is skipped. The operator sets it on the
+    /// branches it creates (they run on their source's node).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub node_name: Option<String>,
+
+    /// Start from a SandboxBranch's capture instead of booting the guest. Set
+    /// by the operator on the Sandboxes a SandboxBranch creates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore_from: Option<RestoreSource>,
+}
+
+fn default_vcpus() -> u32 {
+    1
+}
+
+/// A map of label keys to label values, bounded so that CEL rules over the
+/// spec stay within the API server's cost budget.
+fn label_map(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "object",
+        "nullable": true,
+        "maxProperties": 32,
+        "additionalProperties": {"type": "string", "maxLength": 63},
+    })
+}
+
+/// The guest: exactly one of `builtin` or `image`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[x_kube(validation = Rule::new("has(self.builtin) != has(self.image)").message("set exactly one of guest.builtin and guest.image"))]
+#[x_kube(validation = Rule::new("!has(self.dirty) || (has(self.builtin) && self.builtin == 'Dirty')").message("guest.dirty is only valid with guest.builtin: Dirty"))]
+#[serde(rename_all = "camelCase")]
+pub struct GuestSpec {
+    /// A workload built into the agent: `Counter` increments a counter in
+    /// every page, pass after pass; `Dirty` writes pages at a rate; `Idle` halts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub builtin: Option<BuiltinWorkload>,
+
+    /// Parameters of the `Dirty` workload.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dirty: Option<DirtySpec>,
+
+    /// A user guest image reference. Reserved: agents do not run user images
+    /// yet, and a Sandbox that names one fails with reason `ImageUnsupported`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 1024))]
+    pub image: Option<String>,
+}
+
+impl GuestSpec {
+    pub fn builtin(workload: BuiltinWorkload) -> Self {
+        Self {
+            builtin: Some(workload),
+            ..Self::default()
+        }
+    }
+}
+
+/// A workload built into the agent.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BuiltinWorkload {
+    Counter,
+    Dirty,
+    Idle,
+}
+
+/// How the `Dirty` workload writes.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct DirtySpec {
+    /// Order in which pages are written.
+    #[serde(default)]
+    pub pattern: DirtyPattern,
+    /// Pages written per second per vCPU; 0 writes as fast as the vCPU can.
+    #[serde(default)]
+    #[schemars(range(max = 100_000_000))]
+    pub pages_per_second: u64,
+}
+
+/// Order in which the `Dirty` workload writes pages.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum DirtyPattern {
+    #[default]
+    Sequential,
+    Random,
+}
+
+/// Where a branch Sandbox starts from.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct RestoreSource {
+    /// Name of the SandboxBranch (same namespace) whose capture to restore.
+    #[schemars(length(min = 1, max = 253))]
+    pub sandbox_branch: String,
+    /// UID of that SandboxBranch; the capture on the node is keyed by it, so
+    /// a SandboxBranch recreated under the same name is not mistaken for it.
+    #[schemars(length(min = 1, max = 63))]
+    pub uid: String,
+}
+
+/// Observed state of a Sandbox.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct SandboxStatus {
+    /// The node the sandbox is bound to. Set once, before the agent is asked
+    /// to start it, so that a restarted operator never starts it twice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+
+    /// `Ready` is the summary: `True` while the VM runs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "crate::conditions::schema")]
+    pub conditions: Vec<Condition>,
+
+    /// The generation the status was computed for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// For a branch: where it came from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<SandboxOrigin>,
+
+    /// The VM as the agent last reported it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<VmStatus>,
+}
+
+/// Where a branch Sandbox came from.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct SandboxOrigin {
+    /// The Sandbox that was captured.
+    pub source_sandbox: String,
+    /// The SandboxBranch that made this branch.
+    pub sandbox_branch: String,
+    /// The instant the source's state was captured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capture_time: Option<Time>,
+}
+
+/// The VM process as the agent reports it.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct VmStatus {
+    /// Process id of the VM on the node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// `Running`, `Stopped` or `Failed`.
+    pub state: String,
+}
+
+impl Sandbox {
+    /// Whether the `Ready` condition is `True`.
+    pub fn is_ready(&self) -> bool {
+        self.status
+            .as_ref()
+            .is_some_and(|s| crate::conditions::is_true(&s.conditions, crate::conditions::READY))
+    }
+
+    /// The node the sandbox is bound to, if any.
+    pub fn node(&self) -> Option<&str> {
+        self.status.as_ref().and_then(|s| s.node.as_deref())
+    }
+}
