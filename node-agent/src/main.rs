@@ -1,1 +1,210 @@
-fn main() {}
+//! `sandfork-agent`: the Sandfork node agent and its local command line.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use sandfork_node_agent::bench::{self, BenchArgs};
+use sandfork_node_agent::capture::CaptureMode;
+use sandfork_node_agent::guest::{DirtyPattern, Workload};
+use sandfork_node_agent::manager::{Manager, SandboxSpec, SandboxState};
+use sandfork_node_agent::snapshot::CaptureDir;
+use sandfork_node_agent::vmhost;
+
+#[derive(Parser)]
+#[command(
+    name = "sandfork-agent",
+    version,
+    about = "Sandfork node agent: run, capture and branch KVM sandboxes"
+)]
+struct Cli {
+    /// Where sandboxes and captures live (use a tmpfs: captures hold guest memory).
+    #[arg(
+        long,
+        global = true,
+        env = "SANDFORK_STATE_DIR",
+        default_value = "/run/sandfork"
+    )]
+    state_dir: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start a sandbox.
+    Run {
+        name: String,
+        /// Built-in workload, or `flat` with --image.
+        #[arg(long, value_enum, default_value = "counter")]
+        guest: GuestKind,
+        #[arg(long, default_value_t = 256)]
+        memory_mib: u64,
+        #[arg(long, default_value_t = 1)]
+        vcpus: u8,
+        /// For `dirty`: which pages it writes.
+        #[arg(long, value_enum, default_value = "random")]
+        pattern: DirtyPattern,
+        /// For `dirty`: pages written per second (0: as fast as it can).
+        #[arg(long, default_value_t = 0)]
+        pages_per_second: u64,
+        /// For `flat`: a flat 64-bit binary, loaded and entered at 1 MiB.
+        #[arg(long)]
+        image: Option<PathBuf>,
+    },
+    /// List sandboxes.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one sandbox.
+    Status { name: String },
+    /// Capture a running sandbox.
+    Capture {
+        sandbox: String,
+        /// Name of the capture.
+        capture: String,
+        #[arg(long, value_enum, default_value = "live")]
+        mode: CaptureMode,
+        /// For the counter guest: check that the capture is consistent.
+        #[arg(long)]
+        verify: bool,
+    },
+    /// Start a new sandbox from a capture.
+    Branch { capture: String, name: String },
+    /// Stop a sandbox and free everything it holds.
+    Delete { name: String },
+    /// List captures.
+    Captures,
+    /// Delete a capture (branches already started keep running).
+    DeleteCapture { name: String },
+    /// Write a capture to a portable snapshot file (mode 0600).
+    Export { capture: String, file: PathBuf },
+    /// Read a snapshot file into a new capture.
+    Import { file: PathBuf, capture: String },
+    /// Measure capture and restore on this machine; see the README.
+    Bench(BenchArgs),
+    /// (internal) Run one sandbox's VM; started by the agent.
+    #[command(hide = true)]
+    VmHost {
+        #[arg(long)]
+        name: String,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum GuestKind {
+    Counter,
+    Dirty,
+    Idle,
+    Flat,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::VmHost { name } => vmhost::serve(
+            &vmhost::sandbox_dir(&cli.state_dir, &name),
+            &cli.state_dir.join("captures"),
+        ),
+        Command::Bench(args) => bench::run(&args),
+        command => run_local(&cli.state_dir, command),
+    }
+}
+
+fn run_local(state_dir: &std::path::Path, command: Command) -> anyhow::Result<()> {
+    let manager = Manager::open(state_dir)
+        .with_context(|| format!("cannot use state directory {}", state_dir.display()))?;
+    match command {
+        Command::Run {
+            name,
+            guest,
+            memory_mib,
+            vcpus,
+            pattern,
+            pages_per_second,
+            image,
+        } => {
+            let workload = match (guest, image) {
+                (GuestKind::Counter, None) => Workload::Counter,
+                (GuestKind::Idle, None) => Workload::Idle,
+                (GuestKind::Dirty, None) => Workload::Dirty {
+                    pattern,
+                    pages_per_second,
+                },
+                (GuestKind::Flat, Some(path)) => Workload::Flat { path },
+                (GuestKind::Flat, None) => anyhow::bail!("--guest flat needs --image FILE"),
+                (_, Some(_)) => anyhow::bail!("--image is only for --guest flat"),
+            };
+            let info = manager.run(&SandboxSpec {
+                name,
+                memory_mib,
+                vcpus,
+                workload,
+            })?;
+            print_json(&info)
+        }
+        Command::List { json: true } => print_json(&manager.list()?),
+        Command::List { json: false } => {
+            println!(
+                "{:<24} {:<8} {:>8} {:>5} {:<10} {:<20} ORIGIN",
+                "NAME", "STATE", "MEMORY", "VCPUS", "GUEST", "REPORTS"
+            );
+            for info in manager.list()? {
+                let state = match &info.state {
+                    SandboxState::Running => "Running",
+                    SandboxState::Failed { .. } => "Failed",
+                };
+                let guest = match &info.workload {
+                    Workload::Counter => "counter",
+                    Workload::Dirty { .. } => "dirty",
+                    Workload::Idle => "idle",
+                    Workload::Flat { .. } => "flat",
+                };
+                println!(
+                    "{:<24} {:<8} {:>7}M {:>5} {:<10} {:<20} {}",
+                    info.name,
+                    state,
+                    info.memory_mib,
+                    info.vcpus,
+                    guest,
+                    format!("{:?}", info.reports),
+                    info.origin.as_deref().unwrap_or("-")
+                );
+            }
+            Ok(())
+        }
+        Command::Status { name } => print_json(&manager.status(&name)?),
+        Command::Capture {
+            sandbox,
+            capture,
+            mode,
+            verify,
+        } => print_json(&manager.capture(&sandbox, &capture, mode, verify)?),
+        Command::Branch { capture, name } => print_json(&manager.branch(&name, &capture)?),
+        Command::Delete { name } => Ok(manager.delete(&name)?),
+        Command::Captures => print_json(&manager.list_captures()?),
+        Command::DeleteCapture { name } => Ok(manager.delete_capture(&name)?),
+        Command::Export { capture, file } => {
+            sandfork_node_agent::manager::validate_name(&capture)?;
+            Ok(CaptureDir::new(state_dir.join("captures").join(&capture)).export(&file)?)
+        }
+        Command::Import { file, capture } => {
+            sandfork_node_agent::manager::validate_name(&capture)?;
+            CaptureDir::new(state_dir.join("captures").join(&capture)).import(&file)?;
+            Ok(())
+        }
+        Command::Bench(_) | Command::VmHost { .. } => unreachable!("handled in main"),
+    }
+}
+
+fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}

@@ -22,10 +22,15 @@ pub enum MemoryError {
         max_gib = MAX_MEMORY_BYTES >> 30
     )]
     InvalidSize { bytes: u64 },
-    #[error("guest memory of {wanted_mib} MiB exceeds what this host has available ({available_mib} MiB)")]
+    #[error(
+        "guest memory of {wanted_mib} MiB exceeds what this host has available ({available_mib} MiB)"
+    )]
     HostTooSmall { wanted_mib: u64, available_mib: u64 },
     #[error("memory file is {file_bytes} bytes, expected {expected_bytes}")]
-    FileSizeMismatch { file_bytes: u64, expected_bytes: u64 },
+    FileSizeMismatch {
+        file_bytes: u64,
+        expected_bytes: u64,
+    },
     #[error("{op} failed")]
     Sys {
         op: &'static str,
@@ -44,18 +49,17 @@ fn sys(op: &'static str) -> impl FnOnce(rustix::io::Errno) -> MemoryError {
 /// Checks a guest memory size against the agent's limits and, when
 /// `check_host` is set, against the memory the host has available.
 pub fn validate_size(bytes: u64, check_host: bool) -> Result<(), MemoryError> {
-    if !(MIN_MEMORY_BYTES..=MAX_MEMORY_BYTES).contains(&bytes) || bytes % (2 << 20) != 0 {
+    if !(MIN_MEMORY_BYTES..=MAX_MEMORY_BYTES).contains(&bytes) || !bytes.is_multiple_of(2 << 20) {
         return Err(MemoryError::InvalidSize { bytes });
     }
-    if check_host {
-        if let Some(available) = host_available_bytes() {
-            if bytes > available {
-                return Err(MemoryError::HostTooSmall {
-                    wanted_mib: bytes >> 20,
-                    available_mib: available >> 20,
-                });
-            }
-        }
+    if check_host
+        && let Some(available) = host_available_bytes()
+        && bytes > available
+    {
+        return Err(MemoryError::HostTooSmall {
+            wanted_mib: bytes >> 20,
+            available_mib: available >> 20,
+        });
     }
     Ok(())
 }
@@ -137,7 +141,11 @@ impl GuestMemory {
                 expected_bytes: len,
             });
         }
-        let base = map(file.as_fd(), len as usize, MapFlags::PRIVATE | MapFlags::NORESERVE)?;
+        let base = map(
+            file.as_fd(),
+            len as usize,
+            MapFlags::PRIVATE | MapFlags::NORESERVE,
+        )?;
         Ok(Self {
             base,
             len: len as usize,
@@ -176,13 +184,17 @@ impl GuestMemory {
         // SAFETY: the range is inside the mapping (checked above) and `data`
         // cannot overlap it (it is a Rust slice, the mapping is not).
         unsafe {
-            std::ptr::copy_nonoverlapping(data.as_ptr(), self.as_ptr().add(addr as usize), data.len())
+            std::ptr::copy_nonoverlapping(
+                data.as_ptr(),
+                self.as_ptr().add(addr as usize),
+                data.len(),
+            )
         };
     }
 
     /// Reads the u64 at guest address `addr` (volatile: the guest may be running).
     pub fn read_u64(&self, addr: u64) -> u64 {
-        assert!(addr as usize + 8 <= self.len && addr % 8 == 0);
+        assert!(addr as usize + 8 <= self.len && addr.is_multiple_of(8));
         // SAFETY: aligned and inside the mapping (checked above).
         unsafe { std::ptr::read_volatile(self.as_ptr().add(addr as usize).cast::<u64>()) }
     }
@@ -247,7 +259,11 @@ impl SnapshotMapping {
         let base = map(file.as_fd(), len as usize, MapFlags::SHARED)?;
         // SAFETY: the range is exactly the mapping just created.
         let _ = unsafe {
-            rustix::mm::madvise(base.as_ptr().cast(), len as usize, Advice::LinuxPopulateWrite)
+            rustix::mm::madvise(
+                base.as_ptr().cast(),
+                len as usize,
+                Advice::LinuxPopulateWrite,
+            )
         };
         Ok(Self {
             base,
@@ -291,6 +307,11 @@ impl ReadOnlyMapping {
                 source,
             })?
             .len() as usize;
+        Self::of_fd(file.as_fd(), len)
+    }
+
+    /// Maps the first `len` bytes of `fd` read-only.
+    pub fn of_fd(fd: BorrowedFd<'_>, len: usize) -> Result<Self, MemoryError> {
         if len == 0 {
             return Ok(Self {
                 base: NonNull::dangling(),
@@ -304,7 +325,7 @@ impl ReadOnlyMapping {
                 len,
                 ProtFlags::READ,
                 MapFlags::SHARED,
-                file,
+                fd,
                 0,
             )
         }
@@ -315,12 +336,21 @@ impl ReadOnlyMapping {
         })
     }
 
+    pub fn as_ptr(&self) -> *const u8 {
+        self.base.as_ptr()
+    }
+
     pub fn as_slice(&self) -> &[u8] {
         // SAFETY: the mapping is `len` readable bytes and lives as long as `self`.
         // Capture files are not written once complete.
         unsafe { std::slice::from_raw_parts(self.base.as_ptr(), self.len) }
     }
 }
+
+// SAFETY: a read-only mapping owned by this value.
+unsafe impl Send for ReadOnlyMapping {}
+// SAFETY: see `Send`.
+unsafe impl Sync for ReadOnlyMapping {}
 
 impl Drop for ReadOnlyMapping {
     fn drop(&mut self) {

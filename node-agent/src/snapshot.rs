@@ -50,7 +50,9 @@ pub enum SnapshotError {
     NotFound(PathBuf),
     #[error("{path}: not a Sandfork snapshot (bad magic)")]
     BadMagic { path: PathBuf },
-    #[error("{path}: snapshot format version {found} is not supported (this agent reads {FORMAT_VERSION})")]
+    #[error(
+        "{path}: snapshot format version {found} is not supported (this agent reads {FORMAT_VERSION})"
+    )]
     UnsupportedVersion { path: PathBuf, found: u32 },
     #[error("{path}: corrupted snapshot: {what}")]
     Corrupted { path: PathBuf, what: String },
@@ -193,8 +195,7 @@ impl CaptureDir {
             source,
         })?;
         file.sync_all().map_err(io_err("sync", &tmp))?;
-        std::fs::rename(&tmp, self.path.join(STATE_FILE))
-            .map_err(io_err("rename", &tmp))
+        std::fs::rename(&tmp, self.path.join(STATE_FILE)).map_err(io_err("rename", &tmp))
     }
 
     pub fn read_state(&self) -> Result<SnapshotState, SnapshotError> {
@@ -296,10 +297,8 @@ impl CaptureDir {
             .read_exact(&mut header_bytes)
             .map_err(|_| truncated("header"))?;
         let header = Header::decode(&header_bytes, input)?;
-        let expected_len = HEADER_LEN as u64
-            + header.state_len
-            + header.chunk_count * 4
-            + header.memory_bytes;
+        let expected_len =
+            HEADER_LEN as u64 + header.state_len + header.chunk_count * 4 + header.memory_bytes;
         if file_len < expected_len {
             return Err(truncated(&format!(
                 "{file_len} bytes, the header describes {expected_len}"
@@ -438,7 +437,9 @@ impl Header {
         }
         memory::validate_size(header.memory_bytes, false)?;
         if header.chunk_count != header.memory_bytes.div_ceil(CHUNK_BYTES) {
-            return Err(corrupted("chunk count does not match the memory size".into()));
+            return Err(corrupted(
+                "chunk count does not match the memory size".into(),
+            ));
         }
         Ok(header)
     }

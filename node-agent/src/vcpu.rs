@@ -24,7 +24,11 @@ pub enum VcpuError {
         source: kvm_ioctls::Error,
     },
     #[error("KVM accepted only {set} of {total} MSRs (first refused: {index:#x})")]
-    MsrsRefused { set: usize, total: usize, index: u32 },
+    MsrsRefused {
+        set: usize,
+        total: usize,
+        index: u32,
+    },
 }
 
 pub(crate) fn kvm_op(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
@@ -53,6 +57,19 @@ impl HostKvm {
             supported_cpuid,
             msr_indices: OnceLock::new(),
         }))
+    }
+
+    /// The TSC rate guests see (they run at the host's rate), calibrated
+    /// once against the monotonic clock.
+    pub fn tsc_khz(&self) -> u32 {
+        static TSC_KHZ: OnceLock<u32> = OnceLock::new();
+        *TSC_KHZ.get_or_init(|| {
+            let started = std::time::Instant::now();
+            let start_ticks = read_tsc();
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            let ticks = read_tsc() - start_ticks;
+            (ticks as f64 / started.elapsed().as_secs_f64() / 1000.0) as u32
+        })
     }
 
     /// CPUID for vCPU `id`: everything KVM supports, with this vCPU's APIC ID.
@@ -90,6 +107,11 @@ impl HostKvm {
         }
         Ok(self.msr_indices.get_or_init(|| indices))
     }
+}
+
+fn read_tsc() -> u64 {
+    // SAFETY: RDTSC has no memory effects; every x86-64 CPU that runs KVM has it.
+    unsafe { std::arch::x86_64::_rdtsc() }
 }
 
 fn msrs_for(indices: &[u32]) -> Msrs {
@@ -232,7 +254,9 @@ impl VcpuState {
             debug_regs: vcpu.get_debug_regs().map_err(kvm_op("KVM_GET_DEBUGREGS"))?,
             lapic: vcpu.get_lapic().map_err(kvm_op("KVM_GET_LAPIC"))?,
             msrs,
-            events: vcpu.get_vcpu_events().map_err(kvm_op("KVM_GET_VCPU_EVENTS"))?,
+            events: vcpu
+                .get_vcpu_events()
+                .map_err(kvm_op("KVM_GET_VCPU_EVENTS"))?,
         })
     }
 
@@ -241,7 +265,8 @@ impl VcpuState {
         vcpu.set_mp_state(self.mp_state)
             .map_err(kvm_op("KVM_SET_MP_STATE"))?;
         vcpu.set_regs(&self.regs).map_err(kvm_op("KVM_SET_REGS"))?;
-        vcpu.set_sregs(&self.sregs).map_err(kvm_op("KVM_SET_SREGS"))?;
+        vcpu.set_sregs(&self.sregs)
+            .map_err(kvm_op("KVM_SET_SREGS"))?;
         let mut xsave = kvm_xsave::default();
         let len = self.xsave.len().min(xsave.region.len());
         xsave.region[..len].copy_from_slice(&self.xsave[..len]);
@@ -251,7 +276,8 @@ impl VcpuState {
         vcpu.set_xcrs(&self.xcrs).map_err(kvm_op("KVM_SET_XCRS"))?;
         vcpu.set_debug_regs(&self.debug_regs)
             .map_err(kvm_op("KVM_SET_DEBUGREGS"))?;
-        vcpu.set_lapic(&self.lapic).map_err(kvm_op("KVM_SET_LAPIC"))?;
+        vcpu.set_lapic(&self.lapic)
+            .map_err(kvm_op("KVM_SET_LAPIC"))?;
         let msrs = Msrs::from_entries(&self.msrs).expect("MSR list within KVM's limit");
         let set = vcpu.set_msrs(&msrs).map_err(kvm_op("KVM_SET_MSRS"))?;
         if set != self.msrs.len() {

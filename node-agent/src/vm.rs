@@ -70,7 +70,9 @@ struct Control {
 
 impl Control {
     fn lock(&self) -> MutexGuard<'_, ControlState> {
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -126,9 +128,6 @@ fn new_vm_fd(memory: &GuestMemory) -> Result<VmFd, VmError> {
     vm_fd
         .set_tss_address(TSS_ADDRESS)
         .map_err(kvm_op("KVM_SET_TSS_ADDR"))?;
-    vm_fd
-        .create_irq_chip()
-        .map_err(kvm_op("KVM_CREATE_IRQCHIP"))?;
     let region = kvm_userspace_memory_region {
         slot: 0,
         guest_phys_addr: 0,
@@ -140,6 +139,11 @@ fn new_vm_fd(memory: &GuestMemory) -> Result<VmFd, VmError> {
     // keeps alive (through `Arc<GuestMemory>`) until after the VM fd is closed.
     unsafe { vm_fd.set_user_memory_region(region) }
         .map_err(kvm_op("KVM_SET_USER_MEMORY_REGION"))?;
+    // After the memslot: with an in-kernel irqchip present, a memslot update
+    // waits several milliseconds (measured 4-7 ms here) instead of ~0.5 ms.
+    vm_fd
+        .create_irq_chip()
+        .map_err(kvm_op("KVM_CREATE_IRQCHIP"))?;
     Ok(vm_fd)
 }
 
@@ -310,11 +314,7 @@ impl Vm {
                     clock: Default::default(),
                 }
             };
-            Ok(Paused {
-                vcpus,
-                vm,
-                started,
-            })
+            Ok(Paused { vcpus, vm, started })
         })();
         if result.is_err() {
             self.resume();
@@ -411,7 +411,9 @@ fn handle_io_out(control: &Control, index: usize, port: u16, data: &[u8]) {
             let len = data.len().min(8);
             value[..len].copy_from_slice(&data[..len]);
             let reports = &control.reports[index];
-            reports.last.store(u64::from_le_bytes(value), Ordering::Relaxed);
+            reports
+                .last
+                .store(u64::from_le_bytes(value), Ordering::Relaxed);
             reports.count.fetch_add(1, Ordering::Relaxed);
         }
         CONSOLE_PORT => {

@@ -7,7 +7,9 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use sandfork_node_agent::capture::{self, CaptureMode};
-use sandfork_node_agent::guest::{CounterState, DirtyPattern, GuestImage, Workload, verify_counter};
+use sandfork_node_agent::guest::{
+    CounterState, DirtyPattern, GuestImage, Workload, verify_counter,
+};
 use sandfork_node_agent::memory::{ReadOnlyMapping, SnapshotMapping};
 use sandfork_node_agent::snapshot::{CaptureDir, SnapshotError};
 use sandfork_node_agent::vm::Vm;
@@ -153,11 +155,17 @@ fn branches_continue_from_the_captured_instant_and_diverge() {
     let source = boot_counter(256, 2);
     let root = tempfile::tempdir_in("/dev/shm").unwrap();
     let dir = capture_dir(&root, "capture");
-    let state = dir.capture_from(&source, CaptureMode::Live, "source").unwrap();
+    let state = dir
+        .capture_from(&source, CaptureMode::Live, "source")
+        .unwrap();
     let captured_passes: Vec<u64> = state.vcpus.iter().map(|vcpu| vcpu.regs.rbx).collect();
     let memory_file = std::fs::File::open(dir.memory_path()).unwrap();
     let regs: Vec<_> = state.vcpus.iter().map(|vcpu| vcpu.regs).collect();
-    verify_counter(ReadOnlyMapping::new(&memory_file).unwrap().as_slice(), &regs).unwrap();
+    verify_counter(
+        ReadOnlyMapping::new(&memory_file).unwrap().as_slice(),
+        &regs,
+    )
+    .unwrap();
 
     let branch_a = dir.restore().unwrap();
     let branch_b = dir.restore().unwrap();
@@ -181,7 +189,9 @@ fn branches_continue_from_the_captured_instant_and_diverge() {
     // and stopping A does not stop B.
     let paused_a = branch_a.pause(false).unwrap();
     let marker_addr = (256u64 << 20) - 4096 + 64;
-    branch_a.memory().write_at(marker_addr, &0xfeed_u64.to_le_bytes());
+    branch_a
+        .memory()
+        .write_at(marker_addr, &0xfeed_u64.to_le_bytes());
     assert_eq!(branch_a.memory().read_u64(marker_addr), 0xfeed);
     assert_eq!(branch_b.memory().read_u64(marker_addr), 0);
     assert_eq!(
@@ -208,14 +218,22 @@ fn a_branch_can_be_branched() {
     let source = boot_counter(128, 1);
     let root = tempfile::tempdir_in("/dev/shm").unwrap();
     let first = capture_dir(&root, "first");
-    first.capture_from(&source, CaptureMode::Live, "source").unwrap();
+    first
+        .capture_from(&source, CaptureMode::Live, "source")
+        .unwrap();
     let branch = first.restore().unwrap();
     wait_reports(&branch, 2);
     let second = capture_dir(&root, "second");
-    let state = second.capture_from(&branch, CaptureMode::Live, "branch").unwrap();
+    let state = second
+        .capture_from(&branch, CaptureMode::Live, "branch")
+        .unwrap();
     let memory_file = std::fs::File::open(second.memory_path()).unwrap();
     let regs: Vec<_> = state.vcpus.iter().map(|vcpu| vcpu.regs).collect();
-    verify_counter(ReadOnlyMapping::new(&memory_file).unwrap().as_slice(), &regs).unwrap();
+    verify_counter(
+        ReadOnlyMapping::new(&memory_file).unwrap().as_slice(),
+        &regs,
+    )
+    .unwrap();
     let grandchild = second.restore().unwrap();
     wait_reports(&grandchild, 1);
     verify_live(&grandchild);
@@ -272,7 +290,10 @@ fn snapshot_files_round_trip_and_reject_damage() {
     let imported = capture_dir(&root, "imported");
     imported.import(&exported).unwrap();
     let original_memory = std::fs::read(dir.memory_path()).unwrap();
-    assert_eq!(std::fs::read(imported.memory_path()).unwrap(), original_memory);
+    assert_eq!(
+        std::fs::read(imported.memory_path()).unwrap(),
+        original_memory
+    );
     let branch = imported.restore().unwrap();
     wait_reports(&branch, 1);
     assert_eq!(
@@ -286,7 +307,10 @@ fn snapshot_files_round_trip_and_reject_damage() {
         std::fs::write(&path, contents).unwrap();
         let target = capture_dir(&root, &format!("from-{name}"));
         let err = target.import(&path).expect_err(name);
-        assert!(!target.path().exists(), "{name}: a partial capture was left");
+        assert!(
+            !target.path().exists(),
+            "{name}: a partial capture was left"
+        );
         err
     };
     let err = damaged("truncated", bytes[..bytes.len() - 4096].to_vec());
@@ -303,7 +327,10 @@ fn snapshot_files_round_trip_and_reject_damage() {
     let mut version = bytes.clone();
     version[8] = 9;
     let err = damaged("version", version);
-    assert!(matches!(err, SnapshotError::UnsupportedVersion { found: 9, .. }), "{err}");
+    assert!(
+        matches!(err, SnapshotError::UnsupportedVersion { found: 9, .. }),
+        "{err}"
+    );
     let err = damaged("empty", Vec::new());
     assert!(matches!(err, SnapshotError::Truncated { .. }), "{err}");
 }

@@ -48,7 +48,10 @@ pub fn write_page_tables(memory: &GuestMemory) {
 
     let gibs = (memory.len() as u64).div_ceil(ONE_GIB);
     assert!(PD_ADDR + gibs * PAGE_SIZE as u64 <= STACK_TOP - 64 * PAGE_SIZE as u64);
-    memory.write_at(PML4_ADDR, &(PDPT_ADDR | PAGE_PRESENT_WRITABLE).to_le_bytes());
+    memory.write_at(
+        PML4_ADDR,
+        &(PDPT_ADDR | PAGE_PRESENT_WRITABLE).to_le_bytes(),
+    );
     for gib in 0..gibs {
         let pd = PD_ADDR + gib * PAGE_SIZE as u64;
         memory.write_at(

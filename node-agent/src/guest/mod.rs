@@ -83,12 +83,12 @@ impl GuestImage {
                     params: [random, ticks_per_write, 0x5eed_f00d],
                 }
             }
-            Workload::Flat { path } => Self::flat(
-                std::fs::read(path).map_err(|source| GuestError::ReadImage {
+            Workload::Flat { path } => {
+                Self::flat(std::fs::read(path).map_err(|source| GuestError::ReadImage {
                     path: path.clone(),
                     source,
-                })?,
-            )?,
+                })?)?
+            }
         };
         Ok(image)
     }
@@ -246,7 +246,13 @@ mod tests {
     fn accepts_the_memory_of_the_saved_instant() {
         let memory = counter_memory(BYTES, 7, 100);
         let state = verify_counter(&memory, &[regs_at(BYTES, 7, 100)]).unwrap();
-        assert_eq!(state.vcpus[0], CounterProgress { pass: 7, pages_done: 100 });
+        assert_eq!(
+            state.vcpus[0],
+            CounterProgress {
+                pass: 7,
+                pages_done: 100
+            }
+        );
         // Stopped right after the store at the cursor.
         verify_counter(&memory, &[regs_at(BYTES, 7, 99)]).unwrap();
     }

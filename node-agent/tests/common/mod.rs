@@ -27,7 +27,10 @@ pub fn devices_present() -> bool {
         "{} not usable: these tests need real KVM and userfaultfd (run as root on a KVM host)",
         missing.join(" and ")
     );
-    eprintln!("SKIPPED: {} not usable on this machine", missing.join(" and "));
+    eprintln!(
+        "SKIPPED: {} not usable on this machine",
+        missing.join(" and ")
+    );
     false
 }
 

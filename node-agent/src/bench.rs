@@ -1,0 +1,333 @@
+//! `sandfork-agent bench`: capture and restore measured on this machine,
+//! the live capture beside the stop-and-copy baseline in the same run.
+//!
+//! Each run captures a running `counter` guest live (while a host thread
+//! writes into guest memory at native speed to measure the stall of a write
+//! that hits a protected page), verifies the capture, captures it again with
+//! stop-and-copy and verifies that, then restores a branch from the live
+//! capture and times it until its first guest instruction (the first store
+//! the restored guest makes).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde::Serialize;
+
+use crate::capture::{self, CaptureStats, Captured, LiveCapture};
+use crate::guest::layout::vcpu_data_slice;
+use crate::guest::{GuestImage, Workload, verify_counter};
+use crate::memory::{GuestMemory, PAGE_SIZE, ReadOnlyMapping, SnapshotMapping};
+use crate::snapshot::{CaptureDir, SnapshotState, unix_ms_now};
+use crate::vcpu::VcpuState;
+use crate::vm::Vm;
+
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    #[arg(long, default_value_t = 1024)]
+    pub memory_mib: u64,
+    #[arg(long, default_value_t = 5)]
+    pub runs: usize,
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: usize,
+    /// Print one JSON object on stdout (the summary goes to stderr either way).
+    #[arg(long)]
+    pub json: bool,
+    /// Where snapshot files go during the run (a tmpfs).
+    #[arg(long, default_value = "/dev/shm")]
+    pub dir: std::path::PathBuf,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BenchResult {
+    pub memory_mib: u64,
+    pub runs: usize,
+    pub vcpus: usize,
+    /// Live capture: how long the vCPUs were stopped.
+    pub live_pause_us_p50: f64,
+    /// Of that pause, the write-protect arm.
+    pub live_arm_us_p50: f64,
+    /// Baseline, same run: stop-and-copy pause.
+    pub stop_copy_pause_us_p50: f64,
+    pub pause_ratio_stop_copy_over_live: f64,
+    /// Live capture's background copy: guest bytes per second until complete.
+    pub copy_gbps_p50: f64,
+    /// A native-rate host write that hit a protected page: how long it waited.
+    pub fault_stall_us_p50: f64,
+    pub fault_stall_us_p99: f64,
+    pub fault_stall_us_max: f64,
+    pub fault_stall_samples: usize,
+    /// Pages the fault handler copied ahead of the copier, per capture.
+    pub pages_copied_by_fault_handler_p50: f64,
+    /// Branch restore: from the request to the branch's first guest instruction.
+    pub restore_ms_p50: f64,
+    /// True only if every capture of the run was verified consistent.
+    pub consistent: bool,
+    /// Guest code is emulated on this host (PVM): guest-side rates are emulation-bound.
+    pub guest_emulated: bool,
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    percentile(values, 50.0)
+}
+
+fn percentile(values: &mut [f64], pct: f64) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    values.sort_by(|a, b| a.total_cmp(b));
+    let rank = ((pct / 100.0) * (values.len() - 1) as f64).round() as usize;
+    values[rank.min(values.len() - 1)]
+}
+
+pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    let result = measure(args)?;
+    eprintln!(
+        "bench {} MiB x{} runs: live pause {:.0} us (arm {:.0} us) vs stop-and-copy {:.0} us ({:.1}x), \
+         copy {:.2} GB/s, write stall p50 {:.1} us max {:.1} us, restore {:.2} ms, consistent: {}",
+        result.memory_mib,
+        result.runs,
+        result.live_pause_us_p50,
+        result.live_arm_us_p50,
+        result.stop_copy_pause_us_p50,
+        result.pause_ratio_stop_copy_over_live,
+        result.copy_gbps_p50,
+        result.fault_stall_us_p50,
+        result.fault_stall_us_max,
+        result.restore_ms_p50,
+        result.consistent
+    );
+    if args.json {
+        println!("{}", serde_json::to_string(&result)?);
+    }
+    if !result.consistent {
+        bail!("a capture was not consistent");
+    }
+    Ok(())
+}
+
+pub fn measure(args: &BenchArgs) -> anyhow::Result<BenchResult> {
+    if args.runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    let memory_bytes = args.memory_mib << 20;
+    let image = GuestImage::for_workload(&Workload::Counter, 0)?;
+    let vm = Vm::boot("bench", memory_bytes, args.vcpus, &image)?;
+    wait_first_pass(&vm)?;
+    let scratch = tempfile::Builder::new()
+        .prefix("sandfork-bench-")
+        .tempdir_in(&args.dir)
+        .with_context(|| {
+            format!(
+                "cannot create a scratch directory in {}",
+                args.dir.display()
+            )
+        })?;
+
+    let mut live_pause = Vec::new();
+    let mut live_arm = Vec::new();
+    let mut stop_pause = Vec::new();
+    let mut copy_gbps = Vec::new();
+    let mut stalls = Vec::new();
+    let mut handler_pages = Vec::new();
+    let mut restore_ms = Vec::new();
+    let mut consistent = true;
+
+    for run in 0..args.runs {
+        // Live capture, with a native-rate writer measuring stalls.
+        let live_dir = CaptureDir::new(scratch.path().join(format!("live-{run}")));
+        let mapping = Arc::new(live_dir.create(memory_bytes)?);
+        let capture = LiveCapture::start(&vm, mapping.clone())?;
+        let run_stalls = measure_write_stalls(&vm, &capture);
+        let captured = capture.finish()?;
+        stalls.extend(run_stalls);
+        consistent &= check(&mapping, &captured.vcpus, "live");
+        live_pause.push(captured.stats.pause_ns as f64 / 1e3);
+        live_arm.push(captured.stats.arm_ns as f64 / 1e3);
+        copy_gbps.push(memory_bytes as f64 / captured.stats.copy_ns as f64);
+        handler_pages.push(captured.stats.pages_copied_by_fault_handler as f64);
+        drop(mapping);
+        commit(&live_dir, captured)?;
+
+        // Stop-and-copy baseline.
+        let stop_dir = CaptureDir::new(scratch.path().join(format!("stop-{run}")));
+        let mapping = stop_dir.create(memory_bytes)?;
+        let captured = capture::stop_and_copy(&vm, &mapping)?;
+        consistent &= check(&mapping, &captured.vcpus, "stop-and-copy");
+        stop_pause.push(captured.stats.pause_ns as f64 / 1e3);
+        drop(mapping);
+        stop_dir.remove()?;
+
+        // Restore a branch from the live capture. The source is paused
+        // meanwhile so that its busy vCPU does not compete with the
+        // branch's for this machine's two cores.
+        let paused = vm.pause(false)?;
+        let restore = time_restore(&live_dir);
+        drop(paused);
+        vm.resume();
+        restore_ms.push(restore?.as_secs_f64() * 1e3);
+        live_dir.remove()?;
+        eprintln!(
+            "run {run}: live pause {:.0} us, stop-and-copy {:.0} us, restore {:.2} ms",
+            live_pause[run], stop_pause[run], restore_ms[run]
+        );
+    }
+    if let Some(failure) = vm.failure() {
+        bail!("the benchmark guest failed: {failure}");
+    }
+
+    let live_pause_us_p50 = median(&mut live_pause);
+    let stop_copy_pause_us_p50 = median(&mut stop_pause);
+    Ok(BenchResult {
+        memory_mib: args.memory_mib,
+        runs: args.runs,
+        vcpus: args.vcpus,
+        live_pause_us_p50,
+        live_arm_us_p50: median(&mut live_arm),
+        stop_copy_pause_us_p50,
+        pause_ratio_stop_copy_over_live: stop_copy_pause_us_p50 / live_pause_us_p50,
+        copy_gbps_p50: median(&mut copy_gbps),
+        fault_stall_us_p50: percentile(&mut stalls, 50.0),
+        fault_stall_us_p99: percentile(&mut stalls, 99.0),
+        fault_stall_us_max: percentile(&mut stalls, 100.0),
+        fault_stall_samples: stalls.len(),
+        pages_copied_by_fault_handler_p50: median(&mut handler_pages),
+        restore_ms_p50: median(&mut restore_ms),
+        consistent,
+        guest_emulated: true,
+    })
+}
+
+fn wait_first_pass(vm: &Vm) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while vm
+        .reports()
+        .iter()
+        .any(|report| report.count.load(Ordering::Relaxed) == 0)
+    {
+        if let Some(failure) = vm.failure() {
+            bail!("the benchmark guest failed: {failure}");
+        }
+        if Instant::now() > deadline {
+            bail!("the benchmark guest made no progress");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(())
+}
+
+fn check(mapping: &SnapshotMapping, vcpus: &[VcpuState], what: &str) -> bool {
+    // SAFETY: the capture is complete; nothing writes the mapping any more.
+    let memory = unsafe { std::slice::from_raw_parts(mapping.as_ptr(), mapping.len()) };
+    let regs: Vec<_> = vcpus.iter().map(|vcpu| vcpu.regs).collect();
+    match verify_counter(memory, &regs) {
+        Ok(_) => true,
+        Err(mismatch) => {
+            eprintln!("{what} capture inconsistent: {mismatch}");
+            false
+        }
+    }
+}
+
+fn commit(dir: &CaptureDir, captured: Captured) -> anyhow::Result<()> {
+    let Captured { vcpus, vm, stats } = captured;
+    dir.commit(&SnapshotState {
+        memory_bytes: std::fs::metadata(dir.memory_path())?.len(),
+        vcpus,
+        vm,
+        stats: CaptureStats { ..stats },
+        source: "bench".into(),
+        created_unix_ms: unix_ms_now(),
+    })?;
+    Ok(())
+}
+
+/// While the copy runs, writes from a host thread into pages not yet
+/// copied (so still protected) and times each write, in microseconds. The
+/// write stores zero into the page's second qword, which the counter guest
+/// never writes, so the capture stays checkable.
+fn measure_write_stalls(vm: &Vm, capture: &LiveCapture) -> Vec<f64> {
+    let memory: &GuestMemory = vm.memory();
+    let pages = memory.pages();
+    let stop = AtomicBool::new(false);
+    let writes = AtomicU64::new(0);
+    std::thread::scope(|scope| {
+        let writer = scope.spawn(|| {
+            let mut samples = Vec::new();
+            // Walk from the top of memory down, against the copier's direction.
+            let mut page = pages - 1;
+            while !stop.load(Ordering::Relaxed) && page > 0 {
+                if !capture.page_copied(page) {
+                    let started = Instant::now();
+                    // SAFETY: in-bounds, 8-aligned address inside guest
+                    // memory, in a qword the counter guest keeps at zero.
+                    unsafe {
+                        std::ptr::write_volatile(
+                            memory.as_ptr().add(page * PAGE_SIZE + 8).cast::<u64>(),
+                            0,
+                        )
+                    };
+                    samples.push(started.elapsed().as_nanos() as f64 / 1e3);
+                    writes.fetch_add(1, Ordering::Relaxed);
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+                page -= 1;
+            }
+            samples
+        });
+        // The copier finishes on its own; stop the writer once it has.
+        while (0..pages)
+            .step_by(4096)
+            .any(|page| !capture.page_copied(page))
+            || !capture.page_copied(pages - 1)
+        {
+            std::thread::sleep(Duration::from_micros(500));
+        }
+        stop.store(true, Ordering::Relaxed);
+        writer.join().unwrap_or_default()
+    })
+}
+
+/// Restores a branch and waits for its first guest store: the counter guest
+/// writes the page at its cursor (or the next one, or the slice's first page
+/// after a wrap) within a few instructions of the captured instant.
+fn time_restore(dir: &CaptureDir) -> anyhow::Result<Duration> {
+    let state = dir.read_state()?;
+    let file = std::fs::File::open(dir.memory_path())?;
+    let captured = ReadOnlyMapping::new(&file)?;
+    let regs = &state.vcpus[0].regs;
+    let slice = vcpu_data_slice(state.memory_bytes, state.vcpus.len(), 0);
+    let watched: Vec<u64> = [regs.rdi, regs.rdi + PAGE_SIZE as u64, slice.start]
+        .into_iter()
+        .filter(|addr| slice.contains(addr))
+        .collect();
+    let read_captured = |addr: u64| {
+        u64::from_le_bytes(
+            captured.as_slice()[addr as usize..addr as usize + 8]
+                .try_into()
+                .unwrap(),
+        )
+    };
+    let before: Vec<u64> = watched.iter().map(|&addr| read_captured(addr)).collect();
+
+    let started = Instant::now();
+    let branch = dir.restore()?;
+    let deadline = started + Duration::from_secs(5);
+    loop {
+        let stored = watched
+            .iter()
+            .zip(&before)
+            .any(|(&addr, &value)| branch.memory().read_u64(addr) != value);
+        if stored {
+            return Ok(started.elapsed());
+        }
+        if let Some(failure) = branch.failure() {
+            bail!("the branch failed: {failure}");
+        }
+        if Instant::now() > deadline {
+            bail!("the branch executed no store within 5 s of its restore");
+        }
+        std::thread::yield_now();
+    }
+}

@@ -1,0 +1,527 @@
+//! Sandboxes and captures on one node, kept in a state directory:
+//!
+//! ```text
+//! <state>/sandboxes/<name>/sandbox.json  what the sandbox is
+//!                          control.sock  its VM process's control socket
+//!                          pid, vm.log
+//! <state>/captures/<name>/memory, state.json
+//! ```
+//!
+//! Everything is found again from these files, so a restarted agent adopts
+//! the VM processes that kept running. Every call is idempotent.
+
+use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::capture::CaptureMode;
+use crate::guest::Workload;
+use crate::memory::{self, MemoryError};
+use crate::snapshot::CaptureDir;
+use crate::vm::MAX_VCPUS;
+use crate::vmhost::{self, CaptureInfo, PID_FILE, RECORD_FILE, Request, Response, SandboxRecord};
+
+pub use crate::vmhost::CaptureInfo as Capture;
+
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
+const CAPTURE_TIMEOUT: Duration = Duration::from_secs(600);
+const LOG_FILE: &str = "vm.log";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManagerError {
+    #[error("invalid name {0:?}: use 1 to 63 lowercase letters, digits and '-'")]
+    InvalidName(String),
+    #[error("invalid sandbox spec: {0}")]
+    InvalidSpec(String),
+    #[error("{kind} {name:?} not found")]
+    NotFound { kind: &'static str, name: String },
+    #[error("{kind} {name:?} already exists with a different spec")]
+    AlreadyExists { kind: &'static str, name: String },
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(
+        "{0} is missing or not usable: sandboxes need KVM and userfaultfd (run as root on a KVM host)"
+    )]
+    DevicesMissing(String),
+    #[error("sandbox {name:?}: {message}")]
+    Vm { name: String, message: String },
+    #[error("{op} {path}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io_err<'a>(
+    op: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> ManagerError + 'a {
+    move |source| ManagerError::Io {
+        op,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// What to run.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxSpec {
+    pub name: String,
+    pub memory_mib: u64,
+    pub vcpus: u8,
+    pub workload: Workload,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "kebab-case")]
+pub enum SandboxState {
+    Running,
+    /// The VM stopped on an error, or its process died.
+    Failed {
+        reason: String,
+    },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SandboxInfo {
+    pub name: String,
+    pub pid: Option<u32>,
+    #[serde(flatten)]
+    pub state: SandboxState,
+    pub memory_mib: u64,
+    pub vcpus: u8,
+    pub workload: Workload,
+    pub origin: Option<String>,
+    pub reports: Vec<u64>,
+    pub report_counts: Vec<u64>,
+}
+
+pub fn validate_name(name: &str) -> Result<(), ManagerError> {
+    let valid = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|byte| byte.is_ascii_lowercase() || byte.is_ascii_digit() || byte == b'-');
+    if valid {
+        Ok(())
+    } else {
+        Err(ManagerError::InvalidName(name.to_owned()))
+    }
+}
+
+/// Checks that KVM and userfaultfd can be opened.
+pub fn check_devices() -> Result<(), ManagerError> {
+    for device in ["/dev/kvm", "/dev/userfaultfd"] {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(device)
+            .map_err(|_| ManagerError::DevicesMissing(device.to_owned()))?;
+    }
+    Ok(())
+}
+
+pub struct Manager {
+    root: PathBuf,
+    /// The agent binary, started as `vm-host` for each sandbox.
+    exe: PathBuf,
+}
+
+impl Manager {
+    /// Opens (creating if needed) the state directory `root`.
+    pub fn open(root: impl Into<PathBuf>) -> Result<Self, ManagerError> {
+        let exe = std::env::current_exe().map_err(io_err("find", Path::new("current exe")))?;
+        Self::with_agent_binary(root, exe)
+    }
+
+    /// Like `open`, starting VM processes from `exe` (tests use this).
+    pub fn with_agent_binary(
+        root: impl Into<PathBuf>,
+        exe: impl Into<PathBuf>,
+    ) -> Result<Self, ManagerError> {
+        let root = root.into();
+        for dir in [root.clone(), root.join("sandboxes"), root.join("captures")] {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&dir)
+                .map_err(io_err("create", &dir))?;
+        }
+        Ok(Self {
+            root,
+            exe: exe.into(),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn sandbox_dir(&self, name: &str) -> PathBuf {
+        vmhost::sandbox_dir(&self.root, name)
+    }
+
+    fn captures_dir(&self) -> PathBuf {
+        self.root.join("captures")
+    }
+
+    fn capture_dir(&self, name: &str) -> CaptureDir {
+        CaptureDir::new(self.captures_dir().join(name))
+    }
+
+    /// Starts a sandbox. Running an identical spec again returns the
+    /// existing sandbox.
+    pub fn run(&self, spec: &SandboxSpec) -> Result<SandboxInfo, ManagerError> {
+        validate_name(&spec.name)?;
+        if spec.vcpus == 0 || spec.vcpus > MAX_VCPUS {
+            return Err(ManagerError::InvalidSpec(format!(
+                "vcpus must be 1 to {MAX_VCPUS}, got {}",
+                spec.vcpus
+            )));
+        }
+        let bytes = spec
+            .memory_mib
+            .checked_mul(1 << 20)
+            .ok_or_else(|| ManagerError::InvalidSpec("memory too large".into()))?;
+        memory::validate_size(bytes, true)?;
+        if let Workload::Flat { path } = &spec.workload
+            && !path.is_file()
+        {
+            return Err(ManagerError::InvalidSpec(format!(
+                "guest image {} does not exist",
+                path.display()
+            )));
+        }
+        self.start(SandboxRecord {
+            name: spec.name.clone(),
+            memory_mib: spec.memory_mib,
+            vcpus: spec.vcpus,
+            workload: spec.workload.clone(),
+            origin: None,
+        })
+    }
+
+    /// Starts sandbox `name` as a branch of `capture`.
+    pub fn branch(&self, name: &str, capture: &str) -> Result<SandboxInfo, ManagerError> {
+        validate_name(name)?;
+        validate_name(capture)?;
+        let dir = self.capture_dir(capture);
+        let state = dir.read_state().map_err(|_| ManagerError::NotFound {
+            kind: "capture",
+            name: capture.to_owned(),
+        })?;
+        let source = self.read_record(&state.source).ok();
+        self.start(SandboxRecord {
+            name: name.to_owned(),
+            memory_mib: state.memory_bytes >> 20,
+            vcpus: state.vcpus.len() as u8,
+            workload: source.map_or(Workload::Idle, |record| record.workload),
+            origin: Some(capture.to_owned()),
+        })
+    }
+
+    fn start(&self, record: SandboxRecord) -> Result<SandboxInfo, ManagerError> {
+        check_devices()?;
+        let dir = self.sandbox_dir(&record.name);
+        if let Ok(existing) = self.read_record(&record.name) {
+            let same = existing == record
+                || (existing.origin.is_some() && existing.origin == record.origin);
+            if !same {
+                return Err(ManagerError::AlreadyExists {
+                    kind: "sandbox",
+                    name: record.name,
+                });
+            }
+            if let Ok(info) = self.status(&record.name)
+                && info.state == SandboxState::Running
+            {
+                return Ok(info);
+            }
+            // A record without a live VM (a crash mid-start): start afresh.
+            self.delete(&record.name)?;
+        }
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .map_err(io_err("create", &dir))?;
+        let record_path = dir.join(RECORD_FILE);
+        let write_record = serde_json::to_vec_pretty(&record)
+            .map_err(std::io::Error::other)
+            .and_then(|json| std::fs::write(&record_path, json));
+        if let Err(source) = write_record {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(ManagerError::Io {
+                op: "write",
+                path: record_path,
+                source,
+            });
+        }
+        match self.spawn_vm_process(&record.name, &dir) {
+            Ok(info) => Ok(info),
+            Err(err) => {
+                let _ = self.delete(&record.name);
+                Err(err)
+            }
+        }
+    }
+
+    fn spawn_vm_process(&self, name: &str, dir: &Path) -> Result<SandboxInfo, ManagerError> {
+        let log_path = dir.join(LOG_FILE);
+        let log = std::fs::File::create(&log_path).map_err(io_err("create", &log_path))?;
+        let log_err = log.try_clone().map_err(io_err("dup", &log_path))?;
+        let mut command = Command::new(&self.exe);
+        command
+            .arg("vm-host")
+            .arg("--state-dir")
+            .arg(&self.root)
+            .arg("--name")
+            .arg(name)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err);
+        // SAFETY: setsid is async-signal-safe; it only detaches the child
+        // from the agent's session so that the VM outlives the agent.
+        unsafe {
+            command.pre_exec(|| {
+                rustix::process::setsid()?;
+                Ok(())
+            })
+        };
+        let mut child = command.spawn().map_err(io_err("start", &self.exe))?;
+        let started = Instant::now();
+        loop {
+            if let Ok(info) = self.status(name) {
+                // Reap the VM process whenever it exits, so no zombie stays.
+                std::thread::spawn(move || child.wait());
+                return match info.state {
+                    SandboxState::Running => Ok(info),
+                    SandboxState::Failed { reason } => Err(ManagerError::Vm {
+                        name: name.to_owned(),
+                        message: reason,
+                    }),
+                };
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(ManagerError::Vm {
+                    name: name.to_owned(),
+                    message: format!("VM process exited ({status}): {}", log_tail(&log_path)),
+                });
+            }
+            if started.elapsed() > START_TIMEOUT {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(ManagerError::Vm {
+                    name: name.to_owned(),
+                    message: format!("VM process did not start in {START_TIMEOUT:?}"),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    fn read_record(&self, name: &str) -> Result<SandboxRecord, ManagerError> {
+        let path = self.sandbox_dir(name).join(RECORD_FILE);
+        let bytes = std::fs::read(&path).map_err(|_| ManagerError::NotFound {
+            kind: "sandbox",
+            name: name.to_owned(),
+        })?;
+        serde_json::from_slice(&bytes)
+            .map_err(|err| io_err("parse", &path)(std::io::Error::other(err)))
+    }
+
+    fn pid_of(&self, name: &str) -> Option<u32> {
+        std::fs::read_to_string(self.sandbox_dir(name).join(PID_FILE))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    pub fn status(&self, name: &str) -> Result<SandboxInfo, ManagerError> {
+        validate_name(name)?;
+        let record = self.read_record(name)?;
+        let mut info = SandboxInfo {
+            name: record.name,
+            pid: self.pid_of(name),
+            state: SandboxState::Running,
+            memory_mib: record.memory_mib,
+            vcpus: record.vcpus,
+            workload: record.workload,
+            origin: record.origin,
+            reports: Vec::new(),
+            report_counts: Vec::new(),
+        };
+        match vmhost::call(&self.sandbox_dir(name), &Request::Status, STATUS_TIMEOUT) {
+            Ok(Response::Status(status)) => {
+                info.pid = Some(status.pid);
+                info.reports = status.reports;
+                info.report_counts = status.report_counts;
+                if let Some(reason) = status.failure {
+                    info.state = SandboxState::Failed { reason };
+                }
+            }
+            Ok(other) => {
+                info.state = SandboxState::Failed {
+                    reason: format!("unexpected reply {other:?}"),
+                }
+            }
+            Err(err) => {
+                info.state = SandboxState::Failed {
+                    reason: format!(
+                        "VM process not reachable ({err}): {}",
+                        log_tail(&self.sandbox_dir(name).join(LOG_FILE))
+                    ),
+                }
+            }
+        }
+        Ok(info)
+    }
+
+    pub fn list(&self) -> Result<Vec<SandboxInfo>, ManagerError> {
+        let mut names = list_dir(&self.root.join("sandboxes"))?;
+        names.sort();
+        Ok(names
+            .iter()
+            .filter_map(|name| self.status(name).ok())
+            .collect())
+    }
+
+    /// Captures sandbox `sandbox` as `capture`. If the capture exists, returns it.
+    pub fn capture(
+        &self,
+        sandbox: &str,
+        capture: &str,
+        mode: CaptureMode,
+        verify: bool,
+    ) -> Result<CaptureInfo, ManagerError> {
+        validate_name(sandbox)?;
+        validate_name(capture)?;
+        let dir = self.capture_dir(capture);
+        if let Ok(state) = dir.read_state() {
+            if state.source != sandbox {
+                return Err(ManagerError::AlreadyExists {
+                    kind: "capture",
+                    name: capture.to_owned(),
+                });
+            }
+            return Ok(vmhost::capture_info(&dir, &state, None));
+        }
+        // A directory without state is what a crash mid-capture leaves.
+        dir.remove().map_err(|err| ManagerError::Vm {
+            name: sandbox.to_owned(),
+            message: err.to_string(),
+        })?;
+        self.read_record(sandbox)?;
+        let request = Request::Capture {
+            capture: capture.to_owned(),
+            mode,
+            verify,
+        };
+        let vm_error = |message: String| ManagerError::Vm {
+            name: sandbox.to_owned(),
+            message,
+        };
+        match vmhost::call(&self.sandbox_dir(sandbox), &request, CAPTURE_TIMEOUT) {
+            Ok(Response::Captured(info)) => Ok(info),
+            Ok(Response::Error { message }) => Err(vm_error(message)),
+            Ok(other) => Err(vm_error(format!("unexpected reply {other:?}"))),
+            Err(err) => Err(vm_error(format!("VM process not reachable: {err}"))),
+        }
+    }
+
+    pub fn list_captures(&self) -> Result<Vec<CaptureInfo>, ManagerError> {
+        let mut names = list_dir(&self.captures_dir())?;
+        names.sort();
+        Ok(names
+            .iter()
+            .filter_map(|name| {
+                let dir = self.capture_dir(name);
+                let state = dir.read_state().ok()?;
+                Some(vmhost::capture_info(&dir, &state, None))
+            })
+            .collect())
+    }
+
+    pub fn delete_capture(&self, name: &str) -> Result<(), ManagerError> {
+        validate_name(name)?;
+        self.capture_dir(name)
+            .remove()
+            .map_err(|err| ManagerError::Vm {
+                name: name.to_owned(),
+                message: err.to_string(),
+            })
+    }
+
+    /// Stops the sandbox's VM process and removes its files. Deleting a
+    /// sandbox that does not exist succeeds.
+    pub fn delete(&self, name: &str) -> Result<(), ManagerError> {
+        validate_name(name)?;
+        let dir = self.sandbox_dir(name);
+        if !dir.exists() {
+            return Ok(());
+        }
+        let pid = self.pid_of(name);
+        let _ = vmhost::call(&dir, &Request::Stop, STATUS_TIMEOUT);
+        if let Some(pid) = pid
+            && !wait_for_exit(pid, STOP_TIMEOUT)
+            && is_vm_host_of(pid, name)
+        {
+            tracing::warn!(sandbox = name, pid, "VM process ignored stop; killing it");
+            if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+            }
+            wait_for_exit(pid, STOP_TIMEOUT);
+        }
+        std::fs::remove_dir_all(&dir).map_err(io_err("remove", &dir))
+    }
+}
+
+fn list_dir(dir: &Path) -> Result<Vec<String>, ManagerError> {
+    Ok(std::fs::read_dir(dir)
+        .map_err(io_err("read", dir))?
+        .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+        .filter(|name| validate_name(name).is_ok())
+        .collect())
+}
+
+/// Whether `pid` is still a VM host for sandbox `name` (guards against
+/// signalling a reused pid).
+fn is_vm_host_of(pid: u32, name: &str) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| {
+        let args: Vec<&[u8]> = cmdline.split(|&byte| byte == 0).collect();
+        args.contains(&b"vm-host".as_slice()) && args.contains(&name.as_bytes())
+    })
+}
+
+fn process_alive(pid: u32) -> bool {
+    // A zombie has exited; only its parent's wait is pending.
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z'))
+    })
+}
+
+fn wait_for_exit(pid: u32, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while process_alive(pid) {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    true
+}
+
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().rev().take(5).collect();
+    lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
+}

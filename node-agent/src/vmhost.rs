@@ -1,0 +1,252 @@
+//! The per-sandbox VM process and the protocol the agent uses to talk to it.
+//!
+//! Each sandbox runs in its own process (`sandfork-agent vm-host`), in its
+//! own session, so that the agent can crash or restart without taking VMs
+//! down and a crashing VM cannot take the agent down. The process serves
+//! newline-delimited JSON requests on a Unix socket in the sandbox's
+//! directory; the agent re-adopts running VMs by finding those sockets.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::capture::{CaptureMode, CaptureStats};
+use crate::guest::{CounterState, GuestImage, Workload, verify_counter};
+use crate::memory::ReadOnlyMapping;
+use crate::snapshot::CaptureDir;
+use crate::vm::Vm;
+
+pub const CONTROL_SOCKET: &str = "control.sock";
+pub const RECORD_FILE: &str = "sandbox.json";
+pub const PID_FILE: &str = "pid";
+
+/// What a sandbox is, as stored in its directory.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxRecord {
+    pub name: String,
+    pub memory_mib: u64,
+    pub vcpus: u8,
+    pub workload: Workload,
+    /// The capture a branch was restored from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum Request {
+    Status,
+    /// Capture into `<state>/captures/<capture>`.
+    Capture {
+        capture: String,
+        mode: CaptureMode,
+        /// Check a counter guest's capture for consistency afterwards.
+        #[serde(default)]
+        verify: bool,
+    },
+    Stop,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "kebab-case")]
+pub enum Response {
+    Status(VmStatus),
+    Captured(CaptureInfo),
+    Stopped,
+    Error { message: String },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VmStatus {
+    pub pid: u32,
+    /// Why the VM stopped running, if it did.
+    pub failure: Option<String>,
+    /// Last value each vCPU reported, and how many reports it made.
+    pub reports: Vec<u64>,
+    pub report_counts: Vec<u64>,
+}
+
+/// A capture kept on the node.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CaptureInfo {
+    pub name: String,
+    pub source: String,
+    pub memory_bytes: u64,
+    pub stats: CaptureStats,
+    /// Per vCPU, the instruction pointer at the captured instant.
+    pub vcpu_rips: Vec<u64>,
+    /// For a verified counter guest: the pass each vCPU was writing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counter: Option<CounterState>,
+}
+
+/// Sends one request to the VM process of the sandbox in `dir`.
+pub fn call(dir: &Path, request: &Request, timeout: Duration) -> std::io::Result<Response> {
+    let stream = UnixStream::connect(dir.join(CONTROL_SOCKET))?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    let mut line = serde_json::to_vec(request)?;
+    line.push(b'\n');
+    (&stream).write_all(&line)?;
+    let mut reply = String::new();
+    BufReader::new(&stream).read_line(&mut reply)?;
+    if reply.is_empty() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "VM process closed the connection",
+        ));
+    }
+    Ok(serde_json::from_str(&reply)?)
+}
+
+/// Runs the VM of the sandbox in `dir` and serves its control socket until
+/// asked to stop. `captures` is where captures are written.
+pub fn serve(dir: &Path, captures: &Path) -> anyhow::Result<()> {
+    let record: SandboxRecord = serde_json::from_slice(&std::fs::read(dir.join(RECORD_FILE))?)?;
+    let vm = match &record.origin {
+        None => {
+            let tsc_khz = crate::vcpu::HostKvm::get()?.tsc_khz();
+            let image = GuestImage::for_workload(&record.workload, tsc_khz)?;
+            Vm::boot(
+                &record.name,
+                record.memory_mib << 20,
+                record.vcpus.into(),
+                &image,
+            )?
+        }
+        Some(capture) => CaptureDir::new(captures.join(capture)).restore()?,
+    };
+    let socket_path = dir.join(CONTROL_SOCKET);
+    let _ = std::fs::remove_file(&socket_path);
+    let listener = UnixListener::bind(&socket_path)?;
+    std::fs::set_permissions(&socket_path, std::fs::Permissions::from_mode(0o600))?;
+    std::fs::write(dir.join(PID_FILE), std::process::id().to_string())?;
+    tracing::info!(sandbox = %record.name, pid = std::process::id(), "VM running");
+
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        match serve_connection(&vm, &record, captures, stream) {
+            Ok(true) => break,
+            Ok(false) => {}
+            Err(err) => tracing::warn!(error = %err, "control connection failed"),
+        }
+    }
+    tracing::info!(sandbox = %record.name, "VM stopping");
+    let _ = std::fs::remove_file(&socket_path);
+    Ok(())
+}
+
+/// Serves requests on one connection; returns true when asked to stop.
+fn serve_connection(
+    vm: &Vm,
+    record: &SandboxRecord,
+    captures: &Path,
+    stream: UnixStream,
+) -> std::io::Result<bool> {
+    let mut reader = BufReader::new(&stream);
+    let mut line = String::new();
+    while reader.read_line(&mut line)? != 0 {
+        let (response, stop) = match serde_json::from_str::<Request>(&line) {
+            Ok(Request::Status) => (Response::Status(status(vm)), false),
+            Ok(Request::Capture {
+                capture,
+                mode,
+                verify,
+            }) => (
+                match capture_into(vm, record, &captures.join(&capture), mode, verify) {
+                    Ok(info) => Response::Captured(info),
+                    Err(err) => Response::Error {
+                        message: format!("{err:#}"),
+                    },
+                },
+                false,
+            ),
+            Ok(Request::Stop) => (Response::Stopped, true),
+            Err(err) => (
+                Response::Error {
+                    message: format!("bad request: {err}"),
+                },
+                false,
+            ),
+        };
+        let mut reply = serde_json::to_vec(&response)?;
+        reply.push(b'\n');
+        (&stream).write_all(&reply)?;
+        if stop {
+            return Ok(true);
+        }
+        line.clear();
+    }
+    Ok(false)
+}
+
+fn status(vm: &Vm) -> VmStatus {
+    VmStatus {
+        pid: std::process::id(),
+        failure: vm.failure(),
+        reports: vm
+            .reports()
+            .iter()
+            .map(|report| report.last.load(Ordering::Relaxed))
+            .collect(),
+        report_counts: vm
+            .reports()
+            .iter()
+            .map(|report| report.count.load(Ordering::Relaxed))
+            .collect(),
+    }
+}
+
+fn capture_into(
+    vm: &Vm,
+    record: &SandboxRecord,
+    path: &Path,
+    mode: CaptureMode,
+    verify: bool,
+) -> anyhow::Result<CaptureInfo> {
+    let dir = CaptureDir::new(path);
+    let state = dir.capture_from(vm, mode, &record.name)?;
+    let counter = if verify && record.workload == Workload::Counter {
+        let memory = ReadOnlyMapping::new(&dir.open_memory()?)?;
+        let regs: Vec<_> = state.vcpus.iter().map(|vcpu| vcpu.regs).collect();
+        match verify_counter(memory.as_slice(), &regs) {
+            Ok(counter) => Some(counter),
+            Err(mismatch) => {
+                let _ = dir.remove();
+                anyhow::bail!("capture failed verification: {mismatch}");
+            }
+        }
+    } else {
+        None
+    };
+    Ok(capture_info(&dir, &state, counter))
+}
+
+pub fn capture_info(
+    dir: &CaptureDir,
+    state: &crate::snapshot::SnapshotState,
+    counter: Option<CounterState>,
+) -> CaptureInfo {
+    CaptureInfo {
+        name: dir
+            .path()
+            .file_name()
+            .map(|name| name.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        source: state.source.clone(),
+        memory_bytes: state.memory_bytes,
+        stats: state.stats.clone(),
+        vcpu_rips: state.vcpus.iter().map(|vcpu| vcpu.regs.rip).collect(),
+        counter,
+    }
+}
+
+/// The directory of sandbox `name` under `root`.
+pub fn sandbox_dir(root: &Path, name: &str) -> PathBuf {
+    root.join("sandboxes").join(name)
+}
