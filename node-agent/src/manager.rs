@@ -298,12 +298,14 @@ impl Manager {
         let mut child = command.spawn().map_err(io_err("start", &self.exe))?;
         let started = Instant::now();
         loop {
-            if let Ok(info) = self.status(name) {
+            if let Ok(Response::Status(status)) =
+                vmhost::call(dir, &Request::Status, STATUS_TIMEOUT)
+            {
                 // Reap the VM process whenever it exits, so no zombie stays.
                 std::thread::spawn(move || child.wait());
-                return match info.state {
-                    SandboxState::Running => Ok(info),
-                    SandboxState::Failed { reason } => Err(ManagerError::Vm {
+                return match status.failure {
+                    None => self.status(name),
+                    Some(reason) => Err(ManagerError::Vm {
                         name: name.to_owned(),
                         message: reason,
                     }),
