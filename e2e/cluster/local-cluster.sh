@@ -61,7 +61,7 @@ pid_of() {
   [[ -r "/proc/$pid/cmdline" ]] || return 0
   # zombies (state Z) count as gone
   [[ "$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null)" != Z ]] || return 0
-  tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qF -- "$DIR" || return 0
+  tr '\0' ' ' 2>/dev/null <"/proc/$pid/cmdline" | grep -qF -- "$DIR" || return 0
   echo "$pid"
 }
 
@@ -211,6 +211,7 @@ fail_with_logs() {
   done
   if [[ "${SANDFORK_CLUSTER_KEEP_ON_FAILURE:-0}" != 1 ]]; then
     do_down >&2 || true
+    if [[ "${FORGET_PORTS_ON_FAILURE:-0}" == 1 ]]; then rm -f "$DIR/ports.env"; fi
   fi
   exit 1
 }
@@ -278,10 +279,15 @@ do_up() {
   # Half-started or stale: clean up first.
   do_down 2>/dev/null || true
 
-  local t0=$SECONDS
+  local t0=$SECONDS t0ns
+  t0ns=$(date +%s%N)
   # Ports: env > DIR/ports.env (restart of the same DIR) > random free ports.
   local ETCD_PORT='' ETCD_PEER_PORT='' APISERVER_PORT='' KCM_PORT=''
+  # Ports picked at random now are forgotten again if this `up` fails, so a
+  # retry on the same DIR picks new ones.
+  FORGET_PORTS_ON_FAILURE=1
   if [[ -f "$DIR/ports.env" ]]; then
+    FORGET_PORTS_ON_FAILURE=0
     # shellcheck disable=SC1091
     . "$DIR/ports.env"
   fi
@@ -298,6 +304,7 @@ EOF
   local p
   for p in "$ETCD_PORT" "$ETCD_PEER_PORT" "$APISERVER_PORT" "$KCM_PORT"; do
     if listening_ports | grep -qx "$p"; then
+      if [[ $FORGET_PORTS_ON_FAILURE == 1 ]]; then rm -f "$DIR/ports.env"; fi
       die "port $p is already in use (set SANDFORK_*_PORT or remove $DIR/ports.env)"
     fi
   done
@@ -333,6 +340,7 @@ EOF
     --secure-port="$APISERVER_PORT" \
     --bind-address=127.0.0.1 \
     --advertise-address=127.0.0.1 \
+    --endpoint-reconciler-type=none \
     --service-cluster-ip-range=10.0.0.0/24 \
     --authorization-mode=Node,RBAC \
     --service-account-issuer=https://kubernetes.default.svc.cluster.local \
@@ -341,6 +349,10 @@ EOF
     --allow-privileged=true \
     --profiling=false \
     ${SANDFORK_APISERVER_EXTRA_ARGS:-}
+
+  local timeout="${SANDFORK_CLUSTER_TIMEOUT:-180}"
+  # The controller manager exits at once if the apiserver does not answer yet.
+  wait_for "kube-apiserver /readyz" "$timeout" "etcd kube-apiserver" kubectl_ get --raw /readyz
 
   log "starting kube-controller-manager"
   # shellcheck disable=SC2086
@@ -360,14 +372,13 @@ EOF
     --profiling=false \
     ${SANDFORK_KCM_EXTRA_ARGS:-}
 
-  local timeout="${SANDFORK_CLUSTER_TIMEOUT:-180}"
-  wait_for "kube-apiserver /readyz" "$timeout" "${COMPONENTS[*]}" kubectl_ get --raw /readyz
   local left=$((timeout - (SECONDS - t0))); ((left > 5)) || left=5
   wait_for "the default namespace" "$left" "${COMPONENTS[*]}" kubectl_ get namespace default
   left=$((timeout - (SECONDS - t0))); ((left > 5)) || left=5
   wait_for "the default ServiceAccount" "$left" "${COMPONENTS[*]}" \
     kubectl_ -n default get serviceaccount default
-  log "up in $((SECONDS - t0))s: KUBECONFIG=$DIR/kubeconfig (https://127.0.0.1:$APISERVER_PORT)"
+  local ms=$((($(date +%s%N) - t0ns) / 1000000))
+  log "up in $((ms / 1000)).$(printf %03d $((ms % 1000)))s: KUBECONFIG=$DIR/kubeconfig (https://127.0.0.1:$APISERVER_PORT)"
   print_env
 }
 

@@ -64,6 +64,26 @@ check "service-account token request" k -n "$ns" create token default --duration
 check "delete namespace completes (namespace controller)" k delete namespace "$ns" --timeout=90s
 check "helm version is v3.22.0" bash -c 'helm version --short | grep -q "^v3.22.0"'
 check "helm can list releases against the cluster" helm list -A
+chart="$DIR/smoke-chart"
+mkdir -p "$chart/templates"
+cat >"$chart/Chart.yaml" <<EOF
+apiVersion: v2
+name: smoke
+version: 0.1.0
+kubeVersion: ">=1.30.0-0"
+EOF
+cat >"$chart/templates/cm.yaml" <<'EOF'
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: {{ .Release.Name }}-cm
+data:
+  kube: {{ .Capabilities.KubeVersion.Version | quote }}
+EOF
+check "helm install (kubeVersion >=1.30 check passes)" helm install smoke "$chart" -n default --wait --timeout 60s
+# shellcheck disable=SC2016
+check "helm-installed ConfigMap records kube v1.37.2" bash -c '[ "$(kubectl -n default get cm smoke-cm -o jsonpath={.data.kube})" = v1.37.2 ]'
+check "helm uninstall" helm uninstall smoke -n default --wait
 
 pids="$(cat "$DIR"/*.pid 2>/dev/null | tr '\n' ' ')"
 check "local-cluster.sh down" "$CLUSTER" down "$DIR"

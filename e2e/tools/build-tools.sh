@@ -107,8 +107,8 @@ find_go() {
   return 1
 }
 GO_BIN="$(find_go)" || die "no Go toolchain found (looked for \$GO, 'go' on PATH, /usr/local/go/bin/go, /usr/lib/go*/bin/go).
-  Install Go >= 1.21 first, e.g. on Debian 12: apt-get install -t bookworm-backports golang-go
-  (a newer toolchain required by the pinned modules is then fetched through the Go module proxy)."
+  Install Go >= 1.21 first (Debian 12: a golang package from bookworm-backports, or the official
+  toolchain); the newer toolchain the pinned modules require is then fetched through the Go module proxy."
 "$GO_BIN" version >/dev/null 2>&1 || die "$GO_BIN does not run"
 # Debian's go.env may set GOTOOLCHAIN=local; the pinned modules need go >= 1.26,
 # which an older go can fetch from the module proxy when GOTOOLCHAIN=auto.
@@ -124,6 +124,8 @@ if command -v flock >/dev/null 2>&1; then
   flock 9 || die "cannot lock $TOOLS_DIR/.lock"
 fi
 
+# Leftovers of builders that were killed (safe: we hold the lock).
+rm -rf "$TOOLS_DIR"/.build.* "$TOOLS_DIR"/*.old.*
 WORK="$(mktemp -d "$TOOLS_DIR/.build.XXXXXX")"
 cleanup() { rm -rf "$WORK"; }
 trap cleanup EXIT
