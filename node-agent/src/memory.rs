@@ -199,6 +199,28 @@ impl GuestMemory {
         unsafe { std::ptr::read_volatile(self.as_ptr().add(addr as usize).cast::<u64>()) }
     }
 
+    /// Bytes of this mapping that are private copies (for a branch: the
+    /// pages it wrote), from /proc/self/smaps.
+    pub fn private_bytes(&self) -> u64 {
+        let start = format!("{:x}-", self.as_ptr() as usize);
+        let Ok(smaps) = std::fs::read_to_string("/proc/self/smaps") else {
+            return 0;
+        };
+        smaps
+            .lines()
+            .skip_while(|line| !line.starts_with(&start))
+            .skip(1)
+            // Field lines ("Name:   123 kB") until the next mapping's header.
+            .take_while(|line| {
+                line.split_whitespace()
+                    .next()
+                    .is_some_and(|key| key.ends_with(':'))
+            })
+            .find_map(|line| line.strip_prefix("Anonymous:"))
+            .and_then(|kib| kib.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |kib| kib * 1024)
+    }
+
     /// Drops this process's page-table entries for the whole mapping; the data
     /// stays in the memfd and is faulted back in on the next access.
     pub fn drop_page_tables(&self) -> Result<(), MemoryError> {

@@ -85,7 +85,9 @@ struct KvmRunArea(*mut kvm_run);
 unsafe impl Send for KvmRunArea {}
 
 struct VcpuThread {
-    handle: Option<JoinHandle<()>>,
+    /// The thread hands its `VcpuFd` back when it ends, so the `kvm_run`
+    /// area stays mapped until the thread is joined.
+    handle: Option<JoinHandle<VcpuFd>>,
     run_area: KvmRunArea,
 }
 
@@ -259,10 +261,12 @@ impl Vm {
 
     fn kick_all(&self) {
         for vcpu in &self.vcpus {
-            // SAFETY: the kvm_run area stays mapped while the vCPU thread
-            // (which owns the VcpuFd) runs; we only kick threads not yet joined.
+            let Some(handle) = &vcpu.handle else { continue };
+            // SAFETY: the kvm_run area belongs to the VcpuFd, which lives in
+            // the vCPU thread and then in its join handle: it stays mapped
+            // until the handle is joined, and this handle is not.
             unsafe { std::ptr::write_volatile(&raw mut (*vcpu.run_area.0).immediate_exit, 1) };
-            if let Some(handle) = &vcpu.handle {
+            {
                 // ESRCH only means the thread is already gone.
                 let _ = handle.kill(SIGRTMIN() + KICK_SIGNAL_OFFSET);
             }
@@ -351,7 +355,12 @@ impl Drop for Vm {
     }
 }
 
-fn run_vcpu(mut vcpu: VcpuFd, index: usize, cpuid: Vec<kvm_cpuid_entry2>, control: Arc<Control>) {
+fn run_vcpu(
+    mut vcpu: VcpuFd,
+    index: usize,
+    cpuid: Vec<kvm_cpuid_entry2>,
+    control: Arc<Control>,
+) -> VcpuFd {
     let mut parked_generation = 0;
     let failure = loop {
         {
@@ -402,6 +411,8 @@ fn run_vcpu(mut vcpu: VcpuFd, index: usize, cpuid: Vec<kvm_cpuid_entry2>, contro
     }
     state.exited += 1;
     control.changed.notify_all();
+    drop(state);
+    vcpu
 }
 
 fn handle_io_out(control: &Control, index: usize, port: u16, data: &[u8]) {
