@@ -152,6 +152,11 @@ pub struct SandboxBranchStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capture: Option<CaptureFigures>,
 
+    /// When all branches first became ready. The failure deadline no
+    /// longer applies after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_time: Option<Time>,
+
     /// Branches ready / wanted, e.g. `2/3`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub branches_ready: Option<String>,

@@ -9,6 +9,8 @@ pub mod branch;
 pub mod conditions;
 pub mod crdgen;
 pub mod sandbox;
+#[cfg(feature = "test-pki")]
+pub mod test_pki;
 
 pub use branch::{SandboxBranch, SandboxBranchSpec, SandboxBranchStatus};
 pub use sandbox::{Sandbox, SandboxSpec, SandboxStatus};

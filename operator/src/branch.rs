@@ -1,0 +1,663 @@
+//! The SandboxBranch controller: captures the source Sandbox once, on its
+//! node, and creates the branch Sandboxes `<name>-<index>` that restore from
+//! that capture.
+//!
+//! Restart safety: the capture is keyed by the SandboxBranch's UID (the agent
+//! returns the existing one when asked again), branch names are fixed by
+//! their index, and a create that finds its name taken checks that the
+//! object is its own. No step creates a twin, whatever point a previous
+//! reconcile reached.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, PostParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::{Resource, ResourceExt};
+use sandfork_api::agent::v1 as pb;
+use sandfork_api::branch::{
+    BranchError, BranchStatus, CaptureFigures, CaptureMode, DeletionPolicy,
+};
+use sandfork_api::conditions::{self, Cond};
+use sandfork_api::sandbox::RestoreSource;
+use sandfork_api::{Sandbox, SandboxBranch, SandboxBranchStatus, SandboxSpec, labels};
+use tonic::Code;
+
+use crate::agents::with_timeout;
+use crate::context::{Context, FIELD_MANAGER, FINALIZER, apply_status, object_key};
+use crate::error::{Error, Result, agent_code_is_transient, is_already_exists, is_not_found};
+use crate::metrics::{KindLabels, ModeLabels};
+use crate::sandbox::{ErrorChain, give_up_or_retry};
+
+pub const CONTROLLER: &str = "sandboxbranch";
+
+/// Reasons of the conditions.
+pub mod reason {
+    pub const SOURCE_NOT_FOUND: &str = "SourceNotFound";
+    pub const WAITING_FOR_SOURCE: &str = "WaitingForSource";
+    pub const SOURCE_FAILED: &str = "SourceFailed";
+    pub const AGENT_UNAVAILABLE: &str = "AgentUnavailable";
+    pub const CAPTURING: &str = "Capturing";
+    pub const CAPTURE_FAILED: &str = "CaptureFailed";
+    pub const RESTORING: &str = "Restoring";
+    pub const BRANCHES_READY: &str = "BranchesReady";
+    pub const BRANCH_FAILED: &str = "BranchFailed";
+    pub const NAME_CONFLICT: &str = "NameConflict";
+    pub const DEADLINE_EXCEEDED: &str = "DeadlineExceeded";
+    pub const COMPLETE: &str = "Complete";
+}
+
+pub async fn reconcile(branch: Arc<SandboxBranch>, ctx: Arc<Context>) -> Result<Action> {
+    let started = Instant::now();
+    let key = object_key(branch.as_ref());
+    let namespace = branch
+        .namespace()
+        .ok_or_else(|| Error::Permanent("SandboxBranch without a namespace".into()))?;
+    let api: Api<SandboxBranch> = Api::namespaced(ctx.client.clone(), &namespace);
+    let result = finalizer(&api, FINALIZER, branch, |event| async {
+        match event {
+            Finalizer::Apply(branch) => apply(&branch, &ctx).await,
+            Finalizer::Cleanup(branch) => cleanup(&branch, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|err| Error::Finalizer(Box::new(err)));
+    ctx.metrics.reconciled(CONTROLLER, started.elapsed());
+    if result.is_ok() {
+        ctx.succeeded(&key);
+    }
+    result
+}
+
+pub fn error_policy(branch: Arc<SandboxBranch>, err: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.failed(CONTROLLER, err.metric_label());
+    if err.is_waiting() {
+        tracing::debug!(sandboxbranch = %branch.name_any(), error = %ErrorChain(err));
+        Action::requeue(ctx.settings.poll)
+    } else if err.is_transient() {
+        let wait = ctx.backoff(object_key(branch.as_ref()));
+        tracing::warn!(sandboxbranch = %branch.name_any(), error = %ErrorChain(err), ?wait, "reconcile failed; retrying");
+        Action::requeue(wait)
+    } else {
+        tracing::error!(sandboxbranch = %branch.name_any(), error = %ErrorChain(err), "reconcile failed; waiting for a change");
+        Action::await_change()
+    }
+}
+
+fn mode_name(mode: CaptureMode) -> &'static str {
+    match mode {
+        CaptureMode::Live => "Live",
+        CaptureMode::StopAndCopy => "StopAndCopy",
+    }
+}
+
+/// The status being built by one reconcile.
+struct Update<'a> {
+    branch: &'a SandboxBranch,
+    status: SandboxBranchStatus,
+    now: Timestamp,
+}
+
+impl<'a> Update<'a> {
+    fn new(branch: &'a SandboxBranch, now: Timestamp) -> Self {
+        Self {
+            branch,
+            status: branch.status.clone().unwrap_or_default(),
+            now,
+        }
+    }
+
+    fn set(&mut self, ready: bool, progressing: bool, failed: bool, reason: &str, message: &str) {
+        self.status.conditions = conditions::merge(
+            &self.status.conditions,
+            &[
+                Cond::new(conditions::READY, ready, reason, message),
+                Cond::new(conditions::PROGRESSING, progressing, reason, message),
+                Cond::new(conditions::FAILED, failed, reason, message),
+            ],
+            self.branch.metadata.generation,
+            &Time(self.now),
+        );
+        self.status.observed_generation = self.branch.metadata.generation;
+    }
+
+    /// Not ready yet, working on it.
+    fn progress(&mut self, reason: &str, message: &str) {
+        self.set(false, true, false, reason, message);
+    }
+
+    async fn write(&self, ctx: &Context) -> Result<()> {
+        if self.branch.status.as_ref() == Some(&self.status) {
+            return Ok(());
+        }
+        Ok(apply_status(ctx, self.branch, &self.status).await?)
+    }
+}
+
+/// When the SandboxBranch fails if it is not done.
+fn deadline(branch: &SandboxBranch) -> Option<Timestamp> {
+    let created = branch.metadata.creation_timestamp.as_ref()?.0;
+    let limit = SignedDuration::try_from(Duration::from(branch.spec.failure_deadline)).ok()?;
+    created.checked_add(limit).ok()
+}
+
+async fn apply(branch: &SandboxBranch, ctx: &Context) -> Result<Action> {
+    let now = ctx.clock.now();
+    let uid = branch
+        .uid()
+        .ok_or_else(|| Error::Permanent("SandboxBranch without a UID".into()))?;
+    let name = branch.name_any();
+    let namespace = branch.namespace().unwrap_or_default();
+    let sandboxes: Api<Sandbox> = Api::namespaced(ctx.client.clone(), &namespace);
+    let source_name = branch.spec.source_ref.name.clone();
+    let mut update = Update::new(branch, now);
+
+    if branch.is_failed() {
+        return Ok(Action::await_change());
+    }
+    let complete = update.status.completion_time.is_some();
+    let deadline = deadline(branch);
+    if !complete && deadline.is_some_and(|deadline| now > deadline) {
+        let last = conditions::find(&update.status.conditions, conditions::PROGRESSING)
+            .map(|c| format!(" (last: {}: {})", c.reason, c.message))
+            .unwrap_or_default();
+        let message = format!(
+            "the capture and branches were not done within failureDeadline {}{last}",
+            branch.spec.failure_deadline
+        );
+        return fail(branch, ctx, update, reason::DEADLINE_EXCEEDED, message).await;
+    }
+    // How long until the deadline, for requeues and the capture timeout.
+    let remaining = deadline
+        .map(|deadline| Duration::try_from(deadline.duration_since(now)).unwrap_or_default())
+        .unwrap_or(ctx.settings.capture_timeout);
+    let poll = ctx
+        .settings
+        .poll
+        .min(remaining + Duration::from_millis(100));
+
+    // Capture once.
+    if update.status.capture.is_none() {
+        let Some(source) = sandboxes.get_opt(&source_name).await? else {
+            let message =
+                format!("Sandbox {source_name:?} does not exist in namespace {namespace}");
+            update.progress(reason::SOURCE_NOT_FOUND, &message);
+            update.write(ctx).await?;
+            return Ok(Action::requeue(poll));
+        };
+        if !source.is_ready() || source.node().is_none() {
+            let ready = source
+                .status
+                .as_ref()
+                .and_then(|s| conditions::find(&s.conditions, conditions::READY).cloned());
+            if let Some(ready) = &ready
+                && crate::sandbox::PERMANENT_REASONS.contains(&ready.reason.as_str())
+            {
+                let message = format!(
+                    "source Sandbox {source_name:?} failed: {}: {}",
+                    ready.reason, ready.message
+                );
+                return fail(branch, ctx, update, reason::SOURCE_FAILED, message).await;
+            }
+            let why = ready
+                .map(|c| format!(" ({}: {})", c.reason, c.message))
+                .unwrap_or_default();
+            let message = format!("waiting for Sandbox {source_name:?} to be Ready{why}");
+            update.progress(reason::WAITING_FOR_SOURCE, &message);
+            update.write(ctx).await?;
+            return Ok(Action::requeue(poll));
+        }
+        let node = source.node().unwrap_or_default().to_string();
+        let source_uid = source.uid().unwrap_or_default();
+        let mut client = match ctx.agents.client(&node, now) {
+            Ok(client) => client,
+            Err(Error::AgentUnavailable { reason, .. }) => {
+                let message = format!("the agent on node {node} is not available: {reason}");
+                update.progress(reason::AGENT_UNAVAILABLE, &message);
+                update.write(ctx).await?;
+                return Ok(Action::requeue(poll));
+            }
+            Err(err) => return Err(err),
+        };
+        if update.status.source_node.as_deref() != Some(node.as_str()) {
+            update.status.source_node = Some(node.clone());
+        }
+        let message = format!(
+            "capturing Sandbox {source_name:?} on node {node} ({})",
+            mode_name(branch.spec.mode)
+        );
+        let first_try = !conditions::find(&update.status.conditions, conditions::PROGRESSING)
+            .is_some_and(|c| c.reason == reason::CAPTURING || c.reason == reason::CAPTURE_FAILED);
+        update.progress(reason::CAPTURING, &message);
+        update.write(ctx).await?;
+        if first_try {
+            ctx.event(
+                branch,
+                EventType::Normal,
+                reason::CAPTURING,
+                "Capture",
+                message,
+            )
+            .await;
+        }
+        let started = Instant::now();
+        let request = pb::CaptureSandboxRequest {
+            sandbox_uid: source_uid,
+            capture_uid: uid.clone(),
+            mode: match branch.spec.mode {
+                CaptureMode::Live => pb::CaptureMode::Live,
+                CaptureMode::StopAndCopy => pb::CaptureMode::StopAndCopy,
+            } as i32,
+        };
+        let timeout = ctx
+            .settings
+            .capture_timeout
+            .min(remaining.max(Duration::from_secs(1)));
+        let capture = match client.capture_sandbox(with_timeout(request, timeout)).await {
+            Ok(capture) => capture.into_inner(),
+            Err(status) => {
+                let message = format!(
+                    "the agent on node {node} could not capture: {}",
+                    status.message()
+                );
+                if !agent_code_is_transient(status.code()) {
+                    return fail(branch, ctx, update, reason::CAPTURE_FAILED, message).await;
+                }
+                update.progress(reason::CAPTURE_FAILED, &format!("{message}; retrying"));
+                update.write(ctx).await?;
+                ctx.event(
+                    branch,
+                    EventType::Warning,
+                    reason::CAPTURE_FAILED,
+                    "Capture",
+                    message,
+                )
+                .await;
+                return Err(Error::Agent { node, status });
+            }
+        };
+        let stats = capture.stats.unwrap_or_default();
+        let figures = CaptureFigures {
+            pause_micros: stats.pause_ns / 1_000,
+            bytes: stats.bytes,
+            pages_copied_by_fault_handler: stats.pages_copied_by_fault_handler,
+            copy_duration_millis: stats.copy_ns / 1_000_000,
+        };
+        let captured_at = Timestamp::from_microsecond(capture.captured_at_unix_micros)
+            .ok()
+            .filter(|_| capture.captured_at_unix_micros > 0)
+            .unwrap_or(now);
+        update.status.capture_time = Some(Time(captured_at));
+        update.status.capture = Some(figures.clone());
+        let mode = ModeLabels {
+            mode: mode_name(branch.spec.mode),
+        };
+        ctx.metrics
+            .capture_pause
+            .get_or_create(&mode)
+            .observe(stats.pause_ns as f64 / 1e9);
+        ctx.metrics
+            .capture_duration
+            .get_or_create(&mode)
+            .observe(stats.copy_ns as f64 / 1e9);
+        let note = format!(
+            "captured Sandbox {source_name:?} on node {node}: paused {} us, {} MiB copied in {} ms ({} pages by the fault handler); call took {:.0} ms",
+            figures.pause_micros,
+            figures.bytes >> 20,
+            figures.copy_duration_millis,
+            figures.pages_copied_by_fault_handler,
+            started.elapsed().as_secs_f64() * 1e3,
+        );
+        update.progress(
+            reason::RESTORING,
+            &format!("captured; starting {} branches", branch.spec.branches),
+        );
+        update.write(ctx).await?;
+        ctx.event(branch, EventType::Normal, "Captured", "Capture", note)
+            .await;
+    }
+    let node = update.status.source_node.clone().unwrap_or_default();
+
+    // The branches that exist: ours are those restoring from this UID.
+    let selector = format!("{}={}", labels::BRANCH, name);
+    let mut existing: BTreeMap<u32, Sandbox> = BTreeMap::new();
+    for sandbox in sandboxes
+        .list(&ListParams::default().labels(&selector))
+        .await?
+        .items
+    {
+        if is_ours(&sandbox, &uid)
+            && let Some(index) = branch_index(&sandbox)
+        {
+            existing.insert(index, sandbox);
+        }
+    }
+
+    let wanted = branch.spec.branches;
+    let missing: Vec<u32> = (0..wanted)
+        .filter(|index| !existing.contains_key(index))
+        .collect();
+    if !missing.is_empty() {
+        // Branches copy the source's spec; a branch made earlier has it too,
+        // so the source may be gone by now.
+        let template = match existing.values().next() {
+            Some(sandbox) => Some(sandbox.spec.clone()),
+            None => sandboxes
+                .get_opt(&source_name)
+                .await?
+                .map(|source| source.spec),
+        };
+        let Some(template) = template else {
+            let message = format!(
+                "source Sandbox {source_name:?} was deleted before its branches were created"
+            );
+            return fail(branch, ctx, update, reason::SOURCE_NOT_FOUND, message).await;
+        };
+        for index in missing {
+            let object = branch_object(branch, index, &template, &node, &uid);
+            let branch_name = object.name_any();
+            match sandboxes
+                .create(
+                    &PostParams {
+                        dry_run: false,
+                        field_manager: Some(FIELD_MANAGER.into()),
+                    },
+                    &object,
+                )
+                .await
+            {
+                Ok(created) => {
+                    ctx.event_about(
+                        branch,
+                        Some(created.object_ref(&())),
+                        EventType::Normal,
+                        "BranchCreated",
+                        "Restore",
+                        format!("created Sandbox {branch_name:?} on node {node}"),
+                    )
+                    .await;
+                    existing.insert(index, created);
+                }
+                Err(err) if is_already_exists(&err) => match sandboxes.get_opt(&branch_name).await?
+                {
+                    Some(found) if is_ours(&found, &uid) => {
+                        existing.insert(index, found);
+                    }
+                    Some(_) => {
+                        let message = format!(
+                            "a Sandbox named {branch_name:?} already exists and was not made by this SandboxBranch"
+                        );
+                        return fail(branch, ctx, update, reason::NAME_CONFLICT, message).await;
+                    }
+                    // Deleted in between: create it on the next pass.
+                    None => return Ok(Action::requeue(poll)),
+                },
+                Err(err) => return Err(err.into()),
+            }
+        }
+    }
+
+    // Fewer branches wanted than exist: remove the extra ones we own.
+    if branch.spec.deletion_policy == DeletionPolicy::Delete {
+        let extra: Vec<u32> = existing.range(wanted..).map(|(index, _)| *index).collect();
+        for index in extra {
+            if let Some(sandbox) = existing.remove(&index)
+                && sandbox.metadata.deletion_timestamp.is_none()
+            {
+                delete_sandbox(&sandboxes, &sandbox.name_any()).await?;
+            }
+        }
+    }
+
+    let mut ready = 0;
+    update.status.branches = (0..wanted)
+        .filter_map(|index| existing.get(&index).map(|sandbox| (index, sandbox)))
+        .map(|(index, sandbox)| {
+            ready += u32::from(sandbox.is_ready());
+            BranchStatus {
+                name: sandbox.name_any(),
+                index,
+                ready: sandbox.is_ready(),
+            }
+        })
+        .collect();
+    update.status.branches_ready = Some(format!("{ready}/{wanted}"));
+
+    if !complete {
+        for sandbox in existing.values() {
+            let failed = sandbox
+                .status
+                .as_ref()
+                .and_then(|s| conditions::find(&s.conditions, conditions::READY))
+                .filter(|c| {
+                    c.status == conditions::FALSE
+                        && crate::sandbox::PERMANENT_REASONS.contains(&c.reason.as_str())
+                });
+            if let Some(condition) = failed {
+                let message = format!(
+                    "branch {:?} failed: {}: {}",
+                    sandbox.name_any(),
+                    condition.reason,
+                    condition.message
+                );
+                return fail(branch, ctx, update, reason::BRANCH_FAILED, message).await;
+            }
+        }
+    }
+
+    if ready == wanted {
+        let message = format!("{ready}/{wanted} branches ready on node {node}");
+        update.set(true, false, false, reason::BRANCHES_READY, &message);
+        let first = update.status.completion_time.is_none();
+        if first {
+            update.status.completion_time = Some(Time(now));
+        }
+        update.write(ctx).await?;
+        if first {
+            if let Some(created) = &branch.metadata.creation_timestamp {
+                ctx.metrics
+                    .apply_to_ready
+                    .get_or_create(&KindLabels {
+                        kind: "SandboxBranch",
+                    })
+                    .observe(now.duration_since(created.0).as_secs_f64().max(0.0));
+            }
+            ctx.event(branch, EventType::Normal, "Ready", "Restore", message)
+                .await;
+        }
+        Ok(Action::requeue(ctx.settings.resync))
+    } else {
+        update.progress(
+            reason::RESTORING,
+            &format!("{ready}/{wanted} branches ready on node {node}"),
+        );
+        update.write(ctx).await?;
+        Ok(Action::requeue(poll))
+    }
+}
+
+/// Marks the SandboxBranch `Failed` for good and releases what it holds
+/// that is of no use any more: the capture, and the branches not ready.
+async fn fail(
+    branch: &SandboxBranch,
+    ctx: &Context,
+    mut update: Update<'_>,
+    reason: &str,
+    message: String,
+) -> Result<Action> {
+    update.set(false, false, true, reason, &message);
+    update.status.error = Some(BranchError {
+        time: Time(update.now),
+        message: message.clone(),
+    });
+    update.write(ctx).await?;
+    ctx.event(branch, EventType::Warning, reason, "Fail", message)
+        .await;
+
+    if let Err(err) = release(branch, ctx, &update.status).await {
+        // The finalizer's cleanup tries again when the object is deleted.
+        tracing::warn!(sandboxbranch = %branch.name_any(), error = %ErrorChain(&err), "could not release a failed SandboxBranch's resources");
+    }
+    Ok(Action::await_change())
+}
+
+async fn release(
+    branch: &SandboxBranch,
+    ctx: &Context,
+    status: &SandboxBranchStatus,
+) -> Result<()> {
+    let uid = branch.uid().unwrap_or_default();
+    let sandboxes: Api<Sandbox> =
+        Api::namespaced(ctx.client.clone(), &branch.namespace().unwrap_or_default());
+    let selector = format!("{}={}", labels::BRANCH, branch.name_any());
+    for sandbox in sandboxes
+        .list(&ListParams::default().labels(&selector))
+        .await?
+        .items
+    {
+        if is_ours(&sandbox, &uid)
+            && !sandbox.is_ready()
+            && sandbox.metadata.deletion_timestamp.is_none()
+        {
+            delete_sandbox(&sandboxes, &sandbox.name_any()).await?;
+        }
+    }
+    if let Some(node) = &status.source_node {
+        delete_capture(ctx, node, &uid).await?;
+    }
+    Ok(())
+}
+
+async fn delete_capture(ctx: &Context, node: &str, uid: &str) -> Result<()> {
+    let mut client = ctx.agents.client(node, ctx.clock.now())?;
+    match client
+        .delete_capture(with_timeout(
+            pb::DeleteCaptureRequest {
+                uid: uid.to_string(),
+            },
+            ctx.settings.call_timeout,
+        ))
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(status) if status.code() == Code::NotFound => Ok(()),
+        Err(status) => Err(Error::Agent {
+            node: node.to_string(),
+            status,
+        }),
+    }
+}
+
+async fn delete_sandbox(api: &Api<Sandbox>, name: &str) -> Result<()> {
+    match api.delete(name, &DeleteParams::background()).await {
+        Ok(_) => Ok(()),
+        Err(err) if is_not_found(&err) => Ok(()),
+        Err(err) => Err(err.into()),
+    }
+}
+
+/// With `deletionPolicy: Delete`, deletes the branches and waits for them to
+/// be gone (their own finalizers stop the VMs); then frees the capture.
+/// Tolerates a SandboxBranch that never captured anything.
+async fn cleanup(branch: &SandboxBranch, ctx: &Context) -> Result<Action> {
+    let uid = branch.uid().unwrap_or_default();
+    if branch.spec.deletion_policy == DeletionPolicy::Delete {
+        let sandboxes: Api<Sandbox> =
+            Api::namespaced(ctx.client.clone(), &branch.namespace().unwrap_or_default());
+        let selector = format!("{}={}", labels::BRANCH, branch.name_any());
+        let mut remaining = 0;
+        for sandbox in sandboxes
+            .list(&ListParams::default().labels(&selector))
+            .await?
+            .items
+        {
+            if !is_ours(&sandbox, &uid) {
+                continue;
+            }
+            remaining += 1;
+            if sandbox.metadata.deletion_timestamp.is_none() {
+                delete_sandbox(&sandboxes, &sandbox.name_any()).await?;
+            }
+        }
+        if remaining > 0 {
+            return Err(Error::Waiting(format!(
+                "{remaining} branches are being deleted"
+            )));
+        }
+    }
+    let Some(node) = branch.status.as_ref().and_then(|s| s.source_node.clone()) else {
+        return Ok(Action::await_change());
+    };
+    match delete_capture(ctx, &node, &uid).await {
+        Ok(()) => Ok(Action::await_change()),
+        Err(Error::AgentUnavailable { reason, .. }) => {
+            give_up_or_retry(branch, ctx, &node, &reason, ctx.clock.now()).await
+        }
+        Err(err) => Err(err),
+    }
+}
+
+/// Whether `sandbox` is a branch restored from the capture `uid`.
+fn is_ours(sandbox: &Sandbox, uid: &str) -> bool {
+    sandbox
+        .spec
+        .restore_from
+        .as_ref()
+        .is_some_and(|r| r.uid == uid)
+}
+
+fn branch_index(sandbox: &Sandbox) -> Option<u32> {
+    sandbox.labels().get(labels::BRANCH_INDEX)?.parse().ok()
+}
+
+/// The Sandbox object of branch `index`.
+pub fn branch_object(
+    branch: &SandboxBranch,
+    index: u32,
+    template: &SandboxSpec,
+    node: &str,
+    uid: &str,
+) -> Sandbox {
+    let name = branch.name_any();
+    let meta = branch
+        .spec
+        .template
+        .as_ref()
+        .and_then(|t| t.metadata.clone())
+        .unwrap_or_default();
+    let mut labels = meta.labels;
+    labels.insert(labels::BRANCH.into(), name.clone());
+    labels.insert(labels::BRANCH_INDEX.into(), index.to_string());
+    labels.insert(labels::SOURCE.into(), branch.spec.source_ref.name.clone());
+    let owner_references = match branch.spec.deletion_policy {
+        DeletionPolicy::Delete => branch.controller_owner_ref(&()).map(|owner| vec![owner]),
+        DeletionPolicy::Retain => None,
+    };
+    Sandbox {
+        metadata: ObjectMeta {
+            name: Some(branch.branch_name(index)),
+            namespace: branch.namespace(),
+            labels: Some(labels),
+            annotations: (!meta.annotations.is_empty()).then_some(meta.annotations),
+            owner_references,
+            ..ObjectMeta::default()
+        },
+        spec: SandboxSpec {
+            guest: template.guest.clone(),
+            memory_mib: template.memory_mib,
+            vcpus: template.vcpus,
+            node_selector: None,
+            node_name: Some(node.to_string()),
+            restore_from: Some(RestoreSource {
+                sandbox_branch: name,
+                uid: uid.to_string(),
+            }),
+        },
+        status: None,
+    }
+}

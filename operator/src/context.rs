@@ -1,0 +1,215 @@
+//! What every reconcile shares: the API client, the agents, the event
+//! recorder, metrics, a clock and the settings.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use k8s_openapi::jiff::Timestamp;
+use kube::Client;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::Store;
+use kube::{Resource, ResourceExt};
+use sandfork_api::Sandbox;
+
+use crate::agents::Agents;
+use crate::metrics::Metrics;
+
+/// The field manager of every write the operator makes.
+pub const FIELD_MANAGER: &str = "sandfork-operator";
+/// The finalizer on both kinds.
+pub const FINALIZER: &str = "sandfork.dev/cleanup";
+
+/// Timings of the controllers.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// How often to look again while something is in progress.
+    pub poll: Duration,
+    /// How often to look again at a settled object (a VM can die).
+    pub resync: Duration,
+    /// How long to keep trying to reach an agent to clean up a deleted
+    /// object before giving up and releasing the finalizer.
+    pub unreachable_agent_grace: Duration,
+    /// Timeout of an ordinary agent call.
+    pub call_timeout: Duration,
+    /// Timeout of CreateSandbox and RestoreBranch.
+    pub start_timeout: Duration,
+    /// Timeout of CaptureSandbox (bounded further by the failure deadline).
+    pub capture_timeout: Duration,
+    /// Longest backoff after repeated transient errors.
+    pub max_backoff: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            poll: Duration::from_secs(2),
+            resync: Duration::from_secs(30),
+            unreachable_agent_grace: Duration::from_secs(120),
+            call_timeout: Duration::from_secs(15),
+            start_timeout: Duration::from_secs(60),
+            capture_timeout: Duration::from_secs(600),
+            max_backoff: Duration::from_secs(300),
+        }
+    }
+}
+
+/// The operator's idea of now; tests set it.
+#[derive(Clone, Default)]
+pub struct Clock(Option<Arc<Mutex<Timestamp>>>);
+
+impl Clock {
+    pub fn system() -> Self {
+        Self(None)
+    }
+
+    pub fn fixed(at: Timestamp) -> Self {
+        Self(Some(Arc::new(Mutex::new(at))))
+    }
+
+    pub fn now(&self) -> Timestamp {
+        match &self.0 {
+            None => Timestamp::now(),
+            Some(at) => *at.lock().expect("clock lock"),
+        }
+    }
+
+    /// Moves a fixed clock forward.
+    pub fn advance(&self, by: Duration) {
+        if let Some(at) = &self.0 {
+            let mut at = at.lock().expect("clock lock");
+            *at = at.checked_add(by).expect("clock in range");
+        }
+    }
+}
+
+pub struct Context {
+    pub client: Client,
+    pub agents: Agents,
+    /// All Sandboxes (the Sandbox controller's cache), for placement.
+    pub sandboxes: Store<Sandbox>,
+    pub metrics: Arc<Metrics>,
+    pub recorder: Recorder,
+    pub clock: Clock,
+    pub settings: Settings,
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    pub fn new(
+        client: Client,
+        agents: Agents,
+        sandboxes: Store<Sandbox>,
+        metrics: Arc<Metrics>,
+        reporter: Reporter,
+        clock: Clock,
+        settings: Settings,
+    ) -> Self {
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            agents,
+            sandboxes,
+            metrics,
+            clock,
+            settings,
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Publishes an Event about `obj`; failing to publish is only logged.
+    pub async fn event<K>(
+        &self,
+        obj: &K,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) where
+        K: Resource<DynamicType = ()>,
+    {
+        self.event_about(obj, None, type_, reason, action, note)
+            .await;
+    }
+
+    /// Like [`Context::event`], naming a related object (events with the
+    /// same reason about different related objects are not merged into one
+    /// series).
+    pub async fn event_about<K>(
+        &self,
+        obj: &K,
+        related: Option<k8s_openapi::api::core::v1::ObjectReference>,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) where
+        K: Resource<DynamicType = ()>,
+    {
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: action.into(),
+            secondary: related,
+        };
+        if let Err(err) = self.recorder.publish(&event, &obj.object_ref(&())).await {
+            tracing::warn!(object = %obj.name_any(), reason, %err, "could not publish event");
+        }
+    }
+
+    /// The next backoff for `key` after a transient error: 1 s, 2 s, 4 s, ...
+    pub fn backoff(&self, key: String) -> Duration {
+        let mut failures = self.failures.lock().expect("failures lock");
+        let count = failures.entry(key).or_insert(0);
+        *count = count.saturating_add(1);
+        let secs = 1u64
+            .checked_shl(count.saturating_sub(1).min(20))
+            .unwrap_or(u64::MAX);
+        Duration::from_secs(secs).min(self.settings.max_backoff)
+    }
+
+    /// Forgets the failures of `key` after a successful reconcile.
+    pub fn succeeded(&self, key: &str) {
+        self.failures.lock().expect("failures lock").remove(key);
+    }
+}
+
+/// Writes `status` as the whole status of `obj`, by server-side apply with
+/// the operator's field manager.
+pub async fn apply_status<K>(
+    ctx: &Context,
+    obj: &K,
+    status: &impl serde::Serialize,
+) -> kube::Result<()>
+where
+    K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    K: Resource<Scope = kube::core::NamespaceResourceScope>,
+{
+    let api: kube::Api<K> = kube::Api::namespaced(
+        ctx.client.clone(),
+        obj.meta().namespace.as_deref().unwrap_or_default(),
+    );
+    let patch = serde_json::json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "status": status,
+    });
+    api.patch_status(
+        obj.meta().name.as_deref().unwrap_or_default(),
+        &kube::api::PatchParams::apply(FIELD_MANAGER).force(),
+        &kube::api::Patch::Apply(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
+/// `kind/namespace/name`, the key of an object in backoff bookkeeping.
+pub fn object_key<K: Resource<DynamicType = ()>>(obj: &K) -> String {
+    format!(
+        "{}/{}/{}",
+        K::kind(&()),
+        obj.meta().namespace.as_deref().unwrap_or_default(),
+        obj.meta().name.as_deref().unwrap_or_default()
+    )
+}

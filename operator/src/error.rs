@@ -1,0 +1,136 @@
+//! The operator's errors, and which of them are worth retrying.
+//!
+//! A reconcile returns `Err` only for what may go away by itself (the API
+//! server or an agent unreachable, a conflict, a timeout): the controller
+//! retries those with a growing backoff. What will not go away (a bad spec, a
+//! source that failed) is written into the object's conditions instead and
+//! the reconcile returns `Ok(Action::await_change())`; [`Error::Permanent`]
+//! is for the few such cases found where no status can be written.
+
+use tonic::Code;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API request failed")]
+    Kube(#[from] kube::Error),
+
+    #[error("finalizer")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+
+    #[error("agent on node {node}: {}: {}", .status.code(), .status.message())]
+    Agent {
+        node: String,
+        #[source]
+        status: tonic::Status,
+    },
+
+    #[error("cannot reach the agent on node {node}")]
+    Dial {
+        node: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+
+    #[error("the agent on node {node} is not available: {reason}")]
+    AgentUnavailable { node: String, reason: String },
+
+    /// Cleanup is waiting for something to finish (the finalizer helper
+    /// removes the finalizer after any successful cleanup, so waiting is an
+    /// error that is retried).
+    #[error("waiting: {0}")]
+    Waiting(String),
+
+    #[error("{0}")]
+    Permanent(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// Whether retrying the same reconcile later may succeed.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Kube(err) => kube_is_transient(err),
+            Error::Finalizer(err) => match err.as_ref() {
+                kube::runtime::finalizer::Error::ApplyFailed(inner)
+                | kube::runtime::finalizer::Error::CleanupFailed(inner) => inner.is_transient(),
+                kube::runtime::finalizer::Error::AddFinalizer(err)
+                | kube::runtime::finalizer::Error::RemoveFinalizer(err) => kube_is_transient(err),
+                _ => false,
+            },
+            Error::Agent { status, .. } => agent_code_is_transient(status.code()),
+            Error::Dial { .. } | Error::AgentUnavailable { .. } | Error::Waiting(_) => true,
+            Error::Permanent(_) => false,
+        }
+    }
+
+    /// A short, stable label for metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "kube",
+            Error::Finalizer(err) => match err.as_ref() {
+                kube::runtime::finalizer::Error::ApplyFailed(inner)
+                | kube::runtime::finalizer::Error::CleanupFailed(inner) => inner.metric_label(),
+                _ => "finalizer",
+            },
+            Error::Agent { .. } => "agent",
+            Error::Dial { .. } => "dial",
+            Error::AgentUnavailable { .. } => "agent_unavailable",
+            Error::Waiting(_) => "waiting",
+            Error::Permanent(_) => "permanent",
+        }
+    }
+
+    /// Whether this is only [`Error::Waiting`], not worth a warning.
+    pub fn is_waiting(&self) -> bool {
+        match self {
+            Error::Waiting(_) => true,
+            Error::Finalizer(err) => matches!(
+                err.as_ref(),
+                kube::runtime::finalizer::Error::CleanupFailed(Error::Waiting(_))
+            ),
+            _ => false,
+        }
+    }
+
+    /// The gRPC status, when the error came from an agent.
+    pub fn agent_code(&self) -> Option<Code> {
+        match self {
+            Error::Agent { status, .. } => Some(status.code()),
+            _ => None,
+        }
+    }
+}
+
+/// Codes that say the request itself is wrong and will fail again.
+pub fn agent_code_is_transient(code: Code) -> bool {
+    !matches!(
+        code,
+        Code::InvalidArgument
+            | Code::AlreadyExists
+            | Code::PermissionDenied
+            | Code::Unimplemented
+            | Code::OutOfRange
+    )
+}
+
+fn kube_is_transient(err: &kube::Error) -> bool {
+    match err {
+        // 4xx other than conflicts, throttling and timeouts will not change on retry.
+        kube::Error::Api(status) => {
+            let code = status.code;
+            code == 409 || code == 429 || code == 408 || code >= 500
+        }
+        _ => true,
+    }
+}
+
+/// Whether `err` is the API server's 404.
+pub fn is_not_found(err: &kube::Error) -> bool {
+    matches!(err, kube::Error::Api(status) if status.code == 404)
+}
+
+/// Whether `err` is the API server's 409 for a create of an existing name.
+pub fn is_already_exists(err: &kube::Error) -> bool {
+    matches!(err, kube::Error::Api(status) if status.code == 409 && status.reason == "AlreadyExists")
+}

@@ -1,0 +1,19 @@
+//! The Sandfork operator: a Sandbox controller that places sandboxes on
+//! nodes and has the node agents run them, and a SandboxBranch controller
+//! that captures a running Sandbox and starts branches from the capture.
+
+pub mod agents;
+pub mod branch;
+pub mod context;
+pub mod error;
+pub mod http;
+pub mod leader;
+pub mod metrics;
+pub mod placement;
+pub mod run;
+pub mod sandbox;
+
+#[cfg(test)]
+mod fixtures;
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,235 @@
+//! Wiring: watches, the two controllers, leader election, the HTTP endpoint.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::api::Api;
+use kube::runtime::controller::{Config, Controller};
+use kube::runtime::events::Reporter;
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, ResourceExt};
+use sandfork_api::{Sandbox, SandboxBranch, labels};
+
+use crate::agents::{AgentTlsArgs, Agents, Dial, TlsDialer};
+use crate::context::{Clock, Context, FIELD_MANAGER, Settings};
+use crate::http::{self, HttpState};
+use crate::leader::{self, LeaderArgs, LeaderElector};
+use crate::metrics::Metrics;
+use crate::{branch, sandbox};
+
+#[derive(Clone, Debug, clap::Parser)]
+#[command(
+    name = "sandfork-operator",
+    version,
+    about = "Runs Sandboxes and SandboxBranches on Sandfork node agents"
+)]
+pub struct Args {
+    /// Address of the /metrics, /healthz and /readyz endpoint.
+    #[arg(long, env = "SANDFORK_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    pub metrics_addr: SocketAddr,
+    /// The operator's namespace (holds the leader Lease).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "sandfork-system")]
+    pub namespace: String,
+    /// Namespace of the agents' Leases [default: the operator's namespace].
+    #[arg(long, env = "SANDFORK_AGENT_NAMESPACE")]
+    pub agent_namespace: Option<String>,
+    /// This replica's name in leader election [default: POD_NAME, else the host name and pid].
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+    /// Concurrent reconciles per controller.
+    #[arg(long, default_value_t = 16)]
+    pub concurrency: u16,
+    #[command(flatten)]
+    pub tls: AgentTlsArgs,
+    #[command(flatten)]
+    pub leader: LeaderArgs,
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let client = Client::try_default().await?;
+    let metrics = Arc::new(Metrics::default());
+    let active = Arc::new(AtomicBool::new(false));
+    let http_state = HttpState {
+        metrics: metrics.clone(),
+        active: active.clone(),
+    };
+    let http = tokio::spawn(http::serve(args.metrics_addr, http_state));
+    let dialer: Arc<dyn Dial> = Arc::new(TlsDialer::from_args(&args.tls)?);
+    let identity = args.identity.clone().unwrap_or_else(default_identity);
+
+    let elector = args.leader.leader_elect.then(|| {
+        LeaderElector::new(
+            Api::namespaced(client.clone(), &args.namespace),
+            &args.leader.leader_lease_name,
+            &identity,
+            Duration::from_secs(args.leader.leader_lease_seconds.into()),
+            Clock::system(),
+        )
+    });
+    let retry = Duration::from_secs(args.leader.leader_retry_seconds);
+    if let Some(elector) = &elector {
+        tracing::info!(
+            identity,
+            lease = args.leader.leader_lease_name,
+            "waiting to lead"
+        );
+        tokio::select! {
+            () = leader::acquire(elector, retry) => {}
+            () = shutdown_signal() => return Ok(()),
+        }
+        tracing::info!(identity, "leading");
+    }
+    active.store(true, Ordering::Relaxed);
+    metrics.leader.set(1);
+
+    let controllers = controllers(client, dialer, metrics, &args, &identity);
+    let renew_deadline = Duration::from_secs(args.leader.leader_renew_deadline_seconds);
+    let hold = async {
+        match &elector {
+            Some(elector) => leader::hold(elector, retry, renew_deadline).await,
+            None => futures::future::pending().await,
+        }
+    };
+    tokio::select! {
+        result = controllers => result?,
+        () = hold => {
+            // Another replica may act now: stop at once, as client-go does.
+            anyhow::bail!("lost the leader Lease");
+        }
+        result = http => anyhow::bail!("the HTTP endpoint stopped: {:?}", result),
+    }
+    if let Some(elector) = &elector
+        && let Err(err) = elector.release().await
+    {
+        tracing::warn!(%err, "could not release the leader Lease");
+    }
+    Ok(())
+}
+
+fn default_identity() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    format!("{}-{}", host.trim(), std::process::id())
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// Runs both controllers until a shutdown signal.
+async fn controllers(
+    client: Client,
+    dialer: Arc<dyn Dial>,
+    metrics: Arc<Metrics>,
+    args: &Args,
+    identity: &str,
+) -> anyhow::Result<()> {
+    let agent_namespace = args
+        .agent_namespace
+        .clone()
+        .unwrap_or_else(|| args.namespace.clone());
+    let (leases, lease_writer) = reflector::store::<Lease>();
+    let lease_watch = watcher(
+        Api::<Lease>::namespaced(client.clone(), &agent_namespace),
+        watcher::Config::default().labels(&sandfork_api::agent::lease::selector()),
+    )
+    .default_backoff()
+    .reflect(lease_writer)
+    .for_each(|event| async move {
+        if let Err(err) = event {
+            tracing::warn!(%err, "watching agent Leases");
+        }
+    });
+    tokio::spawn(lease_watch);
+    // Cleanup decisions read the Leases: wait until they are all known.
+    leases.wait_until_ready().await?;
+    tracing::info!(
+        agents = leases.state().len(),
+        namespace = agent_namespace,
+        "agent Leases read"
+    );
+
+    let config = Config::default().concurrency(args.concurrency);
+    let sandbox_controller = Controller::new(
+        Api::<Sandbox>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .with_config(config.clone())
+    .shutdown_on_signal();
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        Agents::new(leases, dialer),
+        sandbox_controller.store(),
+        metrics,
+        Reporter {
+            controller: FIELD_MANAGER.into(),
+            instance: Some(identity.to_string()),
+        },
+        Clock::system(),
+        Settings::default(),
+    ));
+
+    let branch_controller = Controller::new(
+        Api::<SandboxBranch>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .with_config(config);
+    let branches = branch_controller.store();
+    let branch_controller = branch_controller
+        .watches(
+            Api::<Sandbox>::all(client.clone()),
+            watcher::Config::default(),
+            move |sandbox: Sandbox| branches_concerned(&branches, &sandbox),
+        )
+        .shutdown_on_signal();
+
+    let sandboxes = sandbox_controller
+        .run(sandbox::reconcile, sandbox::error_policy, ctx.clone())
+        .for_each(|result| async move {
+            if let Err(err) = result {
+                tracing::debug!(%err, "sandbox controller");
+            }
+        });
+    let branches = branch_controller
+        .run(branch::reconcile, branch::error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(err) = result {
+                tracing::debug!(%err, "sandboxbranch controller");
+            }
+        });
+    tracing::info!("controllers running");
+    futures::join!(sandboxes, branches);
+    Ok(())
+}
+
+/// The SandboxBranches a change to `sandbox` may matter to: the one that
+/// made it, and those waiting to capture it.
+pub fn branches_concerned(
+    branches: &reflector::Store<SandboxBranch>,
+    sandbox: &Sandbox,
+) -> Vec<ObjectRef<SandboxBranch>> {
+    let namespace = sandbox.namespace().unwrap_or_default();
+    let mut refs: Vec<ObjectRef<SandboxBranch>> = Vec::new();
+    if let Some(owner) = sandbox.labels().get(labels::BRANCH) {
+        refs.push(ObjectRef::new(owner).within(&namespace));
+    }
+    let name = sandbox.name_any();
+    for branch in branches.state() {
+        if branch.namespace().as_deref() == Some(namespace.as_str())
+            && branch.spec.source_ref.name == name
+            && branch.status.as_ref().is_none_or(|s| s.capture.is_none())
+        {
+            refs.push(ObjectRef::from_obj(branch.as_ref()));
+        }
+    }
+    refs
+}

@@ -1,0 +1,538 @@
+use std::time::Duration;
+
+use http::Method;
+use kube::runtime::controller::Action;
+use sandfork_api::branch::{DeletionPolicy, SourceRef, TemplateMetadata};
+use sandfork_api::conditions::{FAILED, PROGRESSING, READY};
+use sandfork_api::{SandboxBranch, SandboxBranchSpec, labels};
+use tonic::Status;
+
+use super::*;
+use crate::branch::reason;
+
+fn branch_object(name: &str, source: &str, branches: u32, policy: DeletionPolicy) -> SandboxBranch {
+    let mut branch = SandboxBranch::new(
+        name,
+        SandboxBranchSpec {
+            source_ref: SourceRef {
+                name: source.into(),
+            },
+            branches,
+            mode: Default::default(),
+            template: Some(sandfork_api::branch::BranchTemplate {
+                metadata: Some(TemplateMetadata {
+                    labels: BTreeMap::from([("team".into(), "a".into())]),
+                    annotations: BTreeMap::from([("note".into(), "from a test".into())]),
+                }),
+            }),
+            failure_deadline: Duration::from_secs(60).into(),
+            deletion_policy: policy,
+        },
+    );
+    branch.metadata.namespace = Some(NS.into());
+    branch
+}
+
+/// Source ready, SandboxBranch created and given its finalizer.
+async fn setup(branches: u32, policy: DeletionPolicy) -> Harness {
+    let h = Harness::new().await;
+    h.ready_source("src").await;
+    h.api
+        .insert(&branch_object("fork", "src", branches, policy));
+    h.reconcile_branch("fork").await.unwrap();
+    assert_eq!(
+        h.branch("fork").unwrap().metadata.finalizers,
+        Some(vec![FINALIZER.to_string()])
+    );
+    h.api.clear_requests();
+    h
+}
+
+fn created_sandboxes(h: &Harness) -> Vec<Recorded> {
+    h.api_requests()
+        .into_iter()
+        .filter(|r| r.method == Method::POST && r.path.ends_with("/namespaces/team-a/sandboxes"))
+        .collect()
+}
+
+#[tokio::test]
+async fn captures_once_and_creates_owned_branches_on_the_source_node() {
+    let h = setup(3, DeletionPolicy::Delete).await;
+    let branch = h.branch("fork").unwrap();
+    let uid = branch.metadata.uid.clone().unwrap();
+    let source_uid = h.sandbox("src").unwrap().metadata.uid.unwrap();
+
+    h.reconcile_branch("fork").await.unwrap();
+
+    assert_eq!(
+        h.agent_calls("CaptureSandbox"),
+        vec![format!("CaptureSandbox {uid}")]
+    );
+    assert_eq!(
+        h.agent.state.lock().unwrap().captures[&uid].sandbox_uid,
+        source_uid
+    );
+    let creates = created_sandboxes(&h);
+    assert_eq!(creates.len(), 3, "{creates:#?}");
+    for (index, create) in creates.iter().enumerate() {
+        let body = &create.body;
+        assert_eq!(body["metadata"]["name"], format!("fork-{index}"));
+        assert_eq!(body["metadata"]["labels"][labels::BRANCH], "fork");
+        assert_eq!(
+            body["metadata"]["labels"][labels::BRANCH_INDEX],
+            index.to_string()
+        );
+        assert_eq!(body["metadata"]["labels"]["team"], "a");
+        assert_eq!(body["metadata"]["annotations"]["note"], "from a test");
+        let owner = &body["metadata"]["ownerReferences"][0];
+        assert_eq!(owner["kind"], "SandboxBranch");
+        assert_eq!(owner["name"], "fork");
+        assert_eq!(owner["uid"], uid.as_str());
+        assert_eq!(owner["controller"], true);
+        assert_eq!(body["spec"]["nodeName"], NODE);
+        assert_eq!(body["spec"]["restoreFrom"]["uid"], uid.as_str());
+        assert_eq!(body["spec"]["restoreFrom"]["sandboxBranch"], "fork");
+        assert_eq!(body["spec"]["memoryMiB"], 256);
+        assert_eq!(body["spec"]["guest"]["builtin"], "Counter");
+        assert_eq!(
+            create.query.get("fieldManager").map(String::as_str),
+            Some("sandfork-operator")
+        );
+    }
+
+    let status = h.branch("fork").unwrap().status.unwrap();
+    assert_eq!(status.source_node.as_deref(), Some(NODE));
+    let capture = status.capture.unwrap();
+    assert_eq!(capture.pause_micros, 412);
+    assert_eq!(capture.bytes, 256 << 20);
+    assert_eq!(capture.pages_copied_by_fault_handler, 17);
+    assert_eq!(capture.copy_duration_millis, 35);
+    assert_eq!(
+        status.capture_time.unwrap().0,
+        k8s_openapi::jiff::Timestamp::from_microsecond(1_700_000_000_000_000).unwrap()
+    );
+    assert_eq!(status.branches_ready.as_deref(), Some("0/3"));
+    assert_eq!(status.branches.len(), 3);
+    let (ready, _, _) = condition(&status.conditions, READY);
+    let (progressing, why, _) = condition(&status.conditions, PROGRESSING);
+    let (failed, _, _) = condition(&status.conditions, FAILED);
+    assert_eq!(
+        (ready.as_str(), progressing.as_str(), failed.as_str()),
+        ("False", "True", "False")
+    );
+    assert_eq!(why, reason::RESTORING);
+    assert_eq!(
+        h.events(),
+        vec![
+            "Capturing",
+            "Captured",
+            "BranchCreated",
+            "BranchCreated",
+            "BranchCreated"
+        ]
+    );
+    assert!(
+        h.api_requests()
+            .iter()
+            .filter(|r| is_status_apply(r))
+            .count()
+            >= 2
+    );
+    let metrics = h.ctx.metrics.encode();
+    assert!(
+        metrics.contains("sandfork_capture_pause_seconds_count{mode=\"Live\"} 1"),
+        "{metrics}"
+    );
+
+    // The branches restore from the capture and become ready.
+    for index in 0..3 {
+        h.settle_sandbox(&format!("fork-{index}")).await;
+        let sandbox = h.sandbox(&format!("fork-{index}")).unwrap();
+        assert!(sandbox.is_ready(), "{:?}", sandbox.status);
+        let origin = sandbox.status.unwrap().origin.unwrap();
+        assert_eq!(origin.source_sandbox, "src");
+        assert_eq!(origin.sandbox_branch, "fork");
+        assert!(origin.capture_time.is_some());
+    }
+    assert_eq!(h.agent_calls("RestoreBranch").len(), 3);
+    h.api.clear_requests();
+    h.reconcile_branch("fork").await.unwrap();
+
+    let status = h.branch("fork").unwrap().status.unwrap();
+    assert_eq!(status.branches_ready.as_deref(), Some("3/3"));
+    assert!(status.branches.iter().all(|b| b.ready));
+    assert!(status.completion_time.is_some());
+    let (ready, why, message) = condition(&status.conditions, READY);
+    assert_eq!(
+        (ready.as_str(), why.as_str()),
+        ("True", reason::BRANCHES_READY)
+    );
+    assert_eq!(message, "3/3 branches ready on node node-a");
+    assert_eq!(condition(&status.conditions, PROGRESSING).0, "False");
+    assert_eq!(h.events(), vec!["Ready"]);
+    assert_eq!(h.agent_calls("CaptureSandbox").len(), 1, "captured once");
+    assert!(created_sandboxes(&h).is_empty());
+}
+
+#[tokio::test]
+async fn retain_policy_creates_branches_without_owner() {
+    let h = setup(1, DeletionPolicy::Retain).await;
+    h.reconcile_branch("fork").await.unwrap();
+    let creates = created_sandboxes(&h);
+    assert_eq!(creates.len(), 1);
+    assert!(
+        creates[0].body["metadata"]["ownerReferences"].is_null(),
+        "{:#?}",
+        creates[0].body
+    );
+}
+
+#[tokio::test]
+async fn a_restart_after_the_capture_reuses_it() {
+    let mut h = setup(2, DeletionPolicy::Delete).await;
+    // The operator died after the agent captured but before the status said so.
+    h.api
+        .fail_after(Method::PATCH, "/sandboxbranches/fork/status", 500, 1, 1);
+    h.reconcile_branch("fork").await.unwrap_err();
+    assert_eq!(h.agent.state.lock().unwrap().captures.len(), 1);
+    assert!(h.branch("fork").unwrap().status.unwrap().capture.is_none());
+    h.restart();
+
+    h.reconcile_branch("fork").await.unwrap();
+
+    let uid = h.branch("fork").unwrap().metadata.uid.unwrap();
+    assert_eq!(
+        h.agent_calls("CaptureSandbox"),
+        vec![format!("CaptureSandbox {uid}"); 2],
+        "asked again under the same key"
+    );
+    assert_eq!(
+        h.agent.state.lock().unwrap().captures.len(),
+        1,
+        "no second capture"
+    );
+    assert!(h.branch("fork").unwrap().status.unwrap().capture.is_some());
+    assert_eq!(created_sandboxes(&h).len(), 2);
+}
+
+#[tokio::test]
+async fn a_restart_after_some_branches_were_created_makes_no_duplicates() {
+    let mut h = setup(3, DeletionPolicy::Delete).await;
+    // Capture, then the operator dies after creating the first branch.
+    h.api
+        .fail_after(Method::POST, "/namespaces/team-a/sandboxes", 500, 1, 1);
+    h.reconcile_branch("fork").await.unwrap_err();
+    assert!(h.sandbox("fork-0").is_some());
+    assert!(h.sandbox("fork-1").is_none());
+    h.restart();
+    h.api.clear_requests();
+
+    h.reconcile_branch("fork").await.unwrap();
+
+    let names: Vec<_> = created_sandboxes(&h)
+        .iter()
+        .map(|r| r.body["metadata"]["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, vec!["fork-1", "fork-2"]);
+    assert_eq!(
+        h.api.list::<Sandbox>(Some(NS)).len(),
+        4,
+        "source + 3 branches"
+    );
+    assert_eq!(
+        h.agent_calls("CaptureSandbox").len(),
+        1,
+        "the capture was recorded before the crash"
+    );
+    assert_eq!(h.agent.state.lock().unwrap().captures.len(), 1);
+}
+
+#[tokio::test]
+async fn a_sandbox_that_is_not_ours_under_a_branch_name_fails_the_branch() {
+    let h = setup(2, DeletionPolicy::Delete).await;
+    h.api.insert(&sandbox_object("fork-1", 64));
+
+    assert_eq!(
+        h.reconcile_branch("fork").await.unwrap(),
+        Action::await_change()
+    );
+
+    let status = h.branch("fork").unwrap().status.unwrap();
+    let (failed, why, message) = condition(&status.conditions, FAILED);
+    assert_eq!(
+        (failed.as_str(), why.as_str()),
+        ("True", reason::NAME_CONFLICT)
+    );
+    assert!(message.contains("\"fork-1\""), "{message}");
+    assert_eq!(status.error.unwrap().message, message);
+    // The foreign Sandbox is untouched; the capture is released.
+    assert!(h.sandbox("fork-1").unwrap().spec.restore_from.is_none());
+    assert_eq!(h.agent_calls("DeleteCapture").len(), 1);
+}
+
+#[tokio::test]
+async fn a_missing_source_waits_then_fails_at_the_deadline_harming_nothing() {
+    let h = Harness::new().await;
+    h.api
+        .insert(&branch_object("fork", "nope", 2, DeletionPolicy::Delete));
+    h.reconcile_branch("fork").await.unwrap();
+
+    let action = h.reconcile_branch("fork").await.unwrap();
+    assert_eq!(action, Action::requeue(h.ctx.settings.poll));
+    let status = h.branch("fork").unwrap().status.unwrap();
+    let (_, why, message) = condition(&status.conditions, PROGRESSING);
+    assert_eq!(why, reason::SOURCE_NOT_FOUND);
+    assert_eq!(
+        message,
+        "Sandbox \"nope\" does not exist in namespace team-a"
+    );
+
+    h.clock.advance(Duration::from_secs(61));
+    h.api.clear_requests();
+    assert_eq!(
+        h.reconcile_branch("fork").await.unwrap(),
+        Action::await_change()
+    );
+
+    let status = h.branch("fork").unwrap().status.unwrap();
+    let (failed, why, message) = condition(&status.conditions, FAILED);
+    assert_eq!(
+        (failed.as_str(), why.as_str()),
+        ("True", reason::DEADLINE_EXCEEDED)
+    );
+    assert!(message.contains("failureDeadline 60s"), "{message}");
+    assert!(message.contains("does not exist"), "{message}");
+    assert_eq!(condition(&status.conditions, READY).0, "False");
+    assert_eq!(condition(&status.conditions, PROGRESSING).0, "False");
+    assert!(status.error.is_some());
+    assert_eq!(h.events(), vec![reason::DEADLINE_EXCEEDED]);
+    assert!(h.agent.calls().is_empty());
+    assert!(created_sandboxes(&h).is_empty());
+
+    // Failed is final.
+    h.api.clear_requests();
+    assert_eq!(
+        h.reconcile_branch("fork").await.unwrap(),
+        Action::await_change()
+    );
+    assert!(h.api_requests().iter().all(|r| r.method == Method::GET));
+}
+
+#[tokio::test]
+async fn a_stuck_restore_fails_at_the_deadline_and_releases_the_capture() {
+    let mut h = setup(2, DeletionPolicy::Delete).await;
+    h.reconcile_branch("fork").await.unwrap();
+    // fork-0 starts; fork-1's node keeps saying it is out of memory.
+    h.settle_sandbox("fork-0").await;
+    h.reconcile_sandbox("fork-1").await.unwrap();
+    for _ in 0..3 {
+        h.agent.fail_next(
+            "RestoreBranch",
+            Status::resource_exhausted("no memory left"),
+        );
+    }
+    h.reconcile_sandbox("fork-1").await.unwrap_err();
+    h.reconcile_branch("fork").await.unwrap();
+    assert_eq!(
+        h.branch("fork")
+            .unwrap()
+            .status
+            .unwrap()
+            .branches_ready
+            .as_deref(),
+        Some("1/2")
+    );
+
+    h.clock.advance(Duration::from_secs(61));
+    h.renew_agent_lease();
+    h.api.clear_requests();
+    h.reconcile_branch("fork").await.unwrap();
+
+    let status = h.branch("fork").unwrap().status.unwrap();
+    assert_eq!(
+        condition(&status.conditions, FAILED).1,
+        reason::DEADLINE_EXCEEDED
+    );
+    let uid = h.branch("fork").unwrap().metadata.uid.unwrap();
+    assert_eq!(
+        h.agent_calls("DeleteCapture"),
+        vec![format!("DeleteCapture {uid}")]
+    );
+    let deletes: Vec<_> = h
+        .api_requests()
+        .into_iter()
+        .filter(|r| r.method == Method::DELETE)
+        .map(|r| r.path)
+        .collect();
+    assert_eq!(
+        deletes,
+        vec!["/apis/sandfork.dev/v1alpha1/namespaces/team-a/sandboxes/fork-1"],
+        "only the branch that is not ready"
+    );
+}
+
+#[tokio::test]
+async fn a_failed_source_fails_the_branch_at_once() {
+    let h = Harness::new().await;
+    h.agent.state.lock().unwrap().start_state = Some(sandfork_api::agent::v1::SandboxState::Failed);
+    h.api.insert(&sandbox_object("src", 256));
+    h.settle_sandbox("src").await;
+    h.api
+        .insert(&branch_object("fork", "src", 1, DeletionPolicy::Delete));
+    h.reconcile_branch("fork").await.unwrap();
+
+    h.reconcile_branch("fork").await.unwrap();
+
+    let status = h.branch("fork").unwrap().status.unwrap();
+    let (failed, why, message) = condition(&status.conditions, FAILED);
+    assert_eq!(
+        (failed.as_str(), why.as_str()),
+        ("True", reason::SOURCE_FAILED)
+    );
+    assert!(message.contains("VmFailed"), "{message}");
+}
+
+#[tokio::test]
+async fn a_transient_capture_error_is_retried_with_a_condition() {
+    let h = setup(1, DeletionPolicy::Delete).await;
+    h.agent
+        .fail_next("CaptureSandbox", Status::internal("copier thread died"));
+
+    let err = h.reconcile_branch("fork").await.unwrap_err();
+    assert!(err.is_transient());
+    let status = h.branch("fork").unwrap().status.unwrap();
+    let (_, why, message) = condition(&status.conditions, PROGRESSING);
+    assert_eq!(why, reason::CAPTURE_FAILED);
+    assert!(message.contains("copier thread died"), "{message}");
+
+    h.reconcile_branch("fork").await.unwrap();
+    assert!(h.branch("fork").unwrap().status.unwrap().capture.is_some());
+}
+
+#[tokio::test]
+async fn deletion_removes_the_branches_then_frees_the_capture() {
+    let h = setup(2, DeletionPolicy::Delete).await;
+    h.reconcile_branch("fork").await.unwrap();
+    for index in 0..2 {
+        h.settle_sandbox(&format!("fork-{index}")).await;
+    }
+    let uid = h.branch("fork").unwrap().metadata.uid.unwrap();
+    h.api.edit::<SandboxBranch>(Some(NS), "fork", |o| {
+        o["metadata"]["deletionTimestamp"] = serde_json::json!("2026-03-01T12:00:00Z")
+    });
+    h.api.clear_requests();
+
+    // First pass: the branches are asked to go; the capture stays while they run.
+    let err = h.reconcile_branch("fork").await.unwrap_err();
+    assert!(err.is_waiting(), "{err}");
+    assert_eq!(
+        crate::branch::error_policy(Arc::new(h.branch("fork").unwrap()), &err, h.ctx.clone()),
+        Action::requeue(h.ctx.settings.poll)
+    );
+    let deletes = h
+        .api_requests()
+        .into_iter()
+        .filter(|r| r.method == Method::DELETE)
+        .count();
+    assert_eq!(deletes, 2);
+    assert!(h.agent_calls("DeleteCapture").is_empty());
+    assert!(h.branch("fork").is_some());
+
+    // The branches' own finalizers stop their VMs.
+    for index in 0..2 {
+        h.reconcile_sandbox(&format!("fork-{index}")).await.unwrap();
+    }
+    assert_eq!(h.agent_calls("DeleteSandbox").len(), 2);
+
+    h.reconcile_branch("fork").await.unwrap();
+    assert_eq!(
+        h.agent_calls("DeleteCapture"),
+        vec![format!("DeleteCapture {uid}")]
+    );
+    assert!(h.branch("fork").is_none(), "finalizer removed");
+    assert!(h.sandbox("src").is_some(), "the source is untouched");
+}
+
+#[tokio::test]
+async fn retained_branches_outlive_the_branch_object() {
+    let h = setup(1, DeletionPolicy::Retain).await;
+    h.reconcile_branch("fork").await.unwrap();
+    h.settle_sandbox("fork-0").await;
+    h.api.edit::<SandboxBranch>(Some(NS), "fork", |o| {
+        o["metadata"]["deletionTimestamp"] = serde_json::json!("2026-03-01T12:00:00Z")
+    });
+
+    h.reconcile_branch("fork").await.unwrap();
+
+    assert!(h.branch("fork").is_none());
+    assert!(h.sandbox("fork-0").unwrap().is_ready());
+    assert_eq!(h.agent_calls("DeleteCapture").len(), 1);
+    assert!(h.agent_calls("DeleteSandbox").is_empty());
+}
+
+#[tokio::test]
+async fn deleting_a_branch_that_never_captured_needs_no_agent() {
+    let h = Harness::new().await;
+    h.api
+        .insert(&branch_object("fork", "nope", 1, DeletionPolicy::Delete));
+    h.reconcile_branch("fork").await.unwrap();
+    h.api.edit::<SandboxBranch>(Some(NS), "fork", |o| {
+        o["metadata"]["deletionTimestamp"] = serde_json::json!("2026-03-01T12:00:00Z")
+    });
+
+    h.reconcile_branch("fork").await.unwrap();
+
+    assert!(h.branch("fork").is_none());
+    assert!(h.agent.calls().is_empty());
+}
+
+#[tokio::test]
+async fn fewer_branches_wanted_deletes_the_highest_indexes() {
+    let h = setup(3, DeletionPolicy::Delete).await;
+    h.reconcile_branch("fork").await.unwrap();
+    h.api.edit::<SandboxBranch>(Some(NS), "fork", |o| {
+        o["spec"]["branches"] = serde_json::json!(1);
+        o["metadata"]["generation"] = serde_json::json!(2);
+    });
+    h.api.clear_requests();
+
+    h.reconcile_branch("fork").await.unwrap();
+
+    let deletes: Vec<_> = h
+        .api_requests()
+        .into_iter()
+        .filter(|r| r.method == Method::DELETE)
+        .map(|r| r.path.rsplit('/').next().unwrap().to_string())
+        .collect();
+    assert_eq!(deletes, vec!["fork-1", "fork-2"]);
+    let status = h.branch("fork").unwrap().status.unwrap();
+    assert_eq!(status.branches_ready.as_deref(), Some("0/1"));
+    assert_eq!(status.observed_generation, Some(2));
+}
+
+#[tokio::test]
+async fn source_changes_wake_the_branches_waiting_for_it() {
+    let h = Harness::new().await;
+    let (store, mut writer) = kube::runtime::reflector::store::<SandboxBranch>();
+    let mut waiting = branch_object("fork", "src", 1, DeletionPolicy::Delete);
+    waiting.metadata.uid = Some("b1".into());
+    writer.apply_watcher_event(&kube::runtime::watcher::Event::Apply(waiting));
+    let mut other = branch_object("other", "elsewhere", 1, DeletionPolicy::Delete);
+    other.metadata.uid = Some("b2".into());
+    writer.apply_watcher_event(&kube::runtime::watcher::Event::Apply(other));
+
+    let source = sandbox_object("src", 64);
+    let refs = crate::run::branches_concerned(&store, &source);
+    assert_eq!(refs.len(), 1);
+    assert_eq!(refs[0].name, "fork");
+
+    let mut branch0 = sandbox_object("other-0", 64);
+    branch0.metadata.labels = Some(BTreeMap::from([(
+        labels::BRANCH.to_string(),
+        "other".to_string(),
+    )]));
+    let refs = crate::run::branches_concerned(&store, &branch0);
+    assert_eq!(refs.len(), 1);
+    assert_eq!(refs[0].name, "other");
+    drop(h);
+}

@@ -1,0 +1,258 @@
+//! Unit tests of the controllers against the fake API server and a mock
+//! agent (see `fixtures`). They call the reconcilers directly, one pass at a
+//! time, and assert the requests each pass made.
+
+mod branch;
+mod leader;
+mod sandbox;
+mod tls;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use http::Method;
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::ObjectMeta;
+use kube::runtime::controller::Action;
+use kube::runtime::events::Reporter;
+use kube::runtime::reflector::{self, store::Writer};
+use kube::runtime::watcher;
+use sandfork_api::agent::lease as keys;
+use sandfork_api::sandbox::{BuiltinWorkload, GuestSpec};
+use sandfork_api::{Sandbox, SandboxBranch, SandboxSpec};
+
+use crate::agents::{Agents, PlainDialer};
+use crate::context::{Clock, Context, FINALIZER, Settings};
+use crate::error::Result;
+use crate::fixtures::{FakeApi, MockAgent, Recorded, serve_agent};
+use crate::metrics::Metrics;
+
+pub const NS: &str = "team-a";
+pub const NODE: &str = "node-a";
+
+pub fn start_time() -> Timestamp {
+    "2026-03-01T12:00:00Z".parse().unwrap()
+}
+
+pub struct Harness {
+    pub api: FakeApi,
+    pub client: kube::Client,
+    pub agent: Arc<MockAgent>,
+    pub endpoint: String,
+    pub clock: Clock,
+    pub leases: Writer<Lease>,
+    lease_store: reflector::Store<Lease>,
+    pub sandboxes: Writer<Sandbox>,
+    sandbox_store: reflector::Store<Sandbox>,
+    pub ctx: Arc<Context>,
+}
+
+pub fn agent_lease(node: &str, endpoint: &str, memory_mib: u64, renewed: Timestamp) -> Lease {
+    Lease {
+        metadata: ObjectMeta {
+            name: Some(keys::name(node)),
+            namespace: Some("sandfork-system".into()),
+            labels: Some(BTreeMap::from([
+                (keys::COMPONENT_LABEL.into(), keys::COMPONENT_VALUE.into()),
+                (keys::NODE_LABEL.into(), node.into()),
+            ])),
+            annotations: Some(BTreeMap::from([
+                (keys::ENDPOINT.into(), endpoint.into()),
+                (keys::MEMORY_MIB.into(), memory_mib.to_string()),
+                (keys::MAX_SANDBOXES.into(), "16".into()),
+                (keys::KVM.into(), "true".into()),
+                (keys::USERFAULTFD.into(), "true".into()),
+            ])),
+            ..ObjectMeta::default()
+        },
+        spec: Some(LeaseSpec {
+            holder_identity: Some(node.into()),
+            lease_duration_seconds: Some(30),
+            renew_time: Some(MicroTime(renewed)),
+            ..LeaseSpec::default()
+        }),
+    }
+}
+
+pub fn sandbox_object(name: &str, memory_mib: u64) -> Sandbox {
+    let mut sandbox = Sandbox::new(
+        name,
+        SandboxSpec {
+            guest: GuestSpec::builtin(BuiltinWorkload::Counter),
+            memory_mib,
+            vcpus: 1,
+            node_selector: None,
+            node_name: None,
+            restore_from: None,
+        },
+    );
+    sandbox.metadata.namespace = Some(NS.into());
+    sandbox
+}
+
+impl Harness {
+    pub async fn new() -> Self {
+        let clock = Clock::fixed(start_time());
+        let (api, client) = FakeApi::new(clock.clone());
+        let agent = Arc::new(MockAgent::default());
+        let endpoint = serve_agent(agent.clone()).await;
+        let (lease_store, mut leases) = reflector::store::<Lease>();
+        leases.apply_watcher_event(&watcher::Event::Apply(agent_lease(
+            NODE,
+            &endpoint,
+            8192,
+            start_time(),
+        )));
+        let (sandbox_store, sandboxes) = reflector::store::<Sandbox>();
+        let ctx = Self::context(&client, &lease_store, &sandbox_store, &clock);
+        Self {
+            api,
+            client,
+            agent,
+            endpoint,
+            clock,
+            leases,
+            lease_store,
+            sandboxes,
+            sandbox_store,
+            ctx,
+        }
+    }
+
+    fn context(
+        client: &kube::Client,
+        leases: &reflector::Store<Lease>,
+        sandboxes: &reflector::Store<Sandbox>,
+        clock: &Clock,
+    ) -> Arc<Context> {
+        Arc::new(Context::new(
+            client.clone(),
+            Agents::new(leases.clone(), Arc::new(PlainDialer)),
+            sandboxes.clone(),
+            Arc::new(Metrics::default()),
+            Reporter {
+                controller: "sandfork-operator".into(),
+                instance: Some("test".into()),
+            },
+            clock.clone(),
+            Settings::default(),
+        ))
+    }
+
+    /// A fresh operator process (new caches of its own, same cluster and agents).
+    pub fn restart(&mut self) {
+        self.ctx = Self::context(
+            &self.client,
+            &self.lease_store,
+            &self.sandbox_store,
+            &self.clock,
+        );
+    }
+
+    /// The agent renews its Lease now.
+    pub fn renew_agent_lease(&mut self) {
+        let lease = agent_lease(NODE, &self.endpoint, 8192, self.clock.now());
+        self.leases
+            .apply_watcher_event(&watcher::Event::Apply(lease));
+    }
+
+    pub fn sandbox(&self, name: &str) -> Option<Sandbox> {
+        self.api.get::<Sandbox>(Some(NS), name)
+    }
+
+    pub fn branch(&self, name: &str) -> Option<SandboxBranch> {
+        self.api.get::<SandboxBranch>(Some(NS), name)
+    }
+
+    pub async fn reconcile_sandbox(&self, name: &str) -> Result<Action> {
+        let sandbox = self
+            .sandbox(name)
+            .unwrap_or_else(|| panic!("Sandbox {name} exists"));
+        crate::sandbox::reconcile(Arc::new(sandbox), self.ctx.clone()).await
+    }
+
+    pub async fn reconcile_branch(&self, name: &str) -> Result<Action> {
+        let branch = self
+            .branch(name)
+            .unwrap_or_else(|| panic!("SandboxBranch {name} exists"));
+        crate::branch::reconcile(Arc::new(branch), self.ctx.clone()).await
+    }
+
+    /// Reconciles a Sandbox until it has its finalizer and a first status.
+    pub async fn settle_sandbox(&self, name: &str) {
+        for _ in 0..3 {
+            self.reconcile_sandbox(name)
+                .await
+                .expect("sandbox reconcile");
+        }
+    }
+
+    /// Creates a Sandbox and brings it to Ready on node-a.
+    pub async fn ready_source(&self, name: &str) -> Sandbox {
+        self.api.insert(&sandbox_object(name, 256));
+        self.settle_sandbox(name).await;
+        let sandbox = self.sandbox(name).unwrap();
+        assert!(sandbox.is_ready(), "source ready: {:?}", sandbox.status);
+        sandbox
+    }
+
+    /// Requests recorded since the last `clear_requests`, without Events.
+    pub fn api_requests(&self) -> Vec<Recorded> {
+        self.api
+            .requests()
+            .into_iter()
+            .filter(|r| !r.path.contains("/events"))
+            .collect()
+    }
+
+    /// Reasons of the Events posted since the last `clear_requests`.
+    pub fn events(&self) -> Vec<String> {
+        self.api
+            .requests()
+            .into_iter()
+            .filter(|r| r.method == Method::POST && r.path.ends_with("/events"))
+            .map(|r| r.body["reason"].as_str().unwrap_or_default().to_string())
+            .collect()
+    }
+
+    pub fn agent_calls(&self, method: &str) -> Vec<String> {
+        self.agent
+            .calls()
+            .into_iter()
+            .filter(|c| c.starts_with(&format!("{method} ")))
+            .collect()
+    }
+}
+
+/// The condition `type_` of a status as (status, reason, message).
+pub fn condition(
+    conditions: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+    type_: &str,
+) -> (String, String, String) {
+    let c = sandfork_api::conditions::find(conditions, type_)
+        .unwrap_or_else(|| panic!("condition {type_} in {conditions:?}"));
+    (c.status.clone(), c.reason.clone(), c.message.clone())
+}
+
+/// Whether `request` is the JSON patch that adds our finalizer.
+pub fn adds_finalizer(request: &Recorded) -> bool {
+    request.method == Method::PATCH
+        && request.content_type == "application/json-patch+json"
+        && request.body.as_array().is_some_and(|ops| {
+            ops.iter().any(|op| {
+                op["op"] == "add"
+                    && (op["value"] == FINALIZER || op["value"] == serde_json::json!([FINALIZER]))
+            })
+        })
+}
+
+/// Whether `request` is a server-side apply of a status with our field manager.
+pub fn is_status_apply(request: &Recorded) -> bool {
+    request.method == Method::PATCH
+        && request.path.ends_with("/status")
+        && request.content_type == "application/apply-patch+yaml"
+        && request.query.get("fieldManager").map(String::as_str) == Some("sandfork-operator")
+        && request.query.get("force").map(String::as_str) == Some("true")
+}
