@@ -101,6 +101,9 @@ pub struct CaptureStats {
     pub mode: CaptureMode,
     /// How long the vCPUs were stopped.
     pub pause_ns: u64,
+    /// Of the pause, the time until every vCPU stopped and saved its state.
+    #[serde(default)]
+    pub vcpus_stopped_ns: u64,
     /// Of the pause, the time spent write-protecting memory.
     pub arm_ns: u64,
     /// Write-protecting all of memory before the pause (`Arm::AheadOfPause`).
@@ -226,8 +229,16 @@ impl LiveCopy {
     }
 
     fn wait_copied(&self, page: usize) {
+        let mut spins = 0u32;
         while self.page_states[page].load(Ordering::Acquire) != PAGE_COPIED {
-            std::hint::spin_loop();
+            spins += 1;
+            if spins < 2000 {
+                std::hint::spin_loop();
+            } else {
+                // The copier may be preempted mid-page on our core: a
+                // real-time waiter that only spun would keep it from running.
+                std::thread::sleep(std::time::Duration::from_micros(5));
+            }
         }
     }
 
@@ -247,6 +258,8 @@ impl LiveCopy {
     }
 
     fn run_copier(&self) -> Result<(), CaptureError> {
+        // SAFETY: pthread_self has no preconditions.
+        crate::vm::set_realtime(unsafe { libc::pthread_self() }, false);
         let pages = self.page_states.len();
         for first in (0..pages).step_by(CHUNK_PAGES) {
             let end = (first + CHUNK_PAGES).min(pages);
@@ -350,6 +363,7 @@ pub struct LiveCapture {
     vm_state: VmState,
     pause_ns: u64,
     arm_ns: u64,
+    vcpus_stopped_ns: u64,
     pre_arm_ns: u64,
     reprotected_pages: u64,
     resumed: Instant,
@@ -430,6 +444,7 @@ impl LiveCapture {
             },
             pause_ns: 0,
             arm_ns: 0,
+            vcpus_stopped_ns: 0,
             pre_arm_ns: 0,
             reprotected_pages: 0,
             resumed: Instant::now(),
@@ -460,6 +475,8 @@ impl LiveCapture {
             protect_all(&capture.copy)?;
             capture.pre_arm_ns = started.elapsed().as_nanos() as u64;
         }
+        // The pause window runs at real-time priority end to end.
+        let boost = crate::vm::RealtimeGuard::new();
         let paused = vm.pause(true)?;
         let arm_started = Instant::now();
         let armed = match arm {
@@ -469,8 +486,10 @@ impl LiveCapture {
             Arm::InPause => protect_all(&capture.copy),
         };
         capture.arm_ns = arm_started.elapsed().as_nanos() as u64;
+        capture.vcpus_stopped_ns = paused.vcpus_stopped_ns;
         vm.resume();
         capture.resumed = Instant::now();
+        drop(boost);
         capture.pause_ns = (capture.resumed - paused.started()).as_nanos() as u64;
         armed?;
         capture.vcpus = paused.vcpus;
@@ -513,6 +532,7 @@ impl LiveCapture {
                 mode: CaptureMode::Live,
                 pause_ns: self.pause_ns,
                 arm_ns: self.arm_ns,
+                vcpus_stopped_ns: self.vcpus_stopped_ns,
                 pre_arm_ns: self.pre_arm_ns,
                 reprotected_pages: self.reprotected_pages,
                 copy_ns,
@@ -563,10 +583,11 @@ pub fn live(vm: &Vm, snapshot: Arc<SnapshotMapping>) -> Result<Captured, Capture
 /// write is blocked on it) ahead of normal threads, so that a busy copier or
 /// vCPU on this machine's few cores does not delay the guest's writes.
 fn raise_priority() {
-    let param = libc::sched_param { sched_priority: 1 };
-    // SAFETY: plain syscall wrapper on the current thread with a valid param;
-    // failure (no privilege) only leaves the normal priority.
-    let _ = unsafe { libc::pthread_setschedparam(libc::pthread_self(), libc::SCHED_FIFO, &param) };
+    crate::vm::set_realtime(
+        // SAFETY: pthread_self has no preconditions.
+        unsafe { libc::pthread_self() },
+        true,
+    );
 }
 
 /// A deliberately broken capture for tests and the benchmark's control: the

@@ -7,6 +7,7 @@ pub mod capture;
 pub mod guest;
 pub mod manager;
 pub mod memory;
+pub mod service;
 pub mod snapshot;
 pub mod vcpu;
 pub mod vm;

@@ -1,6 +1,7 @@
 //! A sandbox VM: KVM VM, guest memory and one thread per vCPU, with a pause
 //! that stops every vCPU, optionally saves its state, and resumes.
 
+use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
 use std::thread::JoinHandle;
@@ -104,11 +105,56 @@ pub struct Paused {
     pub vcpus: Vec<VcpuState>,
     pub vm: VmState,
     started: Instant,
+    /// From the pause request until every vCPU stopped and saved its state.
+    pub vcpus_stopped_ns: u64,
 }
 
 impl Paused {
     pub fn started(&self) -> Instant {
         self.started
+    }
+}
+
+/// Moves `thread` into (or back out of) the lowest real-time priority. Used
+/// for the short, latency-critical parts of a capture: the pause and the
+/// fault handler. Without the privilege it stays a normal thread. Threads
+/// inherit the policy of their creator, so every long-running thread we
+/// start sets its own policy first.
+pub(crate) fn set_realtime(thread: libc::pthread_t, realtime: bool) {
+    let (policy, priority) = if realtime {
+        (libc::SCHED_FIFO, 1)
+    } else {
+        (libc::SCHED_OTHER, 0)
+    };
+    let param = libc::sched_param {
+        sched_priority: priority,
+    };
+    // SAFETY: `thread` is a live thread of this process (callers pass
+    // pthread_self or an unjoined vCPU thread) and `param` is valid.
+    let _ = unsafe { libc::pthread_setschedparam(thread, policy, &param) };
+}
+
+/// Runs the current thread at real-time priority until dropped.
+pub struct RealtimeGuard(());
+
+impl RealtimeGuard {
+    pub fn new() -> Self {
+        // SAFETY: pthread_self has no preconditions.
+        set_realtime(unsafe { libc::pthread_self() }, true);
+        Self(())
+    }
+}
+
+impl Default for RealtimeGuard {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for RealtimeGuard {
+    fn drop(&mut self) {
+        // SAFETY: pthread_self has no preconditions.
+        set_realtime(unsafe { libc::pthread_self() }, false);
     }
 }
 
@@ -289,11 +335,17 @@ impl Vm {
             state.parked = 0;
             state.saved = (0..count).map(|_| None).collect();
         }
+        // vCPU threads stay normal threads: one boosted while it still runs
+        // guest code can starve the kernel work it needs to leave KVM_RUN.
         self.kick_all();
-        let mut state = self.control.lock();
-        while state.parked + state.exited < count {
-            state = self.control.changed.wait(state).unwrap();
-        }
+        let mut state = {
+            let _boost = RealtimeGuard::new();
+            let mut state = self.control.lock();
+            while state.parked + state.exited < count {
+                state = self.control.changed.wait(state).unwrap();
+            }
+            state
+        };
         if let Some(failure) = state.failure.clone() {
             state.command = Command::Run;
             self.control.changed.notify_all();
@@ -301,6 +353,7 @@ impl Vm {
         }
         let saved = std::mem::take(&mut state.saved);
         drop(state);
+        let vcpus_stopped_ns = started.elapsed().as_nanos() as u64;
         let result = (|| {
             let vcpus = if save {
                 saved
@@ -318,7 +371,12 @@ impl Vm {
                     clock: Default::default(),
                 }
             };
-            Ok(Paused { vcpus, vm, started })
+            Ok(Paused {
+                vcpus,
+                vm,
+                started,
+                vcpus_stopped_ns,
+            })
         })();
         if result.is_err() {
             self.resume();
@@ -361,6 +419,8 @@ fn run_vcpu(
     cpuid: Vec<kvm_cpuid_entry2>,
     control: Arc<Control>,
 ) -> VcpuFd {
+    // SAFETY: pthread_self has no preconditions.
+    set_realtime(unsafe { libc::pthread_self() }, false);
     let mut parked_generation = 0;
     let failure = loop {
         {

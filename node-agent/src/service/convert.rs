@@ -1,0 +1,227 @@
+//! Between the gRPC messages and the manager's types, and from the
+//! manager's errors to gRPC status codes.
+
+use sandfork_api::agent::v1 as pb;
+use tonic::{Code, Status};
+
+use crate::capture::CaptureMode;
+use crate::guest::{DirtyPattern, Workload};
+use crate::manager::{Capture, ManagerError, SandboxInfo, SandboxState};
+use crate::memory::MemoryError;
+
+/// Each manager error as the gRPC code a caller can act on.
+impl From<ManagerError> for Status {
+    fn from(err: ManagerError) -> Self {
+        let code = match &err {
+            ManagerError::InvalidName(_) | ManagerError::InvalidSpec(_) => Code::InvalidArgument,
+            ManagerError::NotFound { .. } => Code::NotFound,
+            ManagerError::AlreadyExists { .. } => Code::AlreadyExists,
+            ManagerError::Memory(MemoryError::InvalidSize { .. }) => Code::InvalidArgument,
+            ManagerError::Memory(MemoryError::HostTooSmall { .. }) => Code::ResourceExhausted,
+            ManagerError::Memory(_) => Code::Internal,
+            ManagerError::DevicesMissing(_) => Code::FailedPrecondition,
+            ManagerError::Vm { .. } | ManagerError::Io { .. } => Code::Internal,
+        };
+        Status::new(code, error_chain(&err))
+    }
+}
+
+/// The error and its sources, `: `-separated.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut message = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    message
+}
+
+pub fn workload_from_pb(workload: Option<pb::Workload>) -> Result<Workload, Status> {
+    use pb::workload::Kind;
+    match workload.and_then(|w| w.kind) {
+        Some(Kind::Counter(_)) => Ok(Workload::Counter),
+        Some(Kind::Idle(_)) => Ok(Workload::Idle),
+        Some(Kind::Dirty(dirty)) => Ok(Workload::Dirty {
+            pattern: match pb::DirtyPattern::try_from(dirty.pattern) {
+                Ok(pb::DirtyPattern::Random) => DirtyPattern::Random,
+                Ok(pb::DirtyPattern::Sequential | pb::DirtyPattern::Unspecified) => DirtyPattern::Sequential,
+                Err(_) => {
+                    return Err(Status::invalid_argument(format!(
+                        "unknown dirty pattern {}",
+                        dirty.pattern
+                    )));
+                }
+            },
+            pages_per_second: dirty.pages_per_second,
+        }),
+        None => Err(Status::invalid_argument(
+            "workload is required: counter, dirty or idle",
+        )),
+    }
+}
+
+/// `None` for a workload the API cannot describe (a local flat image).
+pub fn workload_to_pb(workload: &Workload) -> Option<pb::Workload> {
+    use pb::workload::Kind;
+    let kind = match workload {
+        Workload::Counter => Kind::Counter(pb::Counter {}),
+        Workload::Idle => Kind::Idle(pb::Idle {}),
+        Workload::Dirty {
+            pattern,
+            pages_per_second,
+        } => Kind::Dirty(pb::Dirty {
+            pattern: match pattern {
+                DirtyPattern::Sequential => pb::DirtyPattern::Sequential,
+                DirtyPattern::Random => pb::DirtyPattern::Random,
+            } as i32,
+            pages_per_second: *pages_per_second,
+        }),
+        Workload::Flat { .. } => return None,
+    };
+    Some(pb::Workload { kind: Some(kind) })
+}
+
+pub fn mode_from_pb(mode: i32) -> Result<CaptureMode, Status> {
+    match pb::CaptureMode::try_from(mode) {
+        Ok(pb::CaptureMode::Live | pb::CaptureMode::Unspecified) => Ok(CaptureMode::Live),
+        Ok(pb::CaptureMode::StopAndCopy) => Ok(CaptureMode::StopAndCopy),
+        Err(_) => Err(Status::invalid_argument(format!("unknown capture mode {mode}"))),
+    }
+}
+
+pub fn mode_to_pb(mode: CaptureMode) -> pb::CaptureMode {
+    match mode {
+        CaptureMode::Live => pb::CaptureMode::Live,
+        CaptureMode::StopAndCopy => pb::CaptureMode::StopAndCopy,
+    }
+}
+
+pub fn sandbox_to_pb(info: &SandboxInfo) -> pb::Sandbox {
+    let (state, failure_reason) = match &info.state {
+        SandboxState::Running => (pb::SandboxState::Running, String::new()),
+        SandboxState::Failed { reason } => (pb::SandboxState::Failed, reason.clone()),
+    };
+    pb::Sandbox {
+        uid: info.name.clone(),
+        state: state as i32,
+        failure_reason,
+        pid: info.pid,
+        memory_mib: info.memory_mib,
+        vcpus: info.vcpus.into(),
+        workload: workload_to_pb(&info.workload),
+        capture_uid: info.origin.clone().unwrap_or_default(),
+        vcpu_reports: info
+            .reports
+            .iter()
+            .zip(info.report_counts.iter().chain(std::iter::repeat(&0)))
+            .map(|(value, count)| pb::VcpuReport {
+                value: *value,
+                count: *count,
+            })
+            .collect(),
+    }
+}
+
+/// `captured_at_unix_micros` is filled in by the caller, which can read it.
+pub fn capture_to_pb(capture: &Capture) -> pb::Capture {
+    let stats = &capture.stats;
+    pb::Capture {
+        uid: capture.name.clone(),
+        sandbox_uid: capture.source.clone(),
+        memory_bytes: capture.memory_bytes,
+        mode: mode_to_pb(stats.mode) as i32,
+        captured_at_unix_micros: 0,
+        stats: Some(pb::CaptureStats {
+            pause_ns: stats.pause_ns,
+            arm_ns: stats.arm_ns,
+            copy_ns: stats.copy_ns,
+            bytes: stats.bytes,
+            pages_copied_by_fault_handler: stats.pages_copied_by_fault_handler,
+            pages_copied_by_copier: stats.pages_copied_by_copier,
+            write_faults: stats.write_faults,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn manager_errors_map_to_actionable_codes() {
+        let cases = [
+            (ManagerError::InvalidName("A".into()), Code::InvalidArgument),
+            (ManagerError::InvalidSpec("0 vCPUs".into()), Code::InvalidArgument),
+            (
+                ManagerError::NotFound {
+                    kind: "sandbox",
+                    name: "x".into(),
+                },
+                Code::NotFound,
+            ),
+            (
+                ManagerError::AlreadyExists {
+                    kind: "sandbox",
+                    name: "x".into(),
+                },
+                Code::AlreadyExists,
+            ),
+            (
+                ManagerError::Memory(MemoryError::HostTooSmall {
+                    wanted_mib: 4096,
+                    available_mib: 100,
+                }),
+                Code::ResourceExhausted,
+            ),
+            (
+                ManagerError::Memory(MemoryError::InvalidSize { bytes: 3 }),
+                Code::InvalidArgument,
+            ),
+            (ManagerError::DevicesMissing("/dev/kvm".into()), Code::FailedPrecondition),
+            (
+                ManagerError::Vm {
+                    name: "x".into(),
+                    message: "boom".into(),
+                },
+                Code::Internal,
+            ),
+        ];
+        for (err, code) in cases {
+            let message = err.to_string();
+            let status = Status::from(err);
+            assert_eq!(status.code(), code, "{message}");
+            assert!(status.message().contains(&message), "{}", status.message());
+        }
+    }
+
+    #[test]
+    fn io_errors_keep_their_cause() {
+        let status = Status::from(ManagerError::Io {
+            op: "create",
+            path: "/run/sandfork/x".into(),
+            source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+        });
+        assert_eq!(status.code(), Code::Internal);
+        assert!(status.message().contains("No space left"), "{}", status.message());
+    }
+
+    #[test]
+    fn workloads_round_trip() {
+        for workload in [
+            Workload::Counter,
+            Workload::Idle,
+            Workload::Dirty {
+                pattern: DirtyPattern::Random,
+                pages_per_second: 500,
+            },
+        ] {
+            assert_eq!(workload_from_pb(workload_to_pb(&workload)).unwrap(), workload);
+        }
+        assert_eq!(
+            workload_from_pb(None).unwrap_err().code(),
+            Code::InvalidArgument
+        );
+    }
+}

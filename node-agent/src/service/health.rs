@@ -1,0 +1,68 @@
+//! What the agent can offer: capacity, and whether its devices work.
+
+/// What the agent may hold at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacity {
+    /// Memory for sandboxes and captures, in MiB.
+    pub memory_mib: u64,
+    /// Most sandboxes at once; 0 for no limit.
+    pub max_sandboxes: u32,
+}
+
+impl Capacity {
+    /// `memory_mib` if given, else the host's memory less `reserved_mib`.
+    pub fn detect(memory_mib: Option<u64>, reserved_mib: u64, max_sandboxes: u32) -> Self {
+        let memory_mib = memory_mib.unwrap_or_else(|| {
+            let total_mib = crate::memory::meminfo_field("MemTotal:").unwrap_or(0) >> 20;
+            total_mib.saturating_sub(reserved_mib)
+        });
+        Self {
+            memory_mib,
+            max_sandboxes,
+        }
+    }
+}
+
+/// Whether each device opens, and if not, why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Devices {
+    pub kvm: Result<(), String>,
+    pub userfaultfd: Result<(), String>,
+}
+
+impl Devices {
+    pub fn all_ok(&self) -> bool {
+        self.kvm.is_ok() && self.userfaultfd.is_ok()
+    }
+}
+
+fn open_rw(path: &str) -> Result<(), String> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map(drop)
+        .map_err(|err| format!("cannot open {path}: {err}"))
+}
+
+/// Opens `/dev/kvm` and `/dev/userfaultfd`.
+pub fn check() -> Devices {
+    Devices {
+        kvm: open_rw("/dev/kvm"),
+        userfaultfd: open_rw("/dev/userfaultfd"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capacity_defaults_to_host_memory_less_the_reserve() {
+        let explicit = Capacity::detect(Some(2048), 1024, 8);
+        assert_eq!(explicit.memory_mib, 2048);
+        let detected = Capacity::detect(None, 512, 8);
+        let total_mib = crate::memory::meminfo_field("MemTotal:").unwrap() >> 20;
+        assert_eq!(detected.memory_mib, total_mib - 512);
+    }
+}

@@ -1,0 +1,216 @@
+//! The agent's gRPC service (`sandfork.agent.v1.Agent`) over mutual TLS,
+//! and its registration with the cluster (a Lease per node).
+//!
+//! `sandfork-agent serve` runs [`serve`]: it opens the state directory
+//! (adopting VMs that kept running while the agent was away), listens for
+//! the operator with TLS that requires a client certificate signed by the
+//! configured CA, and renews the node's Lease.
+
+pub mod convert;
+pub mod health;
+pub mod lease;
+pub mod server;
+
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use k8s_openapi::api::coordination::v1::Lease;
+use sandfork_api::agent::v1::agent_server::AgentServer;
+use tokio::net::TcpListener;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+
+pub use health::Capacity;
+pub use server::AgentService;
+
+use crate::manager::Manager;
+
+/// `sandfork-agent serve`: how to listen, whom to trust, where to register.
+#[derive(Clone, Debug, clap::Args)]
+pub struct ServeConfig {
+    /// Address the gRPC service listens on.
+    #[arg(long, env = "SANDFORK_LISTEN", default_value = "0.0.0.0:7443")]
+    pub listen: SocketAddr,
+    /// `host:port` the operator should dial, published in the Lease
+    /// [default: POD_IP (or HOST_IP) with the listening port, or the
+    /// listening address when it is not a wildcard].
+    #[arg(long, env = "SANDFORK_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// This node's name (the downward API's spec.nodeName).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: String,
+    /// The agent's serving certificate (PEM).
+    #[arg(long, env = "SANDFORK_TLS_CERT", default_value = "/etc/sandfork/tls/tls.crt")]
+    pub tls_cert: PathBuf,
+    /// The agent's private key (PEM).
+    #[arg(long, env = "SANDFORK_TLS_KEY", default_value = "/etc/sandfork/tls/tls.key")]
+    pub tls_key: PathBuf,
+    /// CA (PEM) whose client certificates are accepted; all others are refused.
+    #[arg(long, env = "SANDFORK_TLS_CLIENT_CA", default_value = "/etc/sandfork/tls/ca.crt")]
+    pub tls_client_ca: PathBuf,
+    /// Namespace of the agent's Lease.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "sandfork-system")]
+    pub namespace: String,
+    /// Keep a Lease in the cluster (needs a kubeconfig or in-cluster credentials).
+    #[arg(long, env = "SANDFORK_REGISTER", default_value_t = true, action = clap::ArgAction::Set)]
+    pub register: bool,
+    /// Seconds the Lease stays valid without renewal.
+    #[arg(long, default_value_t = 40)]
+    pub lease_duration_seconds: u64,
+    /// Seconds between renewals.
+    #[arg(long, default_value_t = 10)]
+    pub lease_renew_seconds: u64,
+    /// Memory offered to sandboxes and captures, in MiB [default: host memory less --reserved-memory-mib].
+    #[arg(long, env = "SANDFORK_MEMORY_MIB")]
+    pub memory_mib: Option<u64>,
+    /// Memory kept for the host when --memory-mib is not given, in MiB.
+    #[arg(long, default_value_t = 1024)]
+    pub reserved_memory_mib: u64,
+    /// Most sandboxes at once (0: no limit).
+    #[arg(long, env = "SANDFORK_MAX_SANDBOXES", default_value_t = 64)]
+    pub max_sandboxes: u32,
+    /// Pod IP from the downward API, used for the default advertised address.
+    #[arg(long, env = "POD_IP", hide = true)]
+    pub pod_ip: Option<IpAddr>,
+    /// The state directory: set from the command line's global --state-dir.
+    #[arg(skip)]
+    pub state_dir: PathBuf,
+}
+
+impl ServeConfig {
+    /// The same configuration with the state directory set.
+    pub fn with_state_dir(mut self, state_dir: impl Into<PathBuf>) -> Self {
+        self.state_dir = state_dir.into();
+        self
+    }
+
+    /// What the operator should dial, given the address actually bound.
+    pub fn advertised_endpoint(&self, bound: SocketAddr) -> anyhow::Result<String> {
+        if let Some(advertise) = &self.advertise {
+            return Ok(advertise.clone());
+        }
+        let ip = if bound.ip().is_unspecified() {
+            self.pod_ip.context(
+                "listening on a wildcard address: set --advertise (or POD_IP) to the address the operator should dial",
+            )?
+        } else {
+            bound.ip()
+        };
+        Ok(SocketAddr::new(ip, bound.port()).to_string())
+    }
+
+    /// Server TLS that requires client certificates signed by the client CA.
+    pub fn tls(&self) -> anyhow::Result<ServerTlsConfig> {
+        let read = |path: &PathBuf, what: &str| {
+            std::fs::read(path).with_context(|| format!("reading the {what} {}", path.display()))
+        };
+        let cert = read(&self.tls_cert, "TLS certificate")?;
+        let key = read(&self.tls_key, "TLS key")?;
+        let ca = read(&self.tls_client_ca, "client CA")?;
+        Ok(ServerTlsConfig::new()
+            .identity(Identity::from_pem(cert, key))
+            .client_ca_root(Certificate::from_pem(ca))
+            .client_auth_optional(false))
+    }
+}
+
+/// Runs [`serve`] on a new Tokio runtime (for the synchronous `main`).
+pub fn run(config: ServeConfig) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(serve(config))
+}
+
+/// Serves until SIGTERM or Ctrl-C.
+pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("listening on {}", config.listen))?;
+    serve_on(config, listener, shutdown_signal()).await
+}
+
+/// Serves on `listener` until `shutdown` completes.
+pub async fn serve_on(
+    config: ServeConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !config.node_name.is_empty(),
+        "the node name is empty: set NODE_NAME or --node-name"
+    );
+    let manager = Manager::open(&config.state_dir)
+        .with_context(|| format!("opening the state directory {}", config.state_dir.display()))?;
+    let capacity = Capacity::detect(config.memory_mib, config.reserved_memory_mib, config.max_sandboxes);
+    let bound = listener.local_addr()?;
+    let endpoint = config.advertised_endpoint(bound)?;
+    let devices = health::check();
+    if !devices.all_ok() {
+        tracing::warn!(?devices, "this node cannot run sandboxes; serving anyway and saying so in the Lease");
+    }
+
+    let heartbeat = if config.register {
+        let client = kube::Client::try_default()
+            .await
+            .context("connecting to the Kubernetes API to register (use --register=false to run without)")?;
+        let api = kube::Api::<Lease>::namespaced(client, &config.namespace);
+        let registration = lease::Registration {
+            namespace: config.namespace.clone(),
+            node_name: config.node_name.clone(),
+            endpoint: endpoint.clone(),
+            capacity,
+            lease_duration: Duration::from_secs(config.lease_duration_seconds),
+        };
+        // Register before serving, so that a broken registration is seen at once.
+        lease::renew(&api, &registration, k8s_openapi::jiff::Timestamp::now())
+            .await
+            .with_context(|| format!("writing the Lease {} in namespace {}", sandfork_api::agent::lease::name(&config.node_name), config.namespace))?;
+        Some(tokio::spawn(lease::heartbeat(
+            api,
+            registration,
+            Duration::from_secs(config.lease_renew_seconds.max(1)),
+        )))
+    } else {
+        None
+    };
+
+    tracing::info!(
+        node = config.node_name,
+        %bound,
+        endpoint,
+        memory_mib = capacity.memory_mib,
+        max_sandboxes = capacity.max_sandboxes,
+        "agent serving"
+    );
+    let service = AgentService::new(manager, config.node_name.clone(), capacity);
+    let result = Server::builder()
+        .tls_config(config.tls()?)?
+        .add_service(AgentServer::new(service))
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+        .await;
+    if let Some(heartbeat) = heartbeat {
+        heartbeat.abort();
+    }
+    result.context("serving gRPC")?;
+    tracing::info!("agent stopped; its VMs keep running");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(err) => {
+            tracing::warn!(%err, "no SIGTERM handler; stopping on Ctrl-C only");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,265 @@
+//! The `sandfork.agent.v1.Agent` service on top of the blocking [`Manager`].
+//!
+//! Each call runs the manager on a blocking thread, holding a lock per UID
+//! so that a retry that arrives while the first attempt still runs waits
+//! for it instead of racing it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use sandfork_api::agent::v1 as pb;
+use tonic::{Request, Response, Status};
+
+use super::convert::{self, capture_to_pb, sandbox_to_pb};
+use super::health::{self, Capacity};
+use crate::manager::{Capture, Manager, SandboxSpec};
+use crate::snapshot::CaptureDir;
+
+pub struct AgentService {
+    manager: Arc<Manager>,
+    node_name: String,
+    capacity: Capacity,
+    locks: Arc<KeyedLocks>,
+}
+
+/// One mutex per key, created on demand.
+#[derive(Default)]
+struct KeyedLocks(Mutex<HashMap<String, Arc<Mutex<()>>>>);
+
+impl KeyedLocks {
+    fn get(&self, key: &str) -> Arc<Mutex<()>> {
+        let mut locks = self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        // Forget the locks nobody holds, so the map does not grow forever.
+        locks.retain(|_, lock| Arc::strong_count(lock) > 1);
+        locks.entry(key.to_string()).or_default().clone()
+    }
+}
+
+fn lock_key(kind: &str, uid: &str) -> String {
+    format!("{kind}/{uid}")
+}
+
+impl AgentService {
+    pub fn new(manager: Manager, node_name: String, capacity: Capacity) -> Self {
+        Self {
+            manager: Arc::new(manager),
+            node_name,
+            capacity,
+            locks: Arc::default(),
+        }
+    }
+
+    /// Runs `work` on a blocking thread holding the locks of `keys` (in order).
+    async fn blocking<T, F>(&self, keys: Vec<String>, work: F) -> Result<T, Status>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Manager) -> Result<T, Status> + Send + 'static,
+    {
+        let manager = self.manager.clone();
+        let locks = self.locks.clone();
+        tokio::task::spawn_blocking(move || {
+            let mutexes: Vec<Arc<Mutex<()>>> = keys.iter().map(|key| locks.get(key)).collect();
+            let _guards: Vec<_> = mutexes
+                .iter()
+                .map(|m| m.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))
+                .collect();
+            work(&manager)
+        })
+        .await
+        .map_err(|err| Status::internal(format!("agent task failed: {err}")))?
+    }
+}
+
+/// The capture with the instant it was taken, read from its state file.
+fn capture_with_time(manager: &Manager, capture: &Capture) -> pb::Capture {
+    let mut message = capture_to_pb(capture);
+    let dir = CaptureDir::new(manager.root().join("captures").join(&capture.name));
+    if let Ok(state) = dir.read_state() {
+        // The state is written when the copy completes; the captured instant
+        // (the pause) was `copy_ns` before that.
+        let written_us = i64::try_from(state.created_unix_ms.saturating_mul(1000)).unwrap_or(i64::MAX);
+        let copy_us = i64::try_from(state.stats.copy_ns / 1000).unwrap_or(0);
+        message.captured_at_unix_micros = written_us.saturating_sub(copy_us);
+    }
+    message
+}
+
+fn find_capture(manager: &Manager, uid: &str) -> Result<Capture, Status> {
+    crate::manager::validate_name(uid)?;
+    manager
+        .list_captures()?
+        .into_iter()
+        .find(|c| c.name == uid)
+        .ok_or_else(|| Status::not_found(format!("capture {uid:?} not found")))
+}
+
+#[tonic::async_trait]
+impl pb::agent_server::Agent for AgentService {
+    async fn get_info(&self, _: Request<pb::GetInfoRequest>) -> Result<Response<pb::AgentInfo>, Status> {
+        let node_name = self.node_name.clone();
+        let capacity = self.capacity;
+        let info = self
+            .blocking(Vec::new(), move |manager| {
+                let sandboxes = manager.list()?;
+                let captures = manager.list_captures()?;
+                let used_mib = sandboxes.iter().map(|s| s.memory_mib).sum::<u64>()
+                    + captures.iter().map(|c| c.memory_bytes >> 20).sum::<u64>();
+                let devices = health::check();
+                Ok(pb::AgentInfo {
+                    node_name,
+                    version: env!("CARGO_PKG_VERSION").into(),
+                    memory_capacity_mib: capacity.memory_mib,
+                    memory_used_mib: used_mib,
+                    max_sandboxes: capacity.max_sandboxes,
+                    sandboxes: u32::try_from(sandboxes.len()).unwrap_or(u32::MAX),
+                    captures: u32::try_from(captures.len()).unwrap_or(u32::MAX),
+                    kvm_ok: devices.kvm.is_ok(),
+                    kvm_error: devices.kvm.err().unwrap_or_default(),
+                    userfaultfd_ok: devices.userfaultfd.is_ok(),
+                    userfaultfd_error: devices.userfaultfd.err().unwrap_or_default(),
+                })
+            })
+            .await?;
+        Ok(Response::new(info))
+    }
+
+    async fn create_sandbox(&self, request: Request<pb::CreateSandboxRequest>) -> Result<Response<pb::Sandbox>, Status> {
+        let request = request.into_inner();
+        let vcpus = u8::try_from(request.vcpus)
+            .map_err(|_| Status::invalid_argument(format!("{} vCPUs is more than this agent runs", request.vcpus)))?;
+        let spec = SandboxSpec {
+            name: request.uid.clone(),
+            memory_mib: request.memory_mib,
+            vcpus,
+            workload: convert::workload_from_pb(request.workload)?,
+        };
+        let max = self.capacity.max_sandboxes;
+        let sandbox = self
+            .blocking(vec![lock_key("sandbox", &request.uid)], move |manager| {
+                if manager.status(&spec.name).is_err() {
+                    let running = manager.list()?.len();
+                    if max > 0 && running >= max as usize {
+                        return Err(Status::resource_exhausted(format!(
+                            "this node runs {running} sandboxes, its maximum"
+                        )));
+                    }
+                }
+                Ok(sandbox_to_pb(&manager.run(&spec)?))
+            })
+            .await?;
+        Ok(Response::new(sandbox))
+    }
+
+    async fn restore_branch(&self, request: Request<pb::RestoreBranchRequest>) -> Result<Response<pb::Sandbox>, Status> {
+        let request = request.into_inner();
+        let keys = vec![
+            lock_key("sandbox", &request.uid),
+            lock_key("capture", &request.capture_uid),
+        ];
+        let max = self.capacity.max_sandboxes;
+        let sandbox = self
+            .blocking(keys, move |manager| {
+                if manager.status(&request.uid).is_err() {
+                    let running = manager.list()?.len();
+                    if max > 0 && running >= max as usize {
+                        return Err(Status::resource_exhausted(format!(
+                            "this node runs {running} sandboxes, its maximum"
+                        )));
+                    }
+                }
+                Ok(sandbox_to_pb(&manager.branch(&request.uid, &request.capture_uid)?))
+            })
+            .await?;
+        Ok(Response::new(sandbox))
+    }
+
+    async fn get_sandbox(&self, request: Request<pb::GetSandboxRequest>) -> Result<Response<pb::Sandbox>, Status> {
+        let uid = request.into_inner().uid;
+        let sandbox = self
+            .blocking(Vec::new(), move |manager| Ok(sandbox_to_pb(&manager.status(&uid)?)))
+            .await?;
+        Ok(Response::new(sandbox))
+    }
+
+    async fn list_sandboxes(
+        &self,
+        _: Request<pb::ListSandboxesRequest>,
+    ) -> Result<Response<pb::ListSandboxesResponse>, Status> {
+        let sandboxes = self
+            .blocking(Vec::new(), |manager| {
+                Ok(manager.list()?.iter().map(sandbox_to_pb).collect())
+            })
+            .await?;
+        Ok(Response::new(pb::ListSandboxesResponse { sandboxes }))
+    }
+
+    async fn delete_sandbox(
+        &self,
+        request: Request<pb::DeleteSandboxRequest>,
+    ) -> Result<Response<pb::DeleteSandboxResponse>, Status> {
+        let uid = request.into_inner().uid;
+        let existed = self
+            .blocking(vec![lock_key("sandbox", &uid)], move |manager| {
+                crate::manager::validate_name(&uid)?;
+                let existed = manager.status(&uid).is_ok();
+                manager.delete(&uid)?;
+                Ok(existed)
+            })
+            .await?;
+        Ok(Response::new(pb::DeleteSandboxResponse { existed }))
+    }
+
+    async fn capture_sandbox(&self, request: Request<pb::CaptureSandboxRequest>) -> Result<Response<pb::Capture>, Status> {
+        let request = request.into_inner();
+        let mode = convert::mode_from_pb(request.mode)?;
+        let capture = self
+            .blocking(vec![lock_key("capture", &request.capture_uid)], move |manager| {
+                let capture = manager.capture(&request.sandbox_uid, &request.capture_uid, mode, false)?;
+                Ok(capture_with_time(manager, &capture))
+            })
+            .await?;
+        Ok(Response::new(capture))
+    }
+
+    async fn get_capture(&self, request: Request<pb::GetCaptureRequest>) -> Result<Response<pb::Capture>, Status> {
+        let uid = request.into_inner().uid;
+        let capture = self
+            .blocking(Vec::new(), move |manager| {
+                let capture = find_capture(manager, &uid)?;
+                Ok(capture_with_time(manager, &capture))
+            })
+            .await?;
+        Ok(Response::new(capture))
+    }
+
+    async fn list_captures(
+        &self,
+        _: Request<pb::ListCapturesRequest>,
+    ) -> Result<Response<pb::ListCapturesResponse>, Status> {
+        let captures = self
+            .blocking(Vec::new(), |manager| {
+                Ok(manager
+                    .list_captures()?
+                    .iter()
+                    .map(|capture| capture_with_time(manager, capture))
+                    .collect())
+            })
+            .await?;
+        Ok(Response::new(pb::ListCapturesResponse { captures }))
+    }
+
+    async fn delete_capture(
+        &self,
+        request: Request<pb::DeleteCaptureRequest>,
+    ) -> Result<Response<pb::DeleteCaptureResponse>, Status> {
+        let uid = request.into_inner().uid;
+        let existed = self
+            .blocking(vec![lock_key("capture", &uid)], move |manager| {
+                let existed = find_capture(manager, &uid).is_ok();
+                manager.delete_capture(&uid)?;
+                Ok(existed)
+            })
+            .await?;
+        Ok(Response::new(pb::DeleteCaptureResponse { existed }))
+    }
+}
