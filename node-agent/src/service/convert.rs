@@ -46,7 +46,9 @@ pub fn workload_from_pb(workload: Option<pb::Workload>) -> Result<Workload, Stat
         Some(Kind::Dirty(dirty)) => Ok(Workload::Dirty {
             pattern: match pb::DirtyPattern::try_from(dirty.pattern) {
                 Ok(pb::DirtyPattern::Random) => DirtyPattern::Random,
-                Ok(pb::DirtyPattern::Sequential | pb::DirtyPattern::Unspecified) => DirtyPattern::Sequential,
+                Ok(pb::DirtyPattern::Sequential | pb::DirtyPattern::Unspecified) => {
+                    DirtyPattern::Sequential
+                }
                 Err(_) => {
                     return Err(Status::invalid_argument(format!(
                         "unknown dirty pattern {}",
@@ -87,7 +89,9 @@ pub fn mode_from_pb(mode: i32) -> Result<CaptureMode, Status> {
     match pb::CaptureMode::try_from(mode) {
         Ok(pb::CaptureMode::Live | pb::CaptureMode::Unspecified) => Ok(CaptureMode::Live),
         Ok(pb::CaptureMode::StopAndCopy) => Ok(CaptureMode::StopAndCopy),
-        Err(_) => Err(Status::invalid_argument(format!("unknown capture mode {mode}"))),
+        Err(_) => Err(Status::invalid_argument(format!(
+            "unknown capture mode {mode}"
+        ))),
     }
 }
 
@@ -153,7 +157,10 @@ mod tests {
     fn manager_errors_map_to_actionable_codes() {
         let cases = [
             (ManagerError::InvalidName("A".into()), Code::InvalidArgument),
-            (ManagerError::InvalidSpec("0 vCPUs".into()), Code::InvalidArgument),
+            (
+                ManagerError::InvalidSpec("0 vCPUs".into()),
+                Code::InvalidArgument,
+            ),
             (
                 ManagerError::NotFound {
                     kind: "sandbox",
@@ -179,7 +186,10 @@ mod tests {
                 ManagerError::Memory(MemoryError::InvalidSize { bytes: 3 }),
                 Code::InvalidArgument,
             ),
-            (ManagerError::DevicesMissing("/dev/kvm".into()), Code::FailedPrecondition),
+            (
+                ManagerError::DevicesMissing("/dev/kvm".into()),
+                Code::FailedPrecondition,
+            ),
             (
                 ManagerError::Vm {
                     name: "x".into(),
@@ -204,7 +214,11 @@ mod tests {
             source: std::io::Error::from_raw_os_error(libc::ENOSPC),
         });
         assert_eq!(status.code(), Code::Internal);
-        assert!(status.message().contains("No space left"), "{}", status.message());
+        assert!(
+            status.message().contains("No space left"),
+            "{}",
+            status.message()
+        );
     }
 
     #[test]
@@ -217,7 +231,10 @@ mod tests {
                 pages_per_second: 500,
             },
         ] {
-            assert_eq!(workload_from_pb(workload_to_pb(&workload)).unwrap(), workload);
+            assert_eq!(
+                workload_from_pb(workload_to_pb(&workload)).unwrap(),
+                workload
+            );
         }
         assert_eq!(
             workload_from_pb(None).unwrap_err().code(),

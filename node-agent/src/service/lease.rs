@@ -43,11 +43,23 @@ impl Registration {
         let bool_str = |ok: bool| if ok { "true" } else { "false" }.to_string();
         let mut annotations = BTreeMap::from([
             (keys::ENDPOINT.to_string(), self.endpoint.clone()),
-            (keys::MEMORY_MIB.to_string(), self.capacity.memory_mib.to_string()),
-            (keys::MAX_SANDBOXES.to_string(), self.capacity.max_sandboxes.to_string()),
+            (
+                keys::MEMORY_MIB.to_string(),
+                self.capacity.memory_mib.to_string(),
+            ),
+            (
+                keys::MAX_SANDBOXES.to_string(),
+                self.capacity.max_sandboxes.to_string(),
+            ),
             (keys::KVM.to_string(), bool_str(devices.kvm.is_ok())),
-            (keys::USERFAULTFD.to_string(), bool_str(devices.userfaultfd.is_ok())),
-            (keys::VERSION.to_string(), env!("CARGO_PKG_VERSION").to_string()),
+            (
+                keys::USERFAULTFD.to_string(),
+                bool_str(devices.userfaultfd.is_ok()),
+            ),
+            (
+                keys::VERSION.to_string(),
+                env!("CARGO_PKG_VERSION").to_string(),
+            ),
         ]);
         if let Err(why) = &devices.kvm {
             annotations.insert("sandfork.dev/kvm-error".into(), why.clone());
@@ -60,7 +72,10 @@ impl Registration {
                 name: Some(keys::name(&self.node_name)),
                 namespace: Some(self.namespace.clone()),
                 labels: Some(BTreeMap::from([
-                    (keys::COMPONENT_LABEL.to_string(), keys::COMPONENT_VALUE.to_string()),
+                    (
+                        keys::COMPONENT_LABEL.to_string(),
+                        keys::COMPONENT_VALUE.to_string(),
+                    ),
                     (keys::NODE_LABEL.to_string(), self.node_name.clone()),
                 ])),
                 annotations: Some(annotations),
@@ -68,7 +83,9 @@ impl Registration {
             },
             spec: Some(LeaseSpec {
                 holder_identity: Some(self.node_name.clone()),
-                lease_duration_seconds: Some(i32::try_from(self.lease_duration.as_secs()).unwrap_or(i32::MAX)),
+                lease_duration_seconds: Some(
+                    i32::try_from(self.lease_duration.as_secs()).unwrap_or(i32::MAX),
+                ),
                 acquire_time: Some(MicroTime(acquired)),
                 renew_time: Some(MicroTime(now)),
                 ..LeaseSpec::default()
@@ -78,7 +95,11 @@ impl Registration {
 }
 
 /// Writes the Lease once.
-pub async fn renew(api: &Api<Lease>, registration: &Registration, acquired: Timestamp) -> kube::Result<()> {
+pub async fn renew(
+    api: &Api<Lease>,
+    registration: &Registration,
+    acquired: Timestamp,
+) -> kube::Result<()> {
     let devices = tokio::task::spawn_blocking(health::check)
         .await
         .unwrap_or_else(|err| health::Devices {
@@ -91,8 +112,12 @@ pub async fn renew(api: &Api<Lease>, registration: &Registration, acquired: Time
     value["apiVersion"] = "coordination.k8s.io/v1".into();
     value["kind"] = "Lease".into();
     let name = lease.metadata.name.take().unwrap_or_default();
-    api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&value))
-        .await?;
+    api.patch(
+        &name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&value),
+    )
+    .await?;
     Ok(())
 }
 
@@ -142,7 +167,10 @@ mod tests {
             userfaultfd: Err("cannot open /dev/userfaultfd: Permission denied".into()),
         };
         let lease = registration.lease(now, now, &devices);
-        assert_eq!(lease.metadata.name.as_deref(), Some("sandfork-agent-node-a"));
+        assert_eq!(
+            lease.metadata.name.as_deref(),
+            Some("sandfork-agent-node-a")
+        );
         let annotations = lease.metadata.annotations.unwrap();
         assert_eq!(annotations[keys::ENDPOINT], "10.0.0.7:7443");
         assert_eq!(annotations[keys::MEMORY_MIB], "16384");

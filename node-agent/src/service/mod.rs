@@ -42,13 +42,25 @@ pub struct ServeConfig {
     #[arg(long, env = "NODE_NAME")]
     pub node_name: String,
     /// The agent's serving certificate (PEM).
-    #[arg(long, env = "SANDFORK_TLS_CERT", default_value = "/etc/sandfork/tls/tls.crt")]
+    #[arg(
+        long,
+        env = "SANDFORK_TLS_CERT",
+        default_value = "/etc/sandfork/tls/tls.crt"
+    )]
     pub tls_cert: PathBuf,
     /// The agent's private key (PEM).
-    #[arg(long, env = "SANDFORK_TLS_KEY", default_value = "/etc/sandfork/tls/tls.key")]
+    #[arg(
+        long,
+        env = "SANDFORK_TLS_KEY",
+        default_value = "/etc/sandfork/tls/tls.key"
+    )]
     pub tls_key: PathBuf,
     /// CA (PEM) whose client certificates are accepted; all others are refused.
-    #[arg(long, env = "SANDFORK_TLS_CLIENT_CA", default_value = "/etc/sandfork/tls/ca.crt")]
+    #[arg(
+        long,
+        env = "SANDFORK_TLS_CLIENT_CA",
+        default_value = "/etc/sandfork/tls/ca.crt"
+    )]
     pub tls_client_ca: PathBuf,
     /// Namespace of the agent's Lease.
     #[arg(long, env = "POD_NAMESPACE", default_value = "sandfork-system")]
@@ -74,6 +86,9 @@ pub struct ServeConfig {
     /// Pod IP from the downward API, used for the default advertised address.
     #[arg(long, env = "POD_IP", hide = true)]
     pub pod_ip: Option<IpAddr>,
+    /// The executable started as each sandbox's VM process [default: this one].
+    #[arg(long, env = "SANDFORK_AGENT_BINARY", hide = true)]
+    pub agent_binary: Option<PathBuf>,
     /// The state directory: set from the command line's global --state-dir.
     #[arg(skip)]
     pub state_dir: PathBuf,
@@ -143,20 +158,30 @@ pub async fn serve_on(
         !config.node_name.is_empty(),
         "the node name is empty: set NODE_NAME or --node-name"
     );
-    let manager = Manager::open(&config.state_dir)
-        .with_context(|| format!("opening the state directory {}", config.state_dir.display()))?;
-    let capacity = Capacity::detect(config.memory_mib, config.reserved_memory_mib, config.max_sandboxes);
+    let manager = match &config.agent_binary {
+        Some(binary) => Manager::with_agent_binary(&config.state_dir, binary),
+        None => Manager::open(&config.state_dir),
+    }
+    .with_context(|| format!("opening the state directory {}", config.state_dir.display()))?;
+    let capacity = Capacity::detect(
+        config.memory_mib,
+        config.reserved_memory_mib,
+        config.max_sandboxes,
+    );
     let bound = listener.local_addr()?;
     let endpoint = config.advertised_endpoint(bound)?;
     let devices = health::check();
     if !devices.all_ok() {
-        tracing::warn!(?devices, "this node cannot run sandboxes; serving anyway and saying so in the Lease");
+        tracing::warn!(
+            ?devices,
+            "this node cannot run sandboxes; serving anyway and saying so in the Lease"
+        );
     }
 
     let heartbeat = if config.register {
-        let client = kube::Client::try_default()
-            .await
-            .context("connecting to the Kubernetes API to register (use --register=false to run without)")?;
+        let client = kube::Client::try_default().await.context(
+            "connecting to the Kubernetes API to register (use --register=false to run without)",
+        )?;
         let api = kube::Api::<Lease>::namespaced(client, &config.namespace);
         let registration = lease::Registration {
             namespace: config.namespace.clone(),
@@ -168,7 +193,13 @@ pub async fn serve_on(
         // Register before serving, so that a broken registration is seen at once.
         lease::renew(&api, &registration, k8s_openapi::jiff::Timestamp::now())
             .await
-            .with_context(|| format!("writing the Lease {} in namespace {}", sandfork_api::agent::lease::name(&config.node_name), config.namespace))?;
+            .with_context(|| {
+                format!(
+                    "writing the Lease {} in namespace {}",
+                    sandfork_api::agent::lease::name(&config.node_name),
+                    config.namespace
+                )
+            })?;
         Some(tokio::spawn(lease::heartbeat(
             api,
             registration,
@@ -190,7 +221,10 @@ pub async fn serve_on(
     let result = Server::builder()
         .tls_config(config.tls()?)?
         .add_service(AgentServer::new(service))
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
         .await;
     if let Some(heartbeat) = heartbeat {
         heartbeat.abort();

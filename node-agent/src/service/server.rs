@@ -28,7 +28,10 @@ struct KeyedLocks(Mutex<HashMap<String, Arc<Mutex<()>>>>);
 
 impl KeyedLocks {
     fn get(&self, key: &str) -> Arc<Mutex<()>> {
-        let mut locks = self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut locks = self
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         // Forget the locks nobody holds, so the map does not grow forever.
         locks.retain(|_, lock| Arc::strong_count(lock) > 1);
         locks.entry(key.to_string()).or_default().clone()
@@ -77,7 +80,8 @@ fn capture_with_time(manager: &Manager, capture: &Capture) -> pb::Capture {
     if let Ok(state) = dir.read_state() {
         // The state is written when the copy completes; the captured instant
         // (the pause) was `copy_ns` before that.
-        let written_us = i64::try_from(state.created_unix_ms.saturating_mul(1000)).unwrap_or(i64::MAX);
+        let written_us =
+            i64::try_from(state.created_unix_ms.saturating_mul(1000)).unwrap_or(i64::MAX);
         let copy_us = i64::try_from(state.stats.copy_ns / 1000).unwrap_or(0);
         message.captured_at_unix_micros = written_us.saturating_sub(copy_us);
     }
@@ -95,7 +99,10 @@ fn find_capture(manager: &Manager, uid: &str) -> Result<Capture, Status> {
 
 #[tonic::async_trait]
 impl pb::agent_server::Agent for AgentService {
-    async fn get_info(&self, _: Request<pb::GetInfoRequest>) -> Result<Response<pb::AgentInfo>, Status> {
+    async fn get_info(
+        &self,
+        _: Request<pb::GetInfoRequest>,
+    ) -> Result<Response<pb::AgentInfo>, Status> {
         let node_name = self.node_name.clone();
         let capacity = self.capacity;
         let info = self
@@ -123,10 +130,17 @@ impl pb::agent_server::Agent for AgentService {
         Ok(Response::new(info))
     }
 
-    async fn create_sandbox(&self, request: Request<pb::CreateSandboxRequest>) -> Result<Response<pb::Sandbox>, Status> {
+    async fn create_sandbox(
+        &self,
+        request: Request<pb::CreateSandboxRequest>,
+    ) -> Result<Response<pb::Sandbox>, Status> {
         let request = request.into_inner();
-        let vcpus = u8::try_from(request.vcpus)
-            .map_err(|_| Status::invalid_argument(format!("{} vCPUs is more than this agent runs", request.vcpus)))?;
+        let vcpus = u8::try_from(request.vcpus).map_err(|_| {
+            Status::invalid_argument(format!(
+                "{} vCPUs is more than this agent runs",
+                request.vcpus
+            ))
+        })?;
         let spec = SandboxSpec {
             name: request.uid.clone(),
             memory_mib: request.memory_mib,
@@ -150,7 +164,10 @@ impl pb::agent_server::Agent for AgentService {
         Ok(Response::new(sandbox))
     }
 
-    async fn restore_branch(&self, request: Request<pb::RestoreBranchRequest>) -> Result<Response<pb::Sandbox>, Status> {
+    async fn restore_branch(
+        &self,
+        request: Request<pb::RestoreBranchRequest>,
+    ) -> Result<Response<pb::Sandbox>, Status> {
         let request = request.into_inner();
         let keys = vec![
             lock_key("sandbox", &request.uid),
@@ -167,16 +184,23 @@ impl pb::agent_server::Agent for AgentService {
                         )));
                     }
                 }
-                Ok(sandbox_to_pb(&manager.branch(&request.uid, &request.capture_uid)?))
+                Ok(sandbox_to_pb(
+                    &manager.branch(&request.uid, &request.capture_uid)?,
+                ))
             })
             .await?;
         Ok(Response::new(sandbox))
     }
 
-    async fn get_sandbox(&self, request: Request<pb::GetSandboxRequest>) -> Result<Response<pb::Sandbox>, Status> {
+    async fn get_sandbox(
+        &self,
+        request: Request<pb::GetSandboxRequest>,
+    ) -> Result<Response<pb::Sandbox>, Status> {
         let uid = request.into_inner().uid;
         let sandbox = self
-            .blocking(Vec::new(), move |manager| Ok(sandbox_to_pb(&manager.status(&uid)?)))
+            .blocking(Vec::new(), move |manager| {
+                Ok(sandbox_to_pb(&manager.status(&uid)?))
+            })
             .await?;
         Ok(Response::new(sandbox))
     }
@@ -209,19 +233,29 @@ impl pb::agent_server::Agent for AgentService {
         Ok(Response::new(pb::DeleteSandboxResponse { existed }))
     }
 
-    async fn capture_sandbox(&self, request: Request<pb::CaptureSandboxRequest>) -> Result<Response<pb::Capture>, Status> {
+    async fn capture_sandbox(
+        &self,
+        request: Request<pb::CaptureSandboxRequest>,
+    ) -> Result<Response<pb::Capture>, Status> {
         let request = request.into_inner();
         let mode = convert::mode_from_pb(request.mode)?;
         let capture = self
-            .blocking(vec![lock_key("capture", &request.capture_uid)], move |manager| {
-                let capture = manager.capture(&request.sandbox_uid, &request.capture_uid, mode, false)?;
-                Ok(capture_with_time(manager, &capture))
-            })
+            .blocking(
+                vec![lock_key("capture", &request.capture_uid)],
+                move |manager| {
+                    let capture =
+                        manager.capture(&request.sandbox_uid, &request.capture_uid, mode, false)?;
+                    Ok(capture_with_time(manager, &capture))
+                },
+            )
             .await?;
         Ok(Response::new(capture))
     }
 
-    async fn get_capture(&self, request: Request<pb::GetCaptureRequest>) -> Result<Response<pb::Capture>, Status> {
+    async fn get_capture(
+        &self,
+        request: Request<pb::GetCaptureRequest>,
+    ) -> Result<Response<pb::Capture>, Status> {
         let uid = request.into_inner().uid;
         let capture = self
             .blocking(Vec::new(), move |manager| {
