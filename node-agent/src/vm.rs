@@ -1,7 +1,6 @@
 //! A sandbox VM: KVM VM, guest memory and one thread per vCPU, with a pause
 //! that stops every vCPU, optionally saves its state, and resumes.
 
-use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
 use std::thread::JoinHandle;
