@@ -84,6 +84,8 @@ enum Command {
     Import { file: PathBuf, capture: String },
     /// Measure capture and restore on this machine; see the README.
     Bench(BenchArgs),
+    /// Serve the gRPC API to the operator (mutual TLS) and keep this node's Lease.
+    Serve(sandfork_node_agent::service::ServeConfig),
     /// (internal) Run one sandbox's VM; started by the agent.
     #[command(hide = true)]
     VmHost {
@@ -114,6 +116,9 @@ fn main() -> anyhow::Result<()> {
             &cli.state_dir.join("captures"),
         ),
         Command::Bench(args) => bench::run(&args),
+        Command::Serve(config) => {
+            sandfork_node_agent::service::run(config.with_state_dir(cli.state_dir))
+        }
         command => run_local(&cli.state_dir, command),
     }
 }
@@ -200,7 +205,9 @@ fn run_local(state_dir: &std::path::Path, command: Command) -> anyhow::Result<()
             CaptureDir::new(state_dir.join("captures").join(&capture)).import(&file)?;
             Ok(())
         }
-        Command::Bench(_) | Command::VmHost { .. } => unreachable!("handled in main"),
+        Command::Bench(_) | Command::Serve(_) | Command::VmHost { .. } => {
+            unreachable!("handled in main")
+        }
     }
 }
 

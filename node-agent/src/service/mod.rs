@@ -34,7 +34,7 @@ pub struct ServeConfig {
     #[arg(long, env = "SANDFORK_LISTEN", default_value = "0.0.0.0:7443")]
     pub listen: SocketAddr,
     /// `host:port` the operator should dial, published in the Lease
-    /// [default: POD_IP (or HOST_IP) with the listening port, or the
+    /// [default: POD_IP with the listening port, or the
     /// listening address when it is not a wildcard].
     #[arg(long, env = "SANDFORK_ADVERTISE")]
     pub advertise: Option<String>,
