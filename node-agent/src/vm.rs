@@ -133,14 +133,19 @@ pub(crate) fn set_realtime(thread: libc::pthread_t, realtime: bool) {
     let _ = unsafe { libc::pthread_setschedparam(thread, policy, &param) };
 }
 
-/// Runs the current thread at real-time priority until dropped.
-pub struct RealtimeGuard(());
+/// Runs the current thread at real-time priority until dropped, then
+/// restores the policy it had (guards nest).
+pub struct RealtimeGuard {
+    was_realtime: bool,
+}
 
 impl RealtimeGuard {
     pub fn new() -> Self {
+        // SAFETY: sched_getscheduler(0) queries the calling thread only.
+        let was_realtime = unsafe { libc::sched_getscheduler(0) } == libc::SCHED_FIFO;
         // SAFETY: pthread_self has no preconditions.
         set_realtime(unsafe { libc::pthread_self() }, true);
-        Self(())
+        Self { was_realtime }
     }
 }
 
@@ -153,7 +158,7 @@ impl Default for RealtimeGuard {
 impl Drop for RealtimeGuard {
     fn drop(&mut self) {
         // SAFETY: pthread_self has no preconditions.
-        set_realtime(unsafe { libc::pthread_self() }, false);
+        set_realtime(unsafe { libc::pthread_self() }, self.was_realtime);
     }
 }
 
