@@ -85,7 +85,7 @@ enum Command {
     /// Measure capture and restore on this machine; see the README.
     Bench(BenchArgs),
     /// Serve the gRPC API to the operator (mutual TLS) and keep this node's Lease.
-    Serve(sandfork_node_agent::service::ServeConfig),
+    Serve(Box<sandfork_node_agent::service::ServeConfig>),
     /// (internal) Run one sandbox's VM; started by the agent.
     #[command(hide = true)]
     VmHost {

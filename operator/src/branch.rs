@@ -76,7 +76,10 @@ pub async fn reconcile(branch: Arc<SandboxBranch>, ctx: Arc<Context>) -> Result<
 
 pub fn error_policy(branch: Arc<SandboxBranch>, err: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.failed(CONTROLLER, err.metric_label());
-    if err.is_waiting() {
+    if err.is_conflict() {
+        tracing::debug!(sandboxbranch = %branch.name_any(), "conflict; retrying");
+        Action::requeue(crate::sandbox::CONFLICT_RETRY)
+    } else if err.is_waiting() {
         tracing::debug!(sandboxbranch = %branch.name_any(), error = %ErrorChain(err));
         Action::requeue(ctx.settings.poll)
     } else if err.is_transient() {
@@ -101,6 +104,9 @@ struct Update<'a> {
     branch: &'a SandboxBranch,
     status: SandboxBranchStatus,
     now: Timestamp,
+    /// The status as last written (or read), and the object's version then.
+    written: Option<SandboxBranchStatus>,
+    resource_version: Option<String>,
 }
 
 impl<'a> Update<'a> {
@@ -109,6 +115,8 @@ impl<'a> Update<'a> {
             branch,
             status: branch.status.clone().unwrap_or_default(),
             now,
+            written: branch.status.clone(),
+            resource_version: branch.metadata.resource_version.clone(),
         }
     }
 
@@ -131,11 +139,20 @@ impl<'a> Update<'a> {
         self.set(false, true, false, reason, message);
     }
 
-    async fn write(&self, ctx: &Context) -> Result<()> {
-        if self.branch.status.as_ref() == Some(&self.status) {
+    /// Writes the status if it changed.
+    async fn write(&mut self, ctx: &Context) -> Result<()> {
+        if self.written.as_ref() == Some(&self.status) {
             return Ok(());
         }
-        Ok(apply_status(ctx, self.branch, &self.status).await?)
+        self.resource_version = apply_status(
+            ctx,
+            self.branch,
+            self.resource_version.as_deref(),
+            &self.status,
+        )
+        .await?;
+        self.written = Some(self.status.clone());
+        Ok(())
     }
 }
 

@@ -17,7 +17,7 @@ pub enum Error {
     #[error("finalizer")]
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
 
-    #[error("agent on node {node}: {}: {}", .status.code(), .status.message())]
+    #[error("agent on node {node}")]
     Agent {
         node: String,
         #[source]
@@ -91,6 +91,22 @@ impl Error {
             ),
             _ => false,
         }
+    }
+
+    /// Whether the API server refused a write made from a stale copy (409).
+    pub fn is_conflict(&self) -> bool {
+        let kube_err = match self {
+            Error::Kube(err) => Some(err),
+            Error::Finalizer(err) => match err.as_ref() {
+                kube::runtime::finalizer::Error::ApplyFailed(Error::Kube(err))
+                | kube::runtime::finalizer::Error::CleanupFailed(Error::Kube(err))
+                | kube::runtime::finalizer::Error::AddFinalizer(err)
+                | kube::runtime::finalizer::Error::RemoveFinalizer(err) => Some(err),
+                _ => None,
+            },
+            _ => None,
+        };
+        kube_err.is_some_and(|err| matches!(err, kube::Error::Api(status) if status.code == 409))
     }
 
     /// The gRPC status, when the error came from an agent.

@@ -317,6 +317,14 @@ impl FakeApi {
                     return status(404, "NotFound", format!("{name:?} not found"));
                 };
                 let before_spec = object["spec"].clone();
+                // A resourceVersion in the patch is a precondition.
+                let expected = &request.body["metadata"]["resourceVersion"];
+                if request.content_type == "application/apply-patch+yaml"
+                    && !expected.is_null()
+                    && *expected != object["metadata"]["resourceVersion"]
+                {
+                    return status(409, "Conflict", "the object has been modified; please apply your changes to the latest version".into());
+                }
                 match request.content_type.as_str() {
                     "application/apply-patch+yaml"
                         if target.subresource.as_deref() == Some("status") =>

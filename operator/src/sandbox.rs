@@ -30,6 +30,9 @@ use crate::placement;
 
 pub const CONTROLLER: &str = "sandbox";
 
+/// How soon to retry after a write conflict.
+pub const CONFLICT_RETRY: std::time::Duration = std::time::Duration::from_millis(300);
+
 /// `Ready` reasons after which the Sandbox stays as it is until it is deleted.
 pub const PERMANENT_REASONS: &[&str] = &[
     reason::IMAGE_UNSUPPORTED,
@@ -79,7 +82,11 @@ pub async fn reconcile(sandbox: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Actio
 
 pub fn error_policy(sandbox: Arc<Sandbox>, err: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.failed(CONTROLLER, err.metric_label());
-    if err.is_transient() {
+    if err.is_conflict() {
+        // Reconciled from a stale copy: look again as soon as the cache catches up.
+        tracing::debug!(sandbox = %sandbox.name_any(), "conflict; retrying");
+        Action::requeue(CONFLICT_RETRY)
+    } else if err.is_transient() {
         let wait = ctx.backoff(object_key(sandbox.as_ref()));
         tracing::warn!(sandbox = %sandbox.name_any(), error = %ErrorChain(err), ?wait, "reconcile failed; retrying");
         Action::requeue(wait)
@@ -137,6 +144,9 @@ struct Update<'a> {
     sandbox: &'a Sandbox,
     status: SandboxStatus,
     now: Timestamp,
+    /// The status as last written (or read), and the object's version then.
+    written: Option<SandboxStatus>,
+    resource_version: Option<String>,
 }
 
 impl<'a> Update<'a> {
@@ -145,6 +155,8 @@ impl<'a> Update<'a> {
             sandbox,
             status: sandbox.status.clone().unwrap_or_default(),
             now,
+            written: sandbox.status.clone(),
+            resource_version: sandbox.metadata.resource_version.clone(),
         }
     }
 
@@ -159,16 +171,20 @@ impl<'a> Update<'a> {
     }
 
     /// Writes the status if it changed.
-    async fn write(&self, ctx: &Context) -> Result<()> {
-        if self.sandbox.status.as_ref() == Some(&self.status) {
+    async fn write(&mut self, ctx: &Context) -> Result<()> {
+        if self.written.as_ref() == Some(&self.status) {
             return Ok(());
         }
-        write_status(ctx, self.sandbox, &self.status).await
+        self.resource_version = crate::context::apply_status(
+            ctx,
+            self.sandbox,
+            self.resource_version.as_deref(),
+            &self.status,
+        )
+        .await?;
+        self.written = Some(self.status.clone());
+        Ok(())
     }
-}
-
-async fn write_status(ctx: &Context, sandbox: &Sandbox, status: &SandboxStatus) -> Result<()> {
-    Ok(crate::context::apply_status(ctx, sandbox, status).await?)
 }
 
 async fn apply(sandbox: &Sandbox, ctx: &Context) -> Result<Action> {

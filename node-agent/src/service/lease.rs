@@ -122,9 +122,14 @@ pub async fn renew(
 }
 
 /// Renews the Lease every `interval` until the future is dropped. Errors are
-/// logged and retried at the next tick.
-pub async fn heartbeat(api: Api<Lease>, registration: Registration, interval: Duration) {
-    let acquired = Timestamp::now();
+/// logged and retried at the next tick. `acquired` is when this agent
+/// process first wrote it.
+pub async fn heartbeat(
+    api: Api<Lease>,
+    registration: Registration,
+    interval: Duration,
+    acquired: Timestamp,
+) {
     let mut failing = false;
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

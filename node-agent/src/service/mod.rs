@@ -191,7 +191,8 @@ pub async fn serve_on(
             lease_duration: Duration::from_secs(config.lease_duration_seconds),
         };
         // Register before serving, so that a broken registration is seen at once.
-        lease::renew(&api, &registration, k8s_openapi::jiff::Timestamp::now())
+        let acquired = k8s_openapi::jiff::Timestamp::now();
+        lease::renew(&api, &registration, acquired)
             .await
             .with_context(|| {
                 format!(
@@ -204,6 +205,7 @@ pub async fn serve_on(
             api,
             registration,
             Duration::from_secs(config.lease_renew_seconds.max(1)),
+            acquired,
         )))
     } else {
         None

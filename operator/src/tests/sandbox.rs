@@ -334,3 +334,35 @@ async fn a_vm_that_vanished_from_its_node_is_lost_not_recreated() {
     assert_eq!(why, reason::LOST);
     assert_eq!(h.agent_calls("CreateSandbox").len(), 1);
 }
+
+#[tokio::test]
+async fn a_stale_copy_cannot_bind_the_sandbox_elsewhere() {
+    let mut h = Harness::new().await;
+    h.api.insert(&sandbox_object("vm", 1024));
+    h.reconcile_sandbox("vm").await.unwrap();
+    let stale = h.sandbox("vm").unwrap();
+    h.reconcile_sandbox("vm").await.unwrap();
+    assert_eq!(h.sandbox("vm").unwrap().node(), Some(NODE));
+    // A roomier node appears; a reconcile that starts from the copy read
+    // before the binding would place the Sandbox there.
+    h.leases
+        .apply_watcher_event(&watcher::Event::Apply(agent_lease(
+            "node-b",
+            &h.endpoint,
+            65536,
+            start_time(),
+        )));
+    h.api.clear_requests();
+
+    let err = crate::sandbox::reconcile(std::sync::Arc::new(stale.clone()), h.ctx.clone())
+        .await
+        .unwrap_err();
+
+    assert!(err.is_conflict(), "{err}");
+    assert_eq!(
+        crate::sandbox::error_policy(std::sync::Arc::new(stale), &err, h.ctx.clone()),
+        Action::requeue(crate::sandbox::CONFLICT_RETRY)
+    );
+    assert_eq!(h.agent_calls("CreateSandbox").len(), 1, "no twin on node-b");
+    assert_eq!(h.sandbox("vm").unwrap().node(), Some(NODE));
+}
