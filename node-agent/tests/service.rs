@@ -255,6 +255,7 @@ async fn start_server(
         tls_cert: pki.write("tls.crt", &server.cert),
         tls_key: pki.write("tls.key", &server.key),
         tls_client_ca: pki.write("ca.crt", &pki.ca.cert),
+        tls_client_name: "sandfork-operator".into(),
         namespace: "sandfork-system".into(),
         register: false,
         lease_duration_seconds: 40,
@@ -335,6 +336,14 @@ async fn clients_without_a_certificate_from_the_ca_are_refused() {
         err.contains("CertificateRequired"),
         "without a client certificate: {err}"
     );
+
+    // Another holder of a certificate from the same CA (an agent, say) is
+    // not the operator.
+    let other = pki.ca.client("sandfork-agent");
+    let err = get_info(&endpoint, &pki.ca.cert, Some(&other))
+        .await
+        .expect_err("not the operator");
+    assert!(err.contains("does not have permission"), "{err}");
 
     let rogue = TestCa::new("rogue CA").client("sandfork-operator");
     let err = get_info(&endpoint, &pki.ca.cert, Some(&rogue))

@@ -6,6 +6,7 @@
 //! the operator with TLS that requires a client certificate signed by the
 //! configured CA, and renews the node's Lease.
 
+pub mod auth;
 pub mod convert;
 pub mod health;
 pub mod lease;
@@ -20,6 +21,7 @@ use anyhow::Context as _;
 use k8s_openapi::api::coordination::v1::Lease;
 use sandfork_api::agent::v1::agent_server::AgentServer;
 use tokio::net::TcpListener;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 pub use health::Capacity;
@@ -62,6 +64,13 @@ pub struct ServeConfig {
         default_value = "/etc/sandfork/tls/ca.crt"
     )]
     pub tls_client_ca: PathBuf,
+    /// Name (DNS SAN or common name) the client certificate must carry; empty admits any client of the CA.
+    #[arg(
+        long,
+        env = "SANDFORK_TLS_CLIENT_NAME",
+        default_value = "sandfork-operator"
+    )]
+    pub tls_client_name: String,
     /// Namespace of the agent's Lease.
     #[arg(long, env = "POD_NAMESPACE", default_value = "sandfork-system")]
     pub namespace: String,
@@ -222,7 +231,10 @@ pub async fn serve_on(
     let service = AgentService::new(manager, config.node_name.clone(), capacity);
     let result = Server::builder()
         .tls_config(config.tls()?)?
-        .add_service(AgentServer::new(service))
+        .add_service(InterceptedService::new(
+            AgentServer::new(service),
+            client_check(config.tls_client_name.clone()),
+        ))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
             shutdown,
@@ -234,6 +246,15 @@ pub async fn serve_on(
     result.context("serving gRPC")?;
     tracing::info!("agent stopped; its VMs keep running");
     Ok(())
+}
+
+/// The client-name check, or one that admits every client of the CA.
+fn client_check(name: String) -> impl tonic::service::Interceptor + Clone {
+    let check = (!name.is_empty()).then(|| auth::ClientName::new(name));
+    move |request: tonic::Request<()>| match &check {
+        Some(check) => tonic::service::Interceptor::call(&mut check.clone(), request),
+        None => Ok(request),
+    }
 }
 
 async fn shutdown_signal() {
