@@ -54,3 +54,49 @@ async fn ready(State(state): State<HttpState>) -> impl IntoResponse {
     };
     (StatusCode::OK, role)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    async fn get(state: &HttpState, path: &str) -> (StatusCode, String) {
+        let request = axum::http::Request::get(path)
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let response = router(state.clone()).oneshot(request).await.unwrap();
+        let status = response.status();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8(body.to_vec()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn serves_metrics_health_and_role() {
+        let state = HttpState {
+            metrics: Arc::new(Metrics::default()),
+            active: Arc::new(AtomicBool::new(false)),
+        };
+        state
+            .metrics
+            .reconciled("sandbox", std::time::Duration::from_millis(1));
+        let (status, body) = get(&state, "/metrics").await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(
+            body.contains("sandfork_reconciles_total{controller=\"sandbox\"} 1"),
+            "{body}"
+        );
+        assert!(body.ends_with("# EOF\n"), "{body}");
+        assert_eq!(get(&state, "/healthz").await, (StatusCode::OK, "ok".into()));
+        assert_eq!(
+            get(&state, "/readyz").await,
+            (StatusCode::OK, "standby".into())
+        );
+        state.active.store(true, Ordering::Relaxed);
+        assert_eq!(
+            get(&state, "/readyz").await,
+            (StatusCode::OK, "leading".into())
+        );
+        assert_eq!(get(&state, "/nope").await.0, StatusCode::NOT_FOUND);
+    }
+}

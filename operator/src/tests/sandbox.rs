@@ -60,6 +60,12 @@ async fn binds_to_a_node_then_starts_and_reports_ready() {
         reason::SCHEDULED
     );
     assert_eq!(status_writes[0].body["kind"], "Sandbox");
+    // Each write is conditional on the version it was computed from.
+    assert!(status_writes[0].body["metadata"]["resourceVersion"].is_string());
+    assert_ne!(
+        status_writes[0].body["metadata"]["resourceVersion"],
+        status_writes[1].body["metadata"]["resourceVersion"]
+    );
     assert_eq!(
         status_writes[1].body["status"]["conditions"][0]["status"],
         "True"
