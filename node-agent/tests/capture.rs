@@ -106,6 +106,14 @@ fn live_capture_1gib_is_consistent() {
     }
 }
 
+/// Above 4 GiB guest memory spans the LAPIC's page, which is not RAM.
+#[test]
+fn live_capture_above_4gib_is_consistent() {
+    if common::devices_present() {
+        live_capture_is_consistent(4200, 2);
+    }
+}
+
 #[test]
 fn live_capture_pauses_every_vcpu() {
     if common::devices_present() {

@@ -7,12 +7,13 @@
 
 use std::arch::global_asm;
 
-use super::layout::REPORT_PORT;
+use super::layout::{LAPIC_PAGE, REPORT_PORT};
 
 // counter: pass after pass, store the pass number (1, 2, ...) in the first
 // qword of every page of the slice, in ascending order; report each finished
 // pass. rbx = pass, rdi = cursor, r12 = slice start. At any instant the slice
 // holds `rbx` below the cursor and `rbx - 1` from it on (see `verify_counter`).
+// The LAPIC's page is skipped: it is not RAM.
 global_asm!(
     ".pushsection .rodata.sandfork_guest,\"a\"",
     ".globl sandfork_guest_counter_start",
@@ -21,11 +22,15 @@ global_asm!(
     ".hidden sandfork_guest_counter_end",
     "sandfork_guest_counter_start:",
     "    mov r12, rdi",
+    "    mov r13, {lapic}",
     "    mov rbx, 1",
     "2:",
     "    mov rdi, r12",
     "3:",
+    "    cmp rdi, r13",
+    "    je 4f",
     "    mov qword ptr [rdi], rbx",
+    "4:",
     "    add rdi, 4096",
     "    cmp rdi, rsi",
     "    jb 3b",
@@ -37,12 +42,14 @@ global_asm!(
     "sandfork_guest_counter_end:",
     ".popsection",
     port = const REPORT_PORT,
+    lapic = const LAPIC_PAGE,
 );
 
 // dirty: write one page after another, sequentially (rcx = 0) or at
 // pseudo-random pages (rcx = 1, 64-bit LCG seeded with r9), pacing the writes
 // to one per r8 TSC ticks (r8 = 0: as fast as possible). Each write stores the
-// running write count; every 65536 writes the count is reported.
+// running write count (skipping the LAPIC's page); every 65536 writes the
+// count is reported.
 global_asm!(
     ".pushsection .rodata.sandfork_guest,\"a\"",
     ".globl sandfork_guest_dirty_start",
@@ -84,6 +91,9 @@ global_asm!(
     "    shl rax, 12",
     "    add rax, r12",
     "    inc r15",
+    "    mov r10, {lapic}",
+    "    cmp rax, r10",
+    "    je 5f",
     "    mov qword ptr [rax], r15",
     "    test r15d, 0xffff",
     "    jnz 5f",
@@ -104,6 +114,7 @@ global_asm!(
     "sandfork_guest_dirty_end:",
     ".popsection",
     port = const REPORT_PORT,
+    lapic = const LAPIC_PAGE,
 );
 
 // idle: halt forever (the in-kernel LAPIC keeps the vCPU blocked in KVM).

@@ -23,6 +23,10 @@ pub const REPORT_PORT: u16 = 0x5f0;
 /// Serial console (COM1) data port: bytes written there are the guest's console.
 pub const CONSOLE_PORT: u16 = 0x3f8;
 
+/// The in-kernel LAPIC answers guest accesses to this page (KVM does not let
+/// the APIC base move), so guests with more than ~4 GiB must not use it as RAM.
+pub const LAPIC_PAGE: u64 = 0xfee0_0000;
+
 pub const GDT_CODE_SELECTOR: u16 = 0x8;
 pub const GDT_DATA_SELECTOR: u16 = 0x10;
 pub const GDT_TSS_SELECTOR: u16 = 0x18;

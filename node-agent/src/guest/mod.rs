@@ -143,7 +143,8 @@ pub struct CounterProgress {
 #[derive(Debug, thiserror::Error)]
 #[error(
     "vCPU {vcpu}: memory is not the counter guest's memory at the saved instant \
-     (pass {pass}, cursor page {cursor}): {mismatched_pages} of {pages} pages differ"
+     (pass {pass}, cursor page {cursor}): {mismatched_pages} of {pages} pages differ, \
+     the first is page {first_page} holding {first_value}"
 )]
 pub struct CounterMismatch {
     pub vcpu: usize,
@@ -151,6 +152,9 @@ pub struct CounterMismatch {
     pub cursor: u64,
     pub mismatched_pages: u64,
     pub pages: u64,
+    /// For the closest candidate instant: the first page that differs.
+    pub first_page: u64,
+    pub first_value: u64,
 }
 
 /// Checks that `memory` (a copy of a `counter` guest's memory) is exactly
@@ -179,7 +183,11 @@ pub fn verify_counter(memory: &[u8], regs: &[kvm_regs]) -> Result<CounterState, 
         // (value below the boundary, boundary page)
         let candidates = [(pass, cursor), (pass, cursor + 1), (pass, 0)];
         let mut mismatches = [0u64; 3];
-        for page in 0..pages {
+        let mut first_mismatch = [(0u64, 0u64); 3];
+        let lapic_page = layout::LAPIC_PAGE
+            .checked_sub(slice.start)
+            .map(|offset| offset / PAGE_SIZE as u64);
+        for page in (0..pages).filter(|&page| Some(page) != lapic_page) {
             let value = value_at(page);
             for (slot, (new_value, boundary)) in candidates.iter().enumerate() {
                 let expected = if page < *boundary {
@@ -187,11 +195,19 @@ pub fn verify_counter(memory: &[u8], regs: &[kvm_regs]) -> Result<CounterState, 
                 } else {
                     new_value.wrapping_sub(1)
                 };
-                mismatches[slot] += u64::from(value != expected);
+                if value != expected {
+                    if mismatches[slot] == 0 {
+                        first_mismatch[slot] = (page, value);
+                    }
+                    mismatches[slot] += 1;
+                }
             }
         }
         // Before the first store the slice is still all zeros.
-        let untouched = pass <= 1 && (0..pages).all(|page| value_at(page) == 0);
+        let untouched = pass <= 1
+            && (0..pages)
+                .filter(|&page| Some(page) != lapic_page)
+                .all(|page| value_at(page) == 0);
         match mismatches.iter().position(|&count| count == 0) {
             Some(slot) => vcpus.push(CounterProgress {
                 pass,
@@ -202,12 +218,15 @@ pub fn verify_counter(memory: &[u8], regs: &[kvm_regs]) -> Result<CounterState, 
                 pages_done: 0,
             }),
             None => {
+                let closest = (0..3).min_by_key(|&slot| mismatches[slot]).unwrap();
                 return Err(CounterMismatch {
                     vcpu: index,
                     pass,
                     cursor,
-                    mismatched_pages: *mismatches.iter().min().unwrap(),
+                    mismatched_pages: mismatches[closest],
                     pages,
+                    first_page: first_mismatch[closest].0,
+                    first_value: first_mismatch[closest].1,
                 });
             }
         }
