@@ -64,9 +64,12 @@ pub async fn reconcile(branch: Arc<SandboxBranch>, ctx: Arc<Context>) -> Result<
             Finalizer::Apply(branch) => apply(&branch, &ctx).await,
             Finalizer::Cleanup(branch) => cleanup(&branch, &ctx).await,
         }
-    })
-    .await
-    .map_err(|err| Error::Finalizer(Box::new(err)));
+    });
+    let limit = ctx.settings.reconcile_timeout;
+    let result = match tokio::time::timeout(limit, result).await {
+        Ok(result) => result.map_err(|err| Error::Finalizer(Box::new(err))),
+        Err(_) => Err(Error::Timeout(limit)),
+    };
     ctx.metrics.reconciled(CONTROLLER, started.elapsed());
     if result.is_ok() {
         ctx.succeeded(&key);

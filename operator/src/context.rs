@@ -38,6 +38,8 @@ pub struct Settings {
     pub capture_timeout: Duration,
     /// Longest backoff after repeated transient errors.
     pub max_backoff: Duration,
+    /// A reconcile that runs longer is abandoned and retried.
+    pub reconcile_timeout: Duration,
 }
 
 impl Default for Settings {
@@ -50,6 +52,7 @@ impl Default for Settings {
             start_timeout: Duration::from_secs(60),
             capture_timeout: Duration::from_secs(600),
             max_backoff: Duration::from_secs(300),
+            reconcile_timeout: Duration::from_secs(720),
         }
     }
 }
@@ -92,6 +95,8 @@ pub struct Context {
     pub recorder: Recorder,
     pub clock: Clock,
     pub settings: Settings,
+    /// Placements not yet visible in `sandboxes`.
+    pub reservations: crate::placement::Reservations,
     failures: Mutex<HashMap<String, u32>>,
 }
 
@@ -113,6 +118,7 @@ impl Context {
             metrics,
             clock,
             settings,
+            reservations: Default::default(),
             failures: Mutex::new(HashMap::new()),
         }
     }

@@ -40,6 +40,9 @@ pub enum Error {
     #[error("waiting: {0}")]
     Waiting(String),
 
+    #[error("the reconcile took longer than {0:?}")]
+    Timeout(std::time::Duration),
+
     #[error("{0}")]
     Permanent(String),
 }
@@ -59,7 +62,10 @@ impl Error {
                 _ => false,
             },
             Error::Agent { status, .. } => agent_code_is_transient(status.code()),
-            Error::Dial { .. } | Error::AgentUnavailable { .. } | Error::Waiting(_) => true,
+            Error::Dial { .. }
+            | Error::AgentUnavailable { .. }
+            | Error::Waiting(_)
+            | Error::Timeout(_) => true,
             Error::Permanent(_) => false,
         }
     }
@@ -77,6 +83,7 @@ impl Error {
             Error::Dial { .. } => "dial",
             Error::AgentUnavailable { .. } => "agent_unavailable",
             Error::Waiting(_) => "waiting",
+            Error::Timeout(_) => "timeout",
             Error::Permanent(_) => "permanent",
         }
     }

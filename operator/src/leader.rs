@@ -156,11 +156,22 @@ fn post_params() -> PostParams {
     }
 }
 
+/// One try, given up after `limit` (a hung request must not stall election).
+async fn try_within(elector: &LeaderElector, limit: Duration) -> kube::Result<Outcome> {
+    tokio::time::timeout(limit, elector.try_acquire_or_renew())
+        .await
+        .unwrap_or_else(|_| {
+            Err(kube::Error::Service(
+                "leader Lease request timed out".to_string().into(),
+            ))
+        })
+}
+
 /// Tries every `retry` until this replica leads.
 pub async fn acquire(elector: &LeaderElector, retry: Duration) {
     let mut announced = false;
     loop {
-        match elector.try_acquire_or_renew().await {
+        match try_within(elector, retry.max(Duration::from_secs(5))).await {
             Ok(Outcome::Leading) => return,
             Ok(Outcome::Following) => {
                 if !announced {
@@ -183,7 +194,7 @@ pub async fn hold(elector: &LeaderElector, retry: Duration, renew_deadline: Dura
     let mut last_renewal = tokio::time::Instant::now();
     loop {
         tokio::time::sleep(retry).await;
-        match elector.try_acquire_or_renew().await {
+        match try_within(elector, renew_deadline).await {
             Ok(Outcome::Leading) => last_renewal = tokio::time::Instant::now(),
             Ok(Outcome::Following) => {
                 tracing::error!("leader Lease taken by another replica");

@@ -3,6 +3,8 @@
 //! memory that still fits it.
 
 use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::jiff::Timestamp;
 use sandfork_api::Sandbox;
@@ -37,6 +39,59 @@ pub fn load_by_node<'a>(
         entry.sandboxes += 1;
     }
     load
+}
+
+/// Bindings this operator made that its Sandbox cache may not show yet, so
+/// that Sandboxes placed one right after another do not all land on the
+/// node that looked emptiest to each of them.
+#[derive(Default)]
+pub struct Reservations {
+    /// Held while choosing, so that two placements do not interleave.
+    pub lock: tokio::sync::Mutex<()>,
+    bound: Mutex<HashMap<String, (String, u64, Instant)>>,
+}
+
+impl Reservations {
+    /// How long a reservation counts; the cache catches up long before.
+    const TTL: Duration = Duration::from_secs(30);
+
+    pub fn reserve(&self, uid: &str, node: &str, memory_mib: u64) {
+        self.bound.lock().expect("reservations lock").insert(
+            uid.to_string(),
+            (node.to_string(), memory_mib, Instant::now()),
+        );
+    }
+
+    pub fn release(&self, uid: &str) {
+        self.bound.lock().expect("reservations lock").remove(uid);
+    }
+
+    /// Adds to `load` the reservations that `sandboxes` (the cache) do not
+    /// show as bound yet, except `except`; forgets expired ones and those
+    /// the cache shows.
+    pub fn add_to<'a>(
+        &self,
+        load: &mut HashMap<String, NodeLoad>,
+        sandboxes: impl IntoIterator<Item = &'a Sandbox>,
+        except: &str,
+    ) {
+        let bound_in_cache: std::collections::HashSet<&str> = sandboxes
+            .into_iter()
+            .filter(|s| s.node().is_some())
+            .filter_map(|s| s.metadata.uid.as_deref())
+            .collect();
+        let mut reservations = self.bound.lock().expect("reservations lock");
+        reservations.retain(|uid, (_, _, at)| {
+            at.elapsed() < Self::TTL && !bound_in_cache.contains(uid.as_str())
+        });
+        for (uid, (node, memory_mib, _)) in reservations.iter() {
+            if uid != except {
+                let entry = load.entry(node.clone()).or_default();
+                entry.memory_mib += memory_mib;
+                entry.sandboxes += 1;
+            }
+        }
+    }
 }
 
 /// Picks a node for a Sandbox of `memory_mib` MiB among `agents` for which
@@ -121,6 +176,40 @@ mod tests {
         )]);
         assert_eq!(choose(&agents, &load, 256, |_| true, now).unwrap(), "b");
         assert_eq!(choose(&agents, &load, 256, |n| n == "a", now).unwrap(), "a");
+    }
+
+    #[test]
+    fn reservations_count_until_the_cache_shows_the_binding() {
+        let reservations = Reservations::default();
+        reservations.reserve("u1", "a", 1024);
+        reservations.reserve("u2", "b", 512);
+        let mut load = HashMap::new();
+        reservations.add_to(&mut load, std::iter::empty(), "u2");
+        assert_eq!(
+            load.get("a"),
+            Some(&NodeLoad {
+                memory_mib: 1024,
+                sandboxes: 1
+            })
+        );
+        assert_eq!(load.get("b"), None, "the Sandbox being placed is left out");
+
+        let mut cached = Sandbox::new(
+            "x",
+            serde_json::from_value(
+                serde_json::json!({"guest": {"builtin": "Idle"}, "memoryMiB": 1024}),
+            )
+            .unwrap(),
+        );
+        cached.metadata.uid = Some("u1".into());
+        cached.status = Some(sandfork_api::SandboxStatus {
+            node: Some("a".into()),
+            ..Default::default()
+        });
+        let mut load = HashMap::new();
+        reservations.add_to(&mut load, [&cached], "");
+        assert_eq!(load.get("a"), None, "the cache shows u1 now; counted there");
+        assert_eq!(load.get("b").map(|l| l.memory_mib), Some(512));
     }
 
     #[test]

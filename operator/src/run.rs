@@ -51,7 +51,10 @@ pub struct Args {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let client = Client::try_default().await?;
+    let mut config = kube::Config::infer().await?;
+    // Watches time out server-side after 290 s; nothing else may hang longer.
+    config.read_timeout = Some(Duration::from_secs(295));
+    let client = Client::try_from(config)?;
     let metrics = Arc::new(Metrics::default());
     let active = Arc::new(AtomicBool::new(false));
     let http_state = HttpState {

@@ -70,9 +70,12 @@ pub async fn reconcile(sandbox: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Actio
             Finalizer::Apply(sandbox) => apply(&sandbox, &ctx).await,
             Finalizer::Cleanup(sandbox) => cleanup(&sandbox, &ctx).await,
         }
-    })
-    .await
-    .map_err(|err| Error::Finalizer(Box::new(err)));
+    });
+    let limit = ctx.settings.reconcile_timeout;
+    let result = match tokio::time::timeout(limit, result).await {
+        Ok(result) => result.map_err(|err| Error::Finalizer(Box::new(err))),
+        Err(_) => Err(Error::Timeout(limit)),
+    };
     ctx.metrics.reconciled(CONTROLLER, started.elapsed());
     if result.is_ok() {
         ctx.succeeded(&key);
@@ -273,7 +276,10 @@ async fn apply(sandbox: &Sandbox, ctx: &Context) -> Result<Action> {
     if update.status.node.as_deref() != Some(node.as_str()) {
         update.status.node = Some(node.clone());
         update.ready(false, reason::SCHEDULED, format!("bound to node {node}"));
-        update.write(ctx).await?;
+        if let Err(err) = update.write(ctx).await {
+            ctx.reservations.release(&uid);
+            return Err(err);
+        }
         ctx.event(
             sandbox,
             EventType::Normal,
@@ -487,9 +493,12 @@ async fn place(
     ctx: &Context,
     now: Timestamp,
 ) -> Result<Result<String, String>> {
+    let _placing = ctx.reservations.lock.lock().await;
     let agents = ctx.agents.all();
     let state = ctx.sandboxes.state();
-    let load = placement::load_by_node(state.iter().map(|s| s.as_ref()), uid);
+    let mut load = placement::load_by_node(state.iter().map(|s| s.as_ref()), uid);
+    ctx.reservations
+        .add_to(&mut load, state.iter().map(|s| s.as_ref()), uid);
     let selector = sandbox.spec.node_selector.clone().unwrap_or_default();
     let mut allowed: BTreeMap<String, bool> = BTreeMap::new();
     if !selector.is_empty() {
@@ -504,13 +513,17 @@ async fn place(
             allowed.insert(agent.node.clone(), matches);
         }
     }
-    Ok(placement::choose(
+    let chosen = placement::choose(
         &agents,
         &load,
         sandbox.spec.memory_mib,
         |node| selector.is_empty() || allowed.get(node).copied().unwrap_or(false),
         now,
-    ))
+    );
+    if let Ok(node) = &chosen {
+        ctx.reservations.reserve(uid, node, sandbox.spec.memory_mib);
+    }
+    Ok(chosen)
 }
 
 /// Stops the VM. Tolerates a Sandbox that was never bound or started.

@@ -22,8 +22,28 @@ impl From<ManagerError> for Status {
             ManagerError::DevicesMissing(_) => Code::FailedPrecondition,
             ManagerError::Vm { .. } | ManagerError::Io { .. } => Code::Internal,
         };
-        Status::new(code, error_chain(&err))
+        Status::new(code, strip_ansi(&error_chain(&err)))
     }
+}
+
+/// Removes terminal color sequences (`ESC [ ... letter`), which VM log
+/// tails quoted in messages may carry; they end up in Kubernetes status.
+pub fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' && chars.peek() == Some(&'[') {
+            chars.next();
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// The error and its sources, `: `-separated.
@@ -105,7 +125,7 @@ pub fn mode_to_pb(mode: CaptureMode) -> pb::CaptureMode {
 pub fn sandbox_to_pb(info: &SandboxInfo) -> pb::Sandbox {
     let (state, failure_reason) = match &info.state {
         SandboxState::Running => (pb::SandboxState::Running, String::new()),
-        SandboxState::Failed { reason } => (pb::SandboxState::Failed, reason.clone()),
+        SandboxState::Failed { reason } => (pb::SandboxState::Failed, strip_ansi(reason)),
     };
     pb::Sandbox {
         uid: info.name.clone(),
@@ -204,6 +224,15 @@ mod tests {
             assert_eq!(status.code(), code, "{message}");
             assert!(status.message().contains(&message), "{}", status.message());
         }
+    }
+
+    #[test]
+    fn color_codes_are_stripped() {
+        assert_eq!(
+            strip_ansi("\u{1b}[2m2026\u{1b}[0m \u{1b}[32m INFO\u{1b}[0m VM running"),
+            "2026  INFO VM running"
+        );
+        assert_eq!(strip_ansi("plain [text]"), "plain [text]");
     }
 
     #[test]

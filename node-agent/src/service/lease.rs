@@ -135,7 +135,14 @@ pub async fn heartbeat(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        match renew(&api, &registration, acquired).await {
+        let attempt = tokio::time::timeout(
+            interval.max(Duration::from_secs(5)),
+            renew(&api, &registration, acquired),
+        )
+        .await;
+        let result = attempt
+            .unwrap_or_else(|_| Err(kube::Error::Service("renewal timed out".to_string().into())));
+        match result {
             Ok(()) => {
                 if failing {
                     tracing::info!("agent Lease renewed again");

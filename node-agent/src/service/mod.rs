@@ -188,9 +188,13 @@ pub async fn serve_on(
     }
 
     let heartbeat = if config.register {
-        let client = kube::Client::try_default().await.context(
-            "connecting to the Kubernetes API to register (use --register=false to run without)",
+        let mut kube_config = kube::Config::infer().await.context(
+            "finding Kubernetes credentials to register (use --register=false to run without)",
         )?;
+        // The agent only makes short calls: none may hang the heartbeat.
+        kube_config.read_timeout = Some(Duration::from_secs(20));
+        let client =
+            kube::Client::try_from(kube_config).context("building the Kubernetes client")?;
         let api = kube::Api::<Lease>::namespaced(client, &config.namespace);
         let registration = lease::Registration {
             namespace: config.namespace.clone(),

@@ -372,3 +372,27 @@ async fn a_stale_copy_cannot_bind_the_sandbox_elsewhere() {
     assert_eq!(h.agent_calls("CreateSandbox").len(), 1, "no twin on node-b");
     assert_eq!(h.sandbox("vm").unwrap().node(), Some(NODE));
 }
+
+#[tokio::test]
+async fn back_to_back_placements_spread_before_the_cache_catches_up() {
+    let mut h = Harness::new().await;
+    h.leases
+        .apply_watcher_event(&watcher::Event::Apply(agent_lease(
+            "node-b",
+            &h.endpoint,
+            8192,
+            start_time(),
+        )));
+    // The harness's Sandbox cache stays empty: neither binding is visible.
+    for name in ["one", "two"] {
+        h.api.insert(&sandbox_object(name, 4096));
+        h.reconcile_sandbox(name).await.unwrap();
+        h.reconcile_sandbox(name).await.unwrap();
+    }
+    let mut nodes = vec![
+        h.sandbox("one").unwrap().node().unwrap().to_string(),
+        h.sandbox("two").unwrap().node().unwrap().to_string(),
+    ];
+    nodes.sort();
+    assert_eq!(nodes, vec!["node-a", "node-b"]);
+}
