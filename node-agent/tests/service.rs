@@ -574,3 +574,62 @@ async fn in_process_calls_run_real_vms() {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn status_during_a_capture_is_not_a_failure() {
+    if !common::devices_present() {
+        return;
+    }
+    let state = StateDir::new();
+    let agent = std::sync::Arc::new(service(&state, 8));
+    agent
+        .create_sandbox(Request::new(create("busy-uid", 256)))
+        .await
+        .unwrap();
+    let capturing = {
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            agent
+                .capture_sandbox(Request::new(pb::CaptureSandboxRequest {
+                    sandbox_uid: "busy-uid".into(),
+                    capture_uid: "busy-cap".into(),
+                    mode: pb::CaptureMode::StopAndCopy as i32,
+                }))
+                .await
+        })
+    };
+    let mut seen = Vec::new();
+    while !capturing.is_finished() {
+        let sandbox = agent
+            .get_sandbox(Request::new(pb::GetSandboxRequest {
+                uid: "busy-uid".into(),
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        seen.push(sandbox.state);
+        assert_ne!(
+            sandbox.state,
+            pb::SandboxState::Failed as i32,
+            "{}",
+            sandbox.failure_reason
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    capturing.await.unwrap().unwrap();
+    eprintln!(
+        "{} status calls during the capture, {} answered Unknown",
+        seen.len(),
+        seen.iter()
+            .filter(|s| **s == pb::SandboxState::Unknown as i32)
+            .count()
+    );
+    let after = agent
+        .get_sandbox(Request::new(pb::GetSandboxRequest {
+            uid: "busy-uid".into(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(after.state, pb::SandboxState::Running as i32);
+}

@@ -548,6 +548,8 @@ pub struct AgentState {
     pub faults: HashMap<&'static str, Vec<Status>>,
     /// New sandboxes start in this state.
     pub start_state: Option<pb::SandboxState>,
+    /// Sandboxes reported as being captured.
+    pub busy: std::collections::BTreeSet<String>,
 }
 
 impl MockAgent {
@@ -653,6 +655,13 @@ impl pb::agent_server::Agent for MockAgent {
     ) -> Result<tonic::Response<pb::Sandbox>, Status> {
         let request = request.into_inner();
         let state = self.enter("GetSandbox", &request.uid)?;
+        if state.busy.contains(&request.uid) {
+            return Ok(tonic::Response::new(pb::Sandbox {
+                uid: request.uid.clone(),
+                state: pb::SandboxState::Unknown as i32,
+                ..Default::default()
+            }));
+        }
         match state.sandboxes.get(&request.uid) {
             Some(sandbox) => Ok(tonic::Response::new(sandbox.clone())),
             None => Err(Status::not_found(format!(

@@ -393,11 +393,17 @@ async fn apply(sandbox: &Sandbox, ctx: &Context) -> Result<Action> {
     };
 
     let state = pb::SandboxState::try_from(vm.state).unwrap_or(pb::SandboxState::Unspecified);
+    if state == pb::SandboxState::Unknown {
+        // The agent cannot look right now (a capture is running): keep what
+        // the status says and look again soon.
+        update.write(ctx).await?;
+        return Ok(Action::requeue(ctx.settings.poll));
+    }
     let state_name = match state {
         pb::SandboxState::Running => "Running",
         pb::SandboxState::Stopped => "Stopped",
         pb::SandboxState::Failed => "Failed",
-        pb::SandboxState::Unspecified => "Unknown",
+        pb::SandboxState::Unspecified | pb::SandboxState::Unknown => "Unknown",
     };
     update.status.vm = Some(VmStatus {
         pid: vm.pid,
@@ -422,7 +428,7 @@ async fn apply(sandbox: &Sandbox, ctx: &Context) -> Result<Action> {
             .await;
             Action::await_change()
         }
-        pb::SandboxState::Stopped | pb::SandboxState::Unspecified => {
+        pb::SandboxState::Stopped | pb::SandboxState::Unspecified | pb::SandboxState::Unknown => {
             update.ready(
                 false,
                 reason::VM_STOPPED,

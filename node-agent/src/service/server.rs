@@ -4,7 +4,7 @@
 //! so that a retry that arrives while the first attempt still runs waits
 //! for it instead of racing it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use sandfork_api::agent::v1 as pb;
@@ -20,6 +20,45 @@ pub struct AgentService {
     node_name: String,
     capacity: Capacity,
     locks: Arc<KeyedLocks>,
+    /// Sandboxes being captured: their VM process is busy and not asked
+    /// for status meanwhile (it would not answer in time).
+    capturing: Arc<Mutex<HashSet<String>>>,
+}
+
+/// Marks a sandbox as being captured while alive.
+struct Capturing {
+    set: Arc<Mutex<HashSet<String>>>,
+    uid: String,
+}
+
+impl Capturing {
+    fn new(set: &Arc<Mutex<HashSet<String>>>, uid: &str) -> Self {
+        set.lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(uid.to_string());
+        Self {
+            set: set.clone(),
+            uid: uid.to_string(),
+        }
+    }
+}
+
+impl Drop for Capturing {
+    fn drop(&mut self) {
+        self.set
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .remove(&self.uid);
+    }
+}
+
+fn being_captured(uid: &str) -> pb::Sandbox {
+    pb::Sandbox {
+        uid: uid.to_string(),
+        state: pb::SandboxState::Unknown as i32,
+        failure_reason: "the sandbox is being captured".into(),
+        ..Default::default()
+    }
 }
 
 /// One mutex per key, created on demand.
@@ -49,7 +88,15 @@ impl AgentService {
             node_name,
             capacity,
             locks: Arc::default(),
+            capturing: Arc::default(),
         }
+    }
+
+    fn is_capturing(&self, uid: &str) -> bool {
+        self.capturing
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .contains(uid)
     }
 
     /// Runs `work` on a blocking thread holding the locks of `keys` (in order).
@@ -86,6 +133,19 @@ fn capture_with_time(manager: &Manager, capture: &Capture) -> pb::Capture {
         message.captured_at_unix_micros = written_us.saturating_sub(copy_us);
     }
     message
+}
+
+/// The sandboxes in the state directory, without asking their VMs.
+fn sandbox_names(manager: &Manager) -> Result<Vec<String>, Status> {
+    let dir = manager.root().join("sandboxes");
+    let entries = std::fs::read_dir(&dir)
+        .map_err(|err| Status::internal(format!("reading {}: {err}", dir.display())))?;
+    let mut names: Vec<String> = entries
+        .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+        .filter(|name| crate::manager::validate_name(name).is_ok())
+        .collect();
+    names.sort();
+    Ok(names)
 }
 
 fn find_capture(manager: &Manager, uid: &str) -> Result<Capture, Status> {
@@ -151,7 +211,7 @@ impl pb::agent_server::Agent for AgentService {
         let sandbox = self
             .blocking(vec![lock_key("sandbox", &request.uid)], move |manager| {
                 if manager.status(&spec.name).is_err() {
-                    let running = manager.list()?.len();
+                    let running = sandbox_names(manager)?.len();
                     if max > 0 && running >= max as usize {
                         return Err(Status::resource_exhausted(format!(
                             "this node runs {running} sandboxes, its maximum"
@@ -177,7 +237,7 @@ impl pb::agent_server::Agent for AgentService {
         let sandbox = self
             .blocking(keys, move |manager| {
                 if manager.status(&request.uid).is_err() {
-                    let running = manager.list()?.len();
+                    let running = sandbox_names(manager)?.len();
                     if max > 0 && running >= max as usize {
                         return Err(Status::resource_exhausted(format!(
                             "this node runs {running} sandboxes, its maximum"
@@ -197,6 +257,9 @@ impl pb::agent_server::Agent for AgentService {
         request: Request<pb::GetSandboxRequest>,
     ) -> Result<Response<pb::Sandbox>, Status> {
         let uid = request.into_inner().uid;
+        if self.is_capturing(&uid) {
+            return Ok(Response::new(being_captured(&uid)));
+        }
         let sandbox = self
             .blocking(Vec::new(), move |manager| {
                 Ok(sandbox_to_pb(&manager.status(&uid)?))
@@ -209,9 +272,23 @@ impl pb::agent_server::Agent for AgentService {
         &self,
         _: Request<pb::ListSandboxesRequest>,
     ) -> Result<Response<pb::ListSandboxesResponse>, Status> {
+        let capturing = self.capturing.clone();
         let sandboxes = self
-            .blocking(Vec::new(), |manager| {
-                Ok(manager.list()?.iter().map(sandbox_to_pb).collect())
+            .blocking(Vec::new(), move |manager| {
+                let busy = capturing
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .clone();
+                // Busy sandboxes are not asked (their VM would not answer in time).
+                let mut sandboxes = Vec::new();
+                for uid in sandbox_names(manager)? {
+                    if busy.contains(&uid) {
+                        sandboxes.push(being_captured(&uid));
+                    } else if let Ok(info) = manager.status(&uid) {
+                        sandboxes.push(sandbox_to_pb(&info));
+                    }
+                }
+                Ok(sandboxes)
             })
             .await?;
         Ok(Response::new(pb::ListSandboxesResponse { sandboxes }))
@@ -239,6 +316,7 @@ impl pb::agent_server::Agent for AgentService {
     ) -> Result<Response<pb::Capture>, Status> {
         let request = request.into_inner();
         let mode = convert::mode_from_pb(request.mode)?;
+        let capturing = Capturing::new(&self.capturing, &request.sandbox_uid);
         let capture = self
             .blocking(
                 vec![lock_key("capture", &request.capture_uid)],
@@ -248,8 +326,9 @@ impl pb::agent_server::Agent for AgentService {
                     Ok(capture_with_time(manager, &capture))
                 },
             )
-            .await?;
-        Ok(Response::new(capture))
+            .await;
+        drop(capturing);
+        Ok(Response::new(capture?))
     }
 
     async fn get_capture(

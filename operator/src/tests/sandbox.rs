@@ -396,3 +396,20 @@ async fn back_to_back_placements_spread_before_the_cache_catches_up() {
     nodes.sort();
     assert_eq!(nodes, vec!["node-a", "node-b"]);
 }
+
+#[tokio::test]
+async fn a_sandbox_being_captured_keeps_its_status() {
+    let h = Harness::new().await;
+    h.api.insert(&sandbox_object("vm", 256));
+    h.settle_sandbox("vm").await;
+    let before = h.sandbox("vm").unwrap();
+    let uid = before.metadata.uid.clone().unwrap();
+    h.agent.state.lock().unwrap().busy.insert(uid);
+    h.api.clear_requests();
+
+    let action = h.reconcile_sandbox("vm").await.unwrap();
+
+    assert_eq!(action, Action::requeue(h.ctx.settings.poll));
+    assert_eq!(h.sandbox("vm").unwrap().status, before.status);
+    assert!(h.api_requests().iter().all(|r| r.method == Method::GET));
+}
