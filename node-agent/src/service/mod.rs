@@ -177,6 +177,9 @@ pub async fn serve_on(
         config.reserved_memory_mib,
         config.max_sandboxes,
     );
+    // Read the certificates before registering: an agent that cannot serve
+    // must not advertise itself.
+    let tls = config.tls()?;
     let bound = listener.local_addr()?;
     let endpoint = config.advertised_endpoint(bound)?;
     let devices = health::check();
@@ -234,7 +237,7 @@ pub async fn serve_on(
     );
     let service = AgentService::new(manager, config.node_name.clone(), capacity);
     let result = Server::builder()
-        .tls_config(config.tls()?)?
+        .tls_config(tls)?
         .add_service(InterceptedService::new(
             AgentServer::new(service),
             client_check(config.tls_client_name.clone()),
