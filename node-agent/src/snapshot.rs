@@ -190,10 +190,13 @@ impl CaptureDir {
     pub fn commit(&self, state: &SnapshotState) -> Result<(), SnapshotError> {
         let tmp = self.path.join("state.json.tmp");
         let mut file = create_private(&tmp)?;
-        serde_json::to_writer(&mut file, state).map_err(|source| SnapshotError::State {
+        // One write: serde_json writes to an unbuffered file piecemeal
+        // (measured: 9.5 s for a state of a few hundred kB).
+        let json = serde_json::to_vec(state).map_err(|source| SnapshotError::State {
             path: tmp.clone(),
             source,
         })?;
+        file.write_all(&json).map_err(io_err("write", &tmp))?;
         file.sync_all().map_err(io_err("sync", &tmp))?;
         std::fs::rename(&tmp, self.path.join(STATE_FILE)).map_err(io_err("rename", &tmp))
     }

@@ -83,6 +83,9 @@ struct KvmRunArea(*mut kvm_run);
 // SAFETY: only `immediate_exit`, a byte KVM reads at each KVM_RUN entry, is
 // written through this pointer from other threads, with volatile stores.
 unsafe impl Send for KvmRunArea {}
+// SAFETY: as for `Send`: shared access only ever does volatile byte stores
+// of `immediate_exit`.
+unsafe impl Sync for KvmRunArea {}
 
 struct VcpuThread {
     /// The thread hands its `VcpuFd` back when it ends, so the `kvm_run`

@@ -128,14 +128,31 @@ pub fn serve(dir: &Path, captures: &Path) -> anyhow::Result<()> {
     std::fs::write(dir.join(PID_FILE), std::process::id().to_string())?;
     tracing::info!(sandbox = %record.name, pid = std::process::id(), "VM running");
 
-    for stream in listener.incoming() {
-        let Ok(stream) = stream else { continue };
-        match serve_connection(&vm, &record, captures, stream) {
-            Ok(true) => break,
-            Ok(false) => {}
-            Err(err) => tracing::warn!(error = %err, "control connection failed"),
+    // One thread per connection, so that status requests are answered while
+    // a capture runs; captures themselves take turns.
+    let capturing = std::sync::Mutex::new(());
+    let stopping = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        for stream in listener.incoming() {
+            if stopping.load(Ordering::Acquire) {
+                break;
+            }
+            let Ok(stream) = stream else { continue };
+            let (vm, record, capturing, stopping) = (&vm, &record, &capturing, &stopping);
+            let socket_path = &socket_path;
+            scope.spawn(move || {
+                match serve_connection(vm, record, captures, capturing, stream) {
+                    Ok(true) => {
+                        stopping.store(true, Ordering::Release);
+                        // Wake the accept loop so that it sees the stop.
+                        let _ = UnixStream::connect(socket_path);
+                    }
+                    Ok(false) => {}
+                    Err(err) => tracing::warn!(error = %err, "control connection failed"),
+                }
+            });
         }
-    }
+    });
     tracing::info!(sandbox = %record.name, "VM stopping");
     let _ = std::fs::remove_file(&socket_path);
     Ok(())
@@ -146,6 +163,7 @@ fn serve_connection(
     vm: &Vm,
     record: &SandboxRecord,
     captures: &Path,
+    capturing: &std::sync::Mutex<()>,
     stream: UnixStream,
 ) -> std::io::Result<bool> {
     let mut reader = BufReader::new(&stream);
@@ -158,7 +176,12 @@ fn serve_connection(
                 mode,
                 verify,
             }) => (
-                match capture_into(vm, record, &captures.join(&capture), mode, verify) {
+                match {
+                    let _turn = capturing
+                        .lock()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner());
+                    capture_into(vm, record, &captures.join(&capture), mode, verify)
+                } {
                     Ok(info) => Response::Captured(info),
                     Err(err) => Response::Error {
                         message: format!("{err:#}"),
