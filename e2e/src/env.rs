@@ -1,0 +1,745 @@
+//! The environment every scenario runs in: a cluster with the chart
+//! installed, the operator and the agents running, and the clients to look
+//! at them.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use futures::FutureExt;
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::api::Api;
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use sandfork_api::agent::v1::agent_client::AgentClient;
+use tonic::transport::Channel;
+
+use crate::agents::{self, TlsFiles};
+use crate::cluster::LocalCluster;
+use crate::namespace;
+use crate::process::{self, Process};
+use crate::tools::{self, Tools};
+use crate::wait::{self, Look};
+
+/// Release name and namespace of the chart in the local cluster.
+pub const RELEASE: &str = "sandfork";
+pub const RELEASE_NAMESPACE: &str = "sandfork-system";
+/// The nodes the local agents pretend to be.
+pub const LOCAL_NODES: [&str; 2] = ["node-a", "node-b"];
+/// Memory each local agent offers, MiB.
+const AGENT_MEMORY_MIB: u64 = 4096;
+/// The operator's leader-election identity in the local cluster.
+const OPERATOR_IDENTITY: &str = "e2e-operator";
+
+/// Where the tests find the cluster.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// A local control plane started for this run; operator and agents run
+    /// as processes of this machine.
+    Local,
+    /// A cluster named by `SANDFORK_E2E_KUBECONFIG` with the chart installed;
+    /// the agents are the DaemonSet's Pods.
+    External,
+}
+
+/// What the local mode started, stopped in reverse order.
+struct Local {
+    root: PathBuf,
+    keep: bool,
+    agent_binary: Option<PathBuf>,
+    operator: Option<Process>,
+    agents: Vec<(String, PathBuf, Process)>,
+    cluster: LocalCluster,
+    watchdog: Option<std::process::Child>,
+}
+
+pub struct Env {
+    pub mode: Mode,
+    pub repo: PathBuf,
+    pub tools: Tools,
+    /// An admin kubeconfig.
+    pub kubeconfig: PathBuf,
+    /// The chart's release and namespace.
+    pub release: String,
+    pub namespace: String,
+    /// The operator's client certificate (from the chart's Secret), to
+    /// call the agents as the operator does.
+    pub operator_tls: TlsFiles,
+    /// The name the agents' certificates carry.
+    pub agent_server_name: String,
+    rt: tokio::runtime::Runtime,
+    client: kube::Client,
+    local: Mutex<Option<Local>>,
+    /// Whether the operator and agents were started (or why they failed to).
+    workloads: Mutex<Option<Result<(), String>>>,
+    /// Scenarios that measure a node's totals take it exclusively.
+    node_totals: RwLock<()>,
+}
+
+/// The repository root (this crate is `e2e/` in it).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("e2e/ has a parent")
+        .to_path_buf()
+}
+
+impl Env {
+    /// External mode when `SANDFORK_E2E_KUBECONFIG` is set, else local:
+    /// a cluster with the chart installed. The operator and agents start
+    /// with [`Env::start_workloads`].
+    pub fn start() -> anyhow::Result<Self> {
+        match std::env::var_os("SANDFORK_E2E_KUBECONFIG") {
+            Some(path) => Self::external(PathBuf::from(path)),
+            None => Self::local(),
+        }
+    }
+
+    /// Makes sure the operator and the agents run: in local mode, builds
+    /// and starts them once (they need /dev/kvm and /dev/userfaultfd); in
+    /// external mode, waits for the DaemonSet's agents to register.
+    pub fn start_workloads(&self) -> anyhow::Result<()> {
+        let mut started = self.workloads.lock().unwrap_or_else(|e| e.into_inner());
+        if started.is_none() {
+            let result = match self.mode {
+                Mode::Local => self.start_local_workloads(),
+                Mode::External => self.block_on(self.wait_for_agents(1, Duration::from_secs(180))),
+            };
+            *started = Some(result.map_err(|err| format!("{err:#}")));
+        }
+        match started.as_ref().expect("set above") {
+            Ok(()) => Ok(()),
+            Err(err) => bail!("the operator and agents did not start: {err}"),
+        }
+    }
+
+    fn start_local_workloads(&self) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let binaries = build_binaries(&self.repo)?;
+        eprintln!(
+            "e2e: operator and agent binaries ready in {:.1?}",
+            started.elapsed()
+        );
+        let started = Instant::now();
+        self.start_processes(&binaries)?;
+        self.block_on(self.wait_for_agents(LOCAL_NODES.len(), Duration::from_secs(60)))?;
+        self.block_on(self.wait_for_leader(Duration::from_secs(60)))?;
+        eprintln!(
+            "e2e: agents registered and the operator leads after {:.1?}",
+            started.elapsed()
+        );
+        Ok(())
+    }
+
+    fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+        Ok(tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?)
+    }
+
+    fn external(kubeconfig: PathBuf) -> anyhow::Result<Self> {
+        let rt = Self::runtime()?;
+        let namespace =
+            std::env::var("SANDFORK_E2E_NAMESPACE").unwrap_or_else(|_| RELEASE_NAMESPACE.into());
+        let release = std::env::var("SANDFORK_E2E_RELEASE").unwrap_or_else(|_| RELEASE.into());
+        let client = rt.block_on(client_from(&kubeconfig))?;
+        let operator_tls = rt.block_on(TlsFiles::from_secret(
+            &client,
+            &namespace,
+            &format!("{release}-operator-tls"),
+        ))?;
+        let env = Self {
+            mode: Mode::External,
+            repo: repo_root(),
+            tools: Tools::from_env(),
+            kubeconfig,
+            release,
+            namespace,
+            operator_tls,
+            agent_server_name: sandfork_api::agent::DEFAULT_TLS_SERVER_NAME.into(),
+            rt,
+            client,
+            local: Mutex::new(None),
+            workloads: Mutex::new(None),
+            node_totals: RwLock::new(()),
+        };
+        Ok(env)
+    }
+
+    fn local() -> anyhow::Result<Self> {
+        let repo = repo_root();
+        let tools = Tools::pinned(&repo)?;
+        let root = make_root()?;
+        let keep = std::env::var_os("SANDFORK_E2E_KEEP").is_some();
+        std::fs::create_dir_all(root.join("logs"))?;
+        eprintln!("e2e: starting a local control plane in {}", root.display());
+        let cluster =
+            LocalCluster::up(&repo, &root.join("cluster"), &root.join("logs/cluster.log"))?;
+        let mut local = Local {
+            root: root.clone(),
+            keep,
+            agent_binary: None,
+            operator: None,
+            agents: Vec::new(),
+            watchdog: None,
+            cluster,
+        };
+        local.watchdog = start_watchdog(&repo, &root).ok();
+        let rt = Self::runtime()?;
+        let kubeconfig = local.cluster.kubeconfig();
+        let client = rt.block_on(client_from(&kubeconfig))?;
+
+        install_chart(&tools, &kubeconfig, &repo.join("charts/sandfork"))?;
+        let operator_tls = rt.block_on(TlsFiles::from_secret(
+            &client,
+            RELEASE_NAMESPACE,
+            &format!("{RELEASE}-operator-tls"),
+        ))?;
+        let env = Self {
+            mode: Mode::Local,
+            repo,
+            tools,
+            kubeconfig,
+            release: RELEASE.into(),
+            namespace: RELEASE_NAMESPACE.into(),
+            operator_tls,
+            agent_server_name: sandfork_api::agent::DEFAULT_TLS_SERVER_NAME.into(),
+            rt,
+            client,
+            local: Mutex::new(Some(local)),
+            workloads: Mutex::new(None),
+            node_totals: RwLock::new(()),
+        };
+        Ok(env)
+    }
+
+    /// Starts the agents and the operator, each with a token of the
+    /// ServiceAccount the chart made for it.
+    fn start_processes(&self, binaries: &Binaries) -> anyhow::Result<()> {
+        let mut guard = self.local.lock().expect("local lock");
+        let local = guard.as_mut().expect("local mode");
+        local.agent_binary = Some(binaries.agent.clone());
+        let root = local.root.clone();
+        let server = self.server_url()?;
+        let ca = local.cluster.ca();
+
+        let agent_tls = self.block_on(TlsFiles::from_secret(
+            &self.client,
+            &self.namespace,
+            &format!("{}-agent-tls", self.release),
+        ))?;
+        agent_tls.write(&root.join("tls/agent"))?;
+        self.operator_tls.write(&root.join("tls/operator"))?;
+
+        for node in LOCAL_NODES {
+            let token = self.create_token(&format!("{}-agent", self.release))?;
+            let kubeconfig = write_token_kubeconfig(
+                &root,
+                &format!("agent-{node}"),
+                &server,
+                &ca,
+                &token,
+                &self.namespace,
+            )?;
+            let state_dir = root.join(node);
+            let mut command = Command::new(&binaries.agent);
+            command
+                .arg("--state-dir")
+                .arg(&state_dir)
+                .arg("serve")
+                // Port 0: the agent publishes the port it got in its Lease.
+                .arg("--listen=127.0.0.1:0")
+                .env("KUBECONFIG", &kubeconfig)
+                .env("NODE_NAME", node)
+                .env("POD_NAMESPACE", &self.namespace)
+                .env("SANDFORK_TLS_CERT", root.join("tls/agent/tls.crt"))
+                .env("SANDFORK_TLS_KEY", root.join("tls/agent/tls.key"))
+                .env("SANDFORK_TLS_CLIENT_CA", root.join("tls/agent/ca.crt"))
+                .env("SANDFORK_MEMORY_MIB", AGENT_MEMORY_MIB.to_string())
+                .env("RUST_LOG", "info");
+            let agent = Process::spawn(
+                &format!("agent {node}"),
+                command,
+                &root.join(format!("logs/agent-{node}.log")),
+            )?;
+            local.agents.push((node.to_string(), state_dir, agent));
+        }
+
+        let token = self.create_token(&format!("{}-operator", self.release))?;
+        let kubeconfig =
+            write_token_kubeconfig(&root, "operator", &server, &ca, &token, &self.namespace)?;
+        let mut command = Command::new(&binaries.operator);
+        command
+            .arg("--metrics-addr=127.0.0.1:0")
+            .arg("--agent-ca")
+            .arg(root.join("tls/operator/ca.crt"))
+            .arg("--client-cert")
+            .arg(root.join("tls/operator/tls.crt"))
+            .arg("--client-key")
+            .arg(root.join("tls/operator/tls.key"))
+            .env("KUBECONFIG", &kubeconfig)
+            .env("POD_NAMESPACE", &self.namespace)
+            .env("POD_NAME", OPERATOR_IDENTITY)
+            .env("RUST_LOG", "info,sandfork_operator=debug");
+        local.operator = Some(Process::spawn(
+            "operator",
+            command,
+            &root.join("logs/operator.log"),
+        )?);
+        Ok(())
+    }
+
+    /// A token of ServiceAccount `name` in the release namespace (`kubectl create token`).
+    fn create_token(&self, service_account: &str) -> anyhow::Result<String> {
+        let out = tools::run(self.tools.kubectl(&self.kubeconfig).args([
+            "create",
+            "token",
+            service_account,
+            "-n",
+            &self.namespace,
+            "--duration=6h",
+        ]))?;
+        Ok(out.trim().to_string())
+    }
+
+    fn server_url(&self) -> anyhow::Result<String> {
+        let kubeconfig = Kubeconfig::read_from(&self.kubeconfig)?;
+        kubeconfig
+            .clusters
+            .first()
+            .and_then(|c| c.cluster.as_ref())
+            .and_then(|c| c.server.clone())
+            .context("the kubeconfig names no server")
+    }
+
+    /// Waits until `count` agents have fresh Leases and answer over mTLS.
+    async fn wait_for_agents(&self, count: usize, timeout: Duration) -> anyhow::Result<()> {
+        wait::until(
+            &format!("{count} agent(s) to register and answer"),
+            timeout,
+            || async {
+                self.check_processes()?;
+                let endpoints = agents::endpoints(&self.client, &self.namespace).await?;
+                let mut answering = Vec::new();
+                for node in endpoints.keys() {
+                    if let Ok(mut agent) = self.agent(node).await
+                        && let Ok(info) = agent
+                            .get_info(sandfork_api::agent::v1::GetInfoRequest {})
+                            .await
+                    {
+                        let info = info.into_inner();
+                        if !info.kvm_ok || !info.userfaultfd_ok {
+                            bail!(
+                                "the agent on {node} reports KVM {} ({}), userfaultfd {} ({})",
+                                info.kvm_ok,
+                                info.kvm_error,
+                                info.userfaultfd_ok,
+                                info.userfaultfd_error
+                            );
+                        }
+                        answering.push(node.clone());
+                    }
+                }
+                Ok(if answering.len() >= count {
+                    Look::Done(())
+                } else {
+                    Look::NotYet(format!("Leases {endpoints:?}, answering {answering:?}"))
+                })
+            },
+        )
+        .await
+    }
+
+    /// Waits until the local operator holds the leader Lease.
+    async fn wait_for_leader(&self, timeout: Duration) -> anyhow::Result<()> {
+        let leases: Api<Lease> = Api::namespaced(self.client.clone(), &self.namespace);
+        wait::until("the operator to take the leader Lease", timeout, || async {
+            self.check_processes()?;
+            let holder = leases
+                .get_opt("sandfork-operator-leader")
+                .await?
+                .and_then(|lease| lease.spec?.holder_identity);
+            Ok(match holder.as_deref() {
+                Some(OPERATOR_IDENTITY) => Look::Done(()),
+                other => Look::NotYet(format!("holder {other:?}")),
+            })
+        })
+        .await
+    }
+
+    /// An error if a local process has died.
+    pub fn check_processes(&self) -> anyhow::Result<()> {
+        let mut guard = self.local.lock().expect("local lock");
+        if let Some(local) = guard.as_mut() {
+            if let Some(operator) = local.operator.as_mut() {
+                operator.check_running()?;
+            }
+            for (_, _, agent) in &mut local.agents {
+                agent.check_running()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs `future` on the environment's runtime.
+    pub fn block_on<F: Future>(&self, future: F) -> F::Output {
+        self.rt.block_on(future)
+    }
+
+    /// An admin client.
+    pub fn client(&self) -> kube::Client {
+        self.client.clone()
+    }
+
+    /// A gRPC client of the agent on `node`, found through its Lease.
+    pub async fn agent(&self, node: &str) -> anyhow::Result<AgentClient<Channel>> {
+        let endpoints = agents::endpoints(&self.client, &self.namespace).await?;
+        let endpoint = endpoints.get(node).with_context(|| {
+            format!(
+                "no agent Lease for node {node} (agents: {:?})",
+                endpoints.keys()
+            )
+        })?;
+        agents::connect(endpoint, &self.operator_tls, &self.agent_server_name).await
+    }
+
+    /// Nodes with an agent Lease.
+    pub async fn agent_nodes(&self) -> anyhow::Result<Vec<String>> {
+        Ok(agents::endpoints(&self.client, &self.namespace)
+            .await?
+            .into_keys()
+            .collect())
+    }
+
+    /// The state directory of the local agent on `node` (local mode only).
+    pub fn local_state_dir(&self, node: &str) -> Option<PathBuf> {
+        let guard = self.local.lock().expect("local lock");
+        let local = guard.as_ref()?;
+        local
+            .agents
+            .iter()
+            .find(|(n, _, _)| n == node)
+            .map(|(_, dir, _)| dir.clone())
+    }
+
+    /// Runs one scenario in a fresh namespace, deleted afterwards whatever
+    /// happens. `exclusive`: no other scenario runs meanwhile (for checks of
+    /// a node's totals). On failure the error carries the namespace's
+    /// objects and events and the ends of the processes' logs.
+    pub fn scenario<F, Fut>(&self, name: &str, exclusive: bool, body: F) -> anyhow::Result<()>
+    where
+        F: FnOnce(String) -> Fut,
+        Fut: Future<Output = anyhow::Result<()>>,
+    {
+        let _shared;
+        let _exclusive;
+        if exclusive {
+            _exclusive = self.node_totals.write().unwrap_or_else(|e| e.into_inner());
+        } else {
+            _shared = self.node_totals.read().unwrap_or_else(|e| e.into_inner());
+        }
+        let started = Instant::now();
+        let result = self.block_on(async {
+            let ns = namespace::create(&self.client, name).await?;
+            let outcome = AssertUnwindSafe(body(ns.clone())).catch_unwind().await;
+            let result = match outcome {
+                Ok(result) => result,
+                Err(panic) => {
+                    let message = panic
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_else(|| "panic".into());
+                    Err(anyhow::anyhow!("panicked: {message}"))
+                }
+            };
+            // The failure first, then what the namespace and processes show.
+            let result =
+                result.map_err(|err| anyhow::anyhow!("{err:#}\n{}", self.diagnostics(&ns)));
+            let deleted = namespace::delete(&self.client, &ns, Duration::from_secs(120)).await;
+            result?;
+            deleted.with_context(|| {
+                format!("cleaning up after the scenario: {}", self.diagnostics(&ns))
+            })
+        });
+        eprintln!("e2e: scenario {name} took {:.1?}", started.elapsed());
+        result
+    }
+
+    /// What a person debugging a failure wants to see.
+    pub fn diagnostics(&self, ns: &str) -> String {
+        let mut out = format!("--- state of namespace {ns}:\n");
+        let get = tools::run(self.tools.kubectl(&self.kubeconfig).args([
+            "get",
+            "sandboxes,sandboxbranches",
+            "-n",
+            ns,
+            "-o",
+            "yaml",
+        ]));
+        out.push_str(&get.unwrap_or_else(|e| format!("{e:#}")));
+        let events = tools::run(self.tools.kubectl(&self.kubeconfig).args([
+            "get",
+            "events",
+            "-n",
+            ns,
+            "--sort-by=.metadata.creationTimestamp",
+        ]));
+        out.push_str(&events.unwrap_or_else(|e| format!("{e:#}")));
+        let guard = self.local.lock().expect("local lock");
+        if let Some(local) = guard.as_ref() {
+            if let Some(operator) = &local.operator {
+                out.push_str(&format!(
+                    "\n--- operator log (end):\n{}\n",
+                    operator.log_tail(40)
+                ));
+            }
+            for (node, _, agent) in &local.agents {
+                out.push_str(&format!(
+                    "--- agent {node} log (end):\n{}\n",
+                    agent.log_tail(20)
+                ));
+            }
+        }
+        out
+    }
+
+    /// Stops everything the local mode started; safe to repeat.
+    pub fn teardown(&self) {
+        drop(self.local.lock().unwrap_or_else(|e| e.into_inner()).take());
+    }
+}
+
+impl Drop for Local {
+    fn drop(&mut self) {
+        let local = self;
+        // Scenarios deleted their namespaces; whatever is left is a leak.
+        let leftovers: BTreeMap<String, Vec<String>> = local
+            .agents
+            .iter()
+            .map(|(node, dir, _)| (node.clone(), list_dir(&dir.join("sandboxes"))))
+            .filter(|(_, names)| !names.is_empty())
+            .collect();
+        if !leftovers.is_empty() {
+            eprintln!("e2e: sandboxes left on the agents after all scenarios: {leftovers:?}");
+        }
+        if let Some(mut operator) = local.operator.take() {
+            operator.stop(Duration::from_secs(10));
+        }
+        for (_, dir, mut agent) in local.agents.drain(..) {
+            agent.stop(Duration::from_secs(10));
+            // The agents leave VMs running by design (they outlive an agent
+            // restart); stop them through the agent's own command line.
+            if let Some(binary) = &local.agent_binary {
+                for name in list_dir(&dir.join("sandboxes")) {
+                    let _ = Command::new(binary)
+                        .arg("--state-dir")
+                        .arg(&dir)
+                        .args(["delete", &name])
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .status();
+                }
+            }
+        }
+        local.cluster.down();
+        let root = local.root.to_string_lossy().into_owned();
+        for pid in process::processes_mentioning(&root) {
+            eprintln!("e2e: killing leftover process {pid}");
+            process::signal(pid, "KILL");
+        }
+        if let Some(mut watchdog) = local.watchdog.take() {
+            let _ = watchdog.kill();
+            let _ = watchdog.wait();
+        }
+        if local.keep {
+            eprintln!("e2e: kept {} (SANDFORK_E2E_KEEP)", local.root.display());
+        } else if let Err(err) = std::fs::remove_dir_all(&local.root) {
+            eprintln!("e2e: could not remove {}: {err}", local.root.display());
+        }
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        self.teardown();
+    }
+}
+
+async fn client_from(kubeconfig: &Path) -> anyhow::Result<kube::Client> {
+    let config = kube::Config::from_custom_kubeconfig(
+        Kubeconfig::read_from(kubeconfig)
+            .with_context(|| format!("reading {}", kubeconfig.display()))?,
+        &KubeConfigOptions::default(),
+    )
+    .await?;
+    Ok(kube::Client::try_from(config)?)
+}
+
+/// `helm install` of the chart into the release namespace.
+fn install_chart(tools: &Tools, kubeconfig: &Path, chart: &Path) -> anyhow::Result<()> {
+    tools::run(
+        tools
+            .helm(kubeconfig)
+            .args(["install", RELEASE])
+            .arg(chart)
+            .args(["--namespace", RELEASE_NAMESPACE, "--create-namespace"]),
+    )
+    .context("helm install of charts/sandfork")?;
+    Ok(())
+}
+
+/// The binaries the local mode runs.
+pub struct Binaries {
+    pub operator: PathBuf,
+    pub agent: PathBuf,
+}
+
+/// Builds the operator and agent binaries (a no-op when current) and
+/// returns their paths, as cargo reports them.
+pub fn build_binaries(repo: &Path) -> anyhow::Result<Binaries> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut command = Command::new(cargo);
+    command
+        .current_dir(repo)
+        .args([
+            "build",
+            "--locked",
+            "--bins",
+            "--message-format=json-render-diagnostics",
+        ])
+        .args(["-p", "sandfork-operator", "-p", "sandfork-node-agent"]);
+    // What cargo set for this test process describes the e2e crate; build
+    // scripts (ring's) rerun when it changes, so the same build from the
+    // shell and from here would each invalidate the other's.
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        let per_crate = [
+            "CARGO_PKG_",
+            "CARGO_MANIFEST_",
+            "CARGO_BIN_",
+            "CARGO_CRATE_",
+            "CARGO_CFG_",
+        ]
+        .iter()
+        .any(|prefix| name.starts_with(prefix))
+            || ["CARGO_PRIMARY_PACKAGE", "CARGO_TARGET_TMPDIR", "OUT_DIR"].contains(&name.as_ref());
+        if per_crate {
+            command.env_remove(name.as_ref());
+        }
+    }
+    let out = tools::run(&mut command).context("building the operator and agent")?;
+    let mut found: BTreeMap<String, PathBuf> = BTreeMap::new();
+    for line in out.lines() {
+        let Ok(message) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if let (Some(name), Some(exe)) = (
+            message["target"]["name"].as_str(),
+            message["executable"].as_str(),
+        ) {
+            found.insert(name.to_string(), PathBuf::from(exe));
+        }
+    }
+    let take = |name: &str| {
+        found
+            .get(name)
+            .cloned()
+            .with_context(|| format!("cargo built no {name} binary"))
+    };
+    Ok(Binaries {
+        operator: take("sandfork-operator")?,
+        agent: take("sandfork-agent")?,
+    })
+}
+
+/// A fresh directory for this run on tmpfs (captures hold guest memory).
+fn make_root() -> anyhow::Result<PathBuf> {
+    let base = Path::new("/dev/shm");
+    let base = if base.is_dir() {
+        base.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    };
+    for attempt in 0..100u32 {
+        let nanos = std::time::UNIX_EPOCH.elapsed()?.subsec_nanos();
+        let dir = base.join(format!(
+            "sandfork-e2e.{}.{:x}",
+            std::process::id(),
+            nanos ^ attempt
+        ));
+        match std::fs::create_dir(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(err) => return Err(err).with_context(|| format!("creating {}", dir.display())),
+        }
+    }
+    bail!("could not create a directory under {}", base.display())
+}
+
+/// A kubeconfig that authenticates with `token`.
+fn write_token_kubeconfig(
+    root: &Path,
+    name: &str,
+    server: &str,
+    ca: &Path,
+    token: &str,
+    namespace: &str,
+) -> anyhow::Result<PathBuf> {
+    let config = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "local", "cluster": {"server": server, "certificate-authority": ca}}],
+        "users": [{"name": name, "user": {"token": token}}],
+        "contexts": [{"name": name, "context": {"cluster": "local", "user": name, "namespace": namespace}}],
+        "current-context": name,
+    });
+    let path = root.join(format!("{name}.kubeconfig"));
+    std::fs::write(&path, serde_yaml_ng::to_string(&config)?)?;
+    Ok(path)
+}
+
+fn list_dir(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A process that cleans up if this one dies without tearing down (killed,
+/// interrupted): once our pid is gone it stops the cluster and kills every
+/// process whose command line mentions the run's directory.
+fn start_watchdog(repo: &Path, root: &Path) -> anyhow::Result<std::process::Child> {
+    const SCRIPT: &str = r#"
+while kill -0 "$E2E_PID" 2>/dev/null; do sleep 2; done
+[ -d "$E2E_ROOT" ] || exit 0
+"$E2E_CLUSTER_SCRIPT" down "$E2E_ROOT/cluster" >/dev/null 2>&1
+for f in /proc/[0-9]*/cmdline; do
+  pid=${f#/proc/}; pid=${pid%/cmdline}
+  [ "$pid" = "$$" ] && continue
+  if tr '\0' ' ' <"$f" 2>/dev/null | grep -qF -- "$E2E_ROOT"; then kill -KILL "$pid" 2>/dev/null; fi
+done
+rm -rf "$E2E_ROOT"
+"#;
+    let mut command = Command::new("setsid");
+    command
+        .args(["bash", "-c", SCRIPT])
+        .env("E2E_PID", std::process::id().to_string())
+        .env("E2E_ROOT", root)
+        .env(
+            "E2E_CLUSTER_SCRIPT",
+            repo.join("e2e/cluster/local-cluster.sh"),
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    Ok(command.spawn()?)
+}

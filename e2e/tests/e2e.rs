@@ -1,0 +1,972 @@
+//! End-to-end tests: the Helm chart, the operator and the node agents
+//! against a real API server. One cluster serves every scenario of this
+//! binary; each scenario has its own namespace. See `e2e/README.md`.
+//!
+//! Local mode (default): starts `e2e/cluster/local-cluster.sh`, installs
+//! `charts/sandfork`, and runs the operator and two agents (`node-a`,
+//! `node-b`) as processes with tokens of the chart's ServiceAccounts.
+//! External mode: `SANDFORK_E2E_KUBECONFIG=FILE` names a cluster with the
+//! chart installed (`e2e/kind/run.sh`).
+//!
+//! The scenarios that run VMs need /dev/kvm and /dev/userfaultfd. Without
+//! them they are ignored with a message, unless `CI` or
+//! `SANDFORK_REQUIRE_DEVICES` is set: then they fail.
+
+use std::collections::BTreeSet;
+use std::process::ExitCode;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use anyhow::{Context, bail, ensure};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use libtest_mimic::{Arguments, Failed, Trial};
+use sandfork_api::agent::v1 as pb;
+use sandfork_api::conditions::{FAILED, READY};
+use sandfork_api::labels;
+use sandfork_e2e::env::{Env, Mode};
+use sandfork_e2e::objects::{self, condition, counter_reports, placement};
+use sandfork_e2e::process;
+use sandfork_e2e::tools::{self, Tools};
+use sandfork_e2e::wait::{self, Look};
+use serde_json::json;
+
+/// How long a Sandbox may take to become Ready (a VM boots in about a
+/// second; the machine may be busy).
+const SANDBOX_READY: Duration = Duration::from_secs(120);
+/// How long a SandboxBranch may take to become Ready.
+const BRANCH_READY: Duration = Duration::from_secs(180);
+/// Guest memory of the test sandboxes, MiB.
+const MEMORY_MIB: u64 = 64;
+
+/// The environment, started by the first scenario that needs it.
+struct Shared {
+    env: OnceLock<Result<Env, String>>,
+}
+
+impl Shared {
+    fn env(&self) -> Result<&Env, Failed> {
+        match self
+            .env
+            .get_or_init(|| Env::start().map_err(|err| format!("{err:#}")))
+        {
+            Ok(env) => Ok(env),
+            Err(err) => Err(format!("the test environment did not start: {err}").into()),
+        }
+    }
+}
+
+/// Why VM scenarios cannot run here, if they cannot.
+fn devices_missing() -> Option<String> {
+    ["/dev/kvm", "/dev/userfaultfd"].iter().find_map(|device| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(device)
+            .err()
+            .map(|err| format!("{device} cannot be opened ({err})"))
+    })
+}
+
+fn devices_required() -> bool {
+    let set =
+        |var: &str| std::env::var(var).is_ok_and(|v| !v.is_empty() && v != "0" && v != "false");
+    set("CI") || set("SANDFORK_REQUIRE_DEVICES")
+}
+
+type Body = fn(&Env) -> anyhow::Result<()>;
+
+fn main() -> ExitCode {
+    let args = Arguments::from_args();
+    let external = std::env::var_os("SANDFORK_E2E_KUBECONFIG").is_some();
+    let missing = if external { None } else { devices_missing() };
+    let skip_vms = missing.is_some() && !devices_required();
+    if let (true, Some(why)) = (skip_vms, &missing) {
+        eprintln!(
+            "e2e: ignoring the scenarios that run VMs: {why}. \
+             They fail instead of being ignored when CI or SANDFORK_REQUIRE_DEVICES is set."
+        );
+    }
+    let shared = Arc::new(Shared {
+        env: OnceLock::new(),
+    });
+
+    // (name, needs VMs, body)
+    let scenarios: [(&str, bool, Body); 8] = [
+        (
+            "chart_accepted_by_api_server",
+            false,
+            chart_accepted_by_api_server,
+        ),
+        (
+            "chart_rbac_is_least_privilege",
+            false,
+            chart_rbac_is_least_privilege,
+        ),
+        ("invalid_branch_rejected", false, invalid_branch_rejected),
+        (
+            "missing_source_fails_cleanly",
+            true,
+            missing_source_fails_cleanly,
+        ),
+        ("sandbox_becomes_ready", true, sandbox_becomes_ready),
+        (
+            "branches_continue_from_capture",
+            true,
+            branches_continue_from_capture,
+        ),
+        ("branch_of_a_branch", true, branch_of_a_branch),
+        (
+            "deleting_branch_frees_node",
+            true,
+            deleting_branch_frees_node,
+        ),
+    ];
+    let mut trials = vec![
+        Trial::test("chart_crds_are_current", || {
+            chart_crds_are_current().map_err(failed)
+        }),
+        Trial::test("chart_lint", || chart_lint().map_err(failed)),
+    ];
+    for (name, needs_vms, body) in scenarios {
+        let shared = shared.clone();
+        let missing = missing.clone();
+        trials.push(
+            Trial::test(name, move || {
+                if needs_vms && let Some(why) = &missing {
+                    // Only reached when devices are required (else ignored).
+                    return Err(format!("needs /dev/kvm and /dev/userfaultfd: {why}").into());
+                }
+                let env = shared.env()?;
+                if needs_vms {
+                    env.start_workloads().map_err(failed)?;
+                }
+                body(env).map_err(failed)
+            })
+            .with_ignored_flag(needs_vms && skip_vms),
+        );
+    }
+
+    let conclusion = libtest_mimic::run(&args, trials);
+    if let Some(Ok(env)) = shared.env.get() {
+        env.teardown();
+    }
+    conclusion.exit_code()
+}
+
+fn failed(err: anyhow::Error) -> Failed {
+    format!("{err:#}").into()
+}
+
+// --- the chart ------------------------------------------------------------
+
+fn chart_dir() -> std::path::PathBuf {
+    sandfork_e2e::env::repo_root().join("charts/sandfork")
+}
+
+/// The values files the chart is checked with (besides its defaults).
+fn values_files() -> Vec<std::path::PathBuf> {
+    let repo = sandfork_e2e::env::repo_root();
+    vec![
+        repo.join("e2e/kind/values.yaml"),
+        repo.join("charts/sandfork/ci/existing-secrets-values.yaml"),
+        repo.join("charts/sandfork/ci/minimal-values.yaml"),
+    ]
+}
+
+/// The chart carries the CRDs that `crdgen` generates into `crds/`.
+fn chart_crds_are_current() -> anyhow::Result<()> {
+    let repo = sandfork_e2e::env::repo_root();
+    let mut stale = Vec::new();
+    for (name, yaml) in sandfork_api::crdgen::render() {
+        let in_chart = std::fs::read_to_string(repo.join("charts/sandfork/crds").join(name))
+            .unwrap_or_default();
+        if in_chart != yaml {
+            stale.push(name);
+        }
+    }
+    ensure!(
+        stale.is_empty(),
+        "charts/sandfork/crds is stale ({stale:?}): run `cargo run -p sandfork-api --bin crdgen charts/sandfork/crds`"
+    );
+    Ok(())
+}
+
+/// `helm lint --strict` with the default values and each values file.
+fn chart_lint() -> anyhow::Result<()> {
+    let tools = lint_tools()?;
+    let chart = chart_dir();
+    let mut runs: Vec<Vec<std::ffi::OsString>> = vec![vec![]];
+    for file in values_files() {
+        runs.push(vec!["-f".into(), file.into()]);
+    }
+    for extra in runs {
+        tools::run(
+            std::process::Command::new(&tools.helm)
+                .args(["lint", "--strict"])
+                .arg(&chart)
+                .args(&extra),
+        )
+        .with_context(|| format!("helm lint {extra:?}"))?;
+    }
+    Ok(())
+}
+
+fn lint_tools() -> anyhow::Result<Tools> {
+    if std::env::var_os("SANDFORK_E2E_KUBECONFIG").is_some() {
+        Ok(Tools::from_env())
+    } else {
+        Tools::pinned(&sandfork_e2e::env::repo_root())
+    }
+}
+
+/// Every manifest the chart renders (CRDs included), with the default
+/// values and each values file, passes the API server's validation and
+/// admission in a server-side dry run; so do the examples.
+fn chart_accepted_by_api_server(env: &Env) -> anyhow::Result<()> {
+    env.scenario("chart-dry-run", false, |ns| async move {
+        let mut runs: Vec<Vec<std::ffi::OsString>> = vec![vec![]];
+        for file in values_files() {
+            runs.push(vec!["-f".into(), file.into()]);
+        }
+        for (i, extra) in runs.into_iter().enumerate() {
+            let release = format!("dryrun{i}");
+            let rendered = tools::run(
+                std::process::Command::new(&env.tools.helm)
+                    .args(["template", &release])
+                    .arg(chart_dir())
+                    .args(["--namespace", &ns, "--include-crds"])
+                    .args(&extra),
+            )
+            .with_context(|| format!("helm template {extra:?}"))?;
+            let applied = tools::run_with_input(
+                env.tools.kubectl(&env.kubeconfig).args([
+                    "apply",
+                    "--dry-run=server",
+                    "-n",
+                    &ns,
+                    "-f",
+                    "-",
+                ]),
+                Some(&rendered),
+            )
+            .with_context(|| format!("server-side dry run of the chart rendered with {extra:?}"))?;
+            let mut kinds = vec![
+                "customresourcedefinition.apiextensions.k8s.io/sandboxes.sandfork.dev",
+                "customresourcedefinition.apiextensions.k8s.io/sandboxbranches.sandfork.dev",
+                "deployment.apps/",
+                "daemonset.apps/",
+                "clusterrole.rbac.authorization.k8s.io/",
+                "role.rbac.authorization.k8s.io/",
+            ];
+            if extra.is_empty() {
+                // Everything the defaults turn on.
+                kinds.extend([
+                    "serviceaccount/",
+                    "secret/",
+                    "service/",
+                    "validatingadmissionpolicy.admissionregistration.k8s.io/",
+                    "validatingadmissionpolicybinding.admissionregistration.k8s.io/",
+                ]);
+            }
+            for kind in kinds {
+                ensure!(
+                    applied.contains(kind),
+                    "dry run with {extra:?} did not include {kind}:\n{applied}"
+                );
+            }
+        }
+        // The examples users apply first are valid too.
+        let examples = sandfork_e2e::env::repo_root().join("examples");
+        tools::run(
+            env.tools
+                .kubectl(&env.kubeconfig)
+                .args(["apply", "--dry-run=server", "-n", &ns, "-f"])
+                .arg(&examples),
+        )
+        .context("server-side dry run of examples/")?;
+        Ok(())
+    })
+}
+
+/// Each ServiceAccount can do what its binary needs and no more: checked
+/// by the API server's authorizer (`kubectl auth can-i --as`) and, for the
+/// Lease names RBAC cannot express, by the admission policy.
+fn chart_rbac_is_least_privilege(env: &Env) -> anyhow::Result<()> {
+    let ns = &env.namespace;
+    let operator = format!("system:serviceaccount:{ns}:{}-operator", env.release);
+    let agent = format!("system:serviceaccount:{ns}:{}-agent", env.release);
+    let can = |user: &str, args: &[&str]| -> anyhow::Result<bool> {
+        let out = env
+            .tools
+            .kubectl(&env.kubeconfig)
+            .args(["auth", "can-i", "--as", user])
+            .args(args)
+            .output()?;
+        let answer = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        match answer.as_str() {
+            "yes" => Ok(true),
+            "no" => Ok(false),
+            _ => bail!(
+                "kubectl auth can-i {args:?}: {answer} {}",
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        }
+    };
+    // (who, `kubectl auth can-i` arguments, allowed)
+    let expect = [
+        (
+            "operator",
+            "create sandboxes.sandfork.dev -n anywhere",
+            true,
+        ),
+        (
+            "operator",
+            "delete sandboxes.sandfork.dev -n anywhere",
+            true,
+        ),
+        (
+            "operator",
+            "patch sandboxbranches.sandfork.dev --subresource=status -n anywhere",
+            true,
+        ),
+        (
+            "operator",
+            "update sandboxbranches.sandfork.dev --subresource=finalizers -n x",
+            true,
+        ),
+        ("operator", "create events.events.k8s.io -n anywhere", true),
+        ("operator", "get nodes", true),
+        ("operator", "watch leases.coordination.k8s.io -n NS", true),
+        (
+            "operator",
+            "update leases.coordination.k8s.io/sandfork-operator-leader -n NS",
+            true,
+        ),
+        (
+            "operator",
+            "update leases.coordination.k8s.io/sandfork-agent-node-a -n NS",
+            false,
+        ),
+        (
+            "operator",
+            "list leases.coordination.k8s.io -n kube-system",
+            false,
+        ),
+        ("operator", "get secrets -n NS", false),
+        ("operator", "list pods -A", false),
+        ("operator", "list nodes", false),
+        (
+            "operator",
+            "delete sandboxes.sandfork.dev --subresource=status -n x",
+            false,
+        ),
+        (
+            "agent",
+            "patch leases.coordination.k8s.io/sandfork-agent-node-a -n NS",
+            true,
+        ),
+        ("agent", "create leases.coordination.k8s.io -n NS", true),
+        ("agent", "list leases.coordination.k8s.io -n NS", false),
+        (
+            "agent",
+            "delete leases.coordination.k8s.io/sandfork-agent-node-a -n NS",
+            false,
+        ),
+        (
+            "agent",
+            "patch leases.coordination.k8s.io -n kube-node-lease",
+            false,
+        ),
+        ("agent", "list sandboxes.sandfork.dev -A", false),
+        ("agent", "get secrets -n NS", false),
+    ];
+    let mut wrong = Vec::new();
+    for (who, question, want) in expect {
+        let user = if who == "operator" { &operator } else { &agent };
+        let args: Vec<&str> = question
+            .split_whitespace()
+            .map(|word| if word == "NS" { ns.as_str() } else { word })
+            .collect();
+        if can(user, &args)? != want {
+            wrong.push(format!(
+                "{who}: can-i {question}: expected {}",
+                if want { "yes" } else { "no" }
+            ));
+        }
+    }
+    ensure!(
+        wrong.is_empty(),
+        "RBAC differs from what each binary needs:\n{}",
+        wrong.join("\n")
+    );
+
+    // RBAC lets the agent write the namespace's Leases; the admission
+    // policy keeps it to sandfork-agent-<node>.
+    let lease = json!({
+        "apiVersion": "coordination.k8s.io/v1",
+        "kind": "Lease",
+        "metadata": {"name": "sandfork-operator-leader-impostor", "namespace": ns},
+        "spec": {"holderIdentity": "impostor"},
+    })
+    .to_string();
+    let denied = tools::run_with_input(
+        env.tools
+            .kubectl(&env.kubeconfig)
+            .args(["--as", &agent, "create", "-f", "-"]),
+        Some(&lease),
+    );
+    match denied {
+        Ok(out) => {
+            bail!("the agent's ServiceAccount created a Lease that is not an agent Lease: {out}")
+        }
+        Err(err) => {
+            let err = format!("{err:#}");
+            ensure!(
+                err.contains("may only write Leases named sandfork-agent-"),
+                "expected the admission policy's message, got: {err}"
+            );
+        }
+    }
+    Ok(())
+}
+
+// --- validation -------------------------------------------------------------
+
+/// The API server rejects bad SandboxBranches with messages that say what is wrong.
+fn invalid_branch_rejected(env: &Env) -> anyhow::Result<()> {
+    env.scenario("invalid-branch", false, |ns| async move {
+        let api: kube::Api<kube::core::DynamicObject> = kube::Api::namespaced_with(
+            env.client(),
+            &ns,
+            &kube::core::ApiResource::erase::<sandfork_api::SandboxBranch>(&()),
+        );
+        let object =
+            |name: &str, spec: serde_json::Value| -> anyhow::Result<kube::core::DynamicObject> {
+                Ok(serde_json::from_value(json!({
+                    "apiVersion": "sandfork.dev/v1alpha1",
+                    "kind": "SandboxBranch",
+                    "metadata": {"name": name},
+                    "spec": spec,
+                }))?)
+            };
+        let cases = [
+            (
+                "zero",
+                json!({"sourceRef": {"name": "src"}, "branches": 0}),
+                "spec.branches",
+            ),
+            (
+                "too-many",
+                json!({"sourceRef": {"name": "src"}, "branches": 65}),
+                "spec.branches",
+            ),
+            (
+                "bad-mode",
+                json!({"sourceRef": {"name": "src"}, "mode": "Sideways"}),
+                "Unsupported value: \"Sideways\"",
+            ),
+            (
+                "no-source",
+                json!({"branches": 1}),
+                "spec.sourceRef: Required value",
+            ),
+            (
+                "long-deadline",
+                json!({"sourceRef": {"name": "src"}, "failureDeadline": "48h"}),
+                "failureDeadline must be a duration between",
+            ),
+            (
+                "bad-policy",
+                json!({"sourceRef": {"name": "src"}, "deletionPolicy": "Orphan"}),
+                "spec.deletionPolicy",
+            ),
+        ];
+        for (name, spec, expected) in cases {
+            match api
+                .create(&Default::default(), &object(name, spec.clone())?)
+                .await
+            {
+                Ok(_) => bail!("the API server accepted an invalid SandboxBranch {name}: {spec}"),
+                Err(kube::Error::Api(status)) => {
+                    ensure!(
+                        status.code == 422 && status.message.contains(expected),
+                        "{name}: expected 422 with {expected:?}, got {} {:?}",
+                        status.code,
+                        status.message
+                    );
+                }
+                Err(err) => bail!("{name}: {err}"),
+            }
+        }
+        // Changing the source of an existing SandboxBranch is refused.
+        api.create(
+            &Default::default(),
+            &object("fixed", json!({"sourceRef": {"name": "src"}}))?,
+        )
+        .await?;
+        let moved = api
+            .patch(
+                "fixed",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"sourceRef": {"name": "other"}}})),
+            )
+            .await;
+        match moved {
+            Err(kube::Error::Api(status))
+                if status.code == 422 && status.message.contains("sourceRef is immutable") => {}
+            other => {
+                bail!("changing sourceRef: expected 422 `sourceRef is immutable`, got {other:?}")
+            }
+        }
+        Ok(())
+    })
+}
+
+// --- scenarios that run VMs -----------------------------------------------------
+
+fn counter_spec() -> serde_json::Value {
+    json!({"guest": {"builtin": "Counter"}, "memoryMiB": MEMORY_MIB, "vcpus": 1})
+}
+
+/// A Sandbox is placed on a node with an agent and runs there.
+fn sandbox_becomes_ready(env: &Env) -> anyhow::Result<()> {
+    env.scenario("sandbox-ready", false, |ns| async move {
+        objects::create_sandbox(env, &ns, "counter", counter_spec()).await?;
+        let sandbox = objects::sandbox_ready(env, &ns, "counter", SANDBOX_READY).await?;
+        let (node, uid) = placement(&sandbox)?;
+        let nodes = env.agent_nodes().await?;
+        ensure!(
+            nodes.contains(&node),
+            "placed on {node}, which has no agent ({nodes:?})"
+        );
+        let status = sandbox.status.clone().unwrap_or_default();
+        let ready = condition(&status.conditions, READY).context("no Ready condition")?;
+        ensure!(
+            ready.observed_generation == sandbox.metadata.generation,
+            "Ready is for another generation: {ready:?}"
+        );
+
+        // The agent on that node runs it, and the guest makes progress.
+        let mut agent = env.agent(&node).await?;
+        let vm = agent
+            .get_sandbox(pb::GetSandboxRequest { uid: uid.clone() })
+            .await?
+            .into_inner();
+        ensure!(
+            vm.state == pb::SandboxState::Running as i32,
+            "the agent reports {vm:?}"
+        );
+        ensure!(
+            vm.memory_mib == MEMORY_MIB,
+            "the agent runs {} MiB, not {MEMORY_MIB}",
+            vm.memory_mib
+        );
+        let pid = status.vm.as_ref().and_then(|vm| vm.pid);
+        ensure!(
+            pid.is_some() && pid == vm.pid,
+            "status.vm.pid {pid:?}, agent pid {:?}",
+            vm.pid
+        );
+        if env.mode == Mode::Local {
+            ensure!(
+                process::alive(pid.unwrap_or_default()),
+                "VM process {pid:?} is not running"
+            );
+        }
+        let (first, _) = counter_reports(env, &node, &uid, 1, Duration::from_secs(60)).await?;
+        counter_reports(env, &node, &uid, first + 1, Duration::from_secs(60)).await?;
+        Ok(())
+    })
+}
+
+/// Starts a counter Sandbox and waits until it is Ready and has finished
+/// at least `passes` passes; returns (node, uid, last pass seen).
+async fn running_counter(
+    env: &Env,
+    ns: &str,
+    name: &str,
+    passes: u64,
+) -> anyhow::Result<(String, String, u64)> {
+    objects::create_sandbox(env, ns, name, counter_spec()).await?;
+    let sandbox = objects::sandbox_ready(env, ns, name, SANDBOX_READY).await?;
+    let (node, uid) = placement(&sandbox)?;
+    let (pass, _) = counter_reports(env, &node, &uid, passes, Duration::from_secs(120)).await?;
+    Ok((node, uid, pass))
+}
+
+/// The pass a branch was restored in: its first report is that pass, each
+/// report after it one more. A guest booted afresh would give 1.
+async fn restored_pass(env: &Env, node: &str, uid: &str) -> anyhow::Result<u64> {
+    let (pass, reports) = counter_reports(env, node, uid, 1, Duration::from_secs(60)).await?;
+    Ok(pass + 1 - reports)
+}
+
+/// Checks the branches of a Ready SandboxBranch: all on the source's node,
+/// Ready, marked with their origin, and all restored in the same pass, one
+/// after `before` (the source's pass seen before the SandboxBranch existed)
+/// and not after `after` (seen once it was Ready). Returns that pass.
+async fn check_branches(
+    env: &Env,
+    ns: &str,
+    branch: &sandfork_api::SandboxBranch,
+    source: &str,
+    source_node: &str,
+    before: u64,
+) -> anyhow::Result<u64> {
+    let name = branch.metadata.name.clone().unwrap_or_default();
+    let status = branch.status.clone().unwrap_or_default();
+    let wanted = branch.spec.branches as usize;
+    ensure!(
+        status.branches.len() == wanted,
+        "status lists {:?}",
+        status.branches
+    );
+    ensure!(
+        status.branches.iter().all(|b| b.ready),
+        "not all ready: {:?}",
+        status.branches
+    );
+    ensure!(
+        status.branches_ready.as_deref() == Some(format!("{wanted}/{wanted}").as_str()),
+        "branchesReady {:?}",
+        status.branches_ready
+    );
+    ensure!(
+        status.source_node.as_deref() == Some(source_node),
+        "sourceNode {:?}",
+        status.source_node
+    );
+    let capture = status.capture.as_ref().context("no capture figures")?;
+    ensure!(
+        capture.bytes == MEMORY_MIB << 20,
+        "captured {} bytes",
+        capture.bytes
+    );
+    ensure!(status.capture_time.is_some(), "no captureTime");
+
+    // The capture exists on the agent, keyed by the SandboxBranch's UID.
+    let branch_uid = branch.metadata.uid.clone().unwrap_or_default();
+    let mut agent = env.agent(source_node).await?;
+    let captured = agent
+        .get_capture(pb::GetCaptureRequest { uid: branch_uid })
+        .await
+        .context("GetCapture")?
+        .into_inner();
+    ensure!(
+        captured.memory_bytes == MEMORY_MIB << 20,
+        "agent capture {captured:?}"
+    );
+
+    let mut passes = BTreeSet::new();
+    for entry in &status.branches {
+        let sandbox = objects::sandboxes(env, ns).get(&entry.name).await?;
+        ensure!(sandbox.is_ready(), "{} is not Ready", entry.name);
+        let (node, uid) = placement(&sandbox)?;
+        ensure!(
+            node == source_node,
+            "{} runs on {node}, its source on {source_node}",
+            entry.name
+        );
+        let origin = sandbox
+            .status
+            .as_ref()
+            .and_then(|s| s.origin.clone())
+            .context("no status.origin")?;
+        ensure!(
+            origin.source_sandbox == source && origin.sandbox_branch == name,
+            "{} origin {origin:?}",
+            entry.name
+        );
+        ensure!(
+            sandbox
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(labels::BRANCH))
+                == Some(&name),
+            "{} lacks label {}",
+            entry.name,
+            labels::BRANCH
+        );
+        passes.insert(restored_pass(env, &node, &uid).await?);
+    }
+    ensure!(
+        passes.len() == 1,
+        "branches restored in different passes {passes:?}: not one instant"
+    );
+    let pass = passes.into_iter().next().unwrap_or_default();
+    ensure!(
+        pass > before,
+        "branches restored in pass {pass}, but the source had finished pass {before} before the capture"
+    );
+    Ok(pass)
+}
+
+/// Three branches of a running counter continue from the captured
+/// instant, and the source keeps running.
+fn branches_continue_from_capture(env: &Env) -> anyhow::Result<()> {
+    env.scenario("three-branches", false, |ns| async move {
+        let (node, uid, before) = running_counter(env, &ns, "source", 3).await?;
+        objects::create_branch(
+            env,
+            &ns,
+            "fork",
+            json!({"sourceRef": {"name": "source"}, "branches": 3}),
+        )
+        .await?;
+        let branch = objects::branch_ready(env, &ns, "fork", BRANCH_READY).await?;
+        let (after, _) = objects::counter(env, &node, &uid).await?;
+        let pass = check_branches(env, &ns, &branch, "source", &node, before).await?;
+        ensure!(
+            pass <= after + 1,
+            "branches restored in pass {pass}, after the source's pass {after}"
+        );
+        // The source ran on through the capture.
+        let (_, reports) = objects::counter(env, &node, &uid).await?;
+        counter_reports(env, &node, &uid, reports + 1, Duration::from_secs(60)).await?;
+        Ok(())
+    })
+}
+
+/// A branch can be branched again; the second generation continues from
+/// the first branch's state.
+fn branch_of_a_branch(env: &Env) -> anyhow::Result<()> {
+    env.scenario("branch-of-branch", false, |ns| async move {
+        let (node, _, before) = running_counter(env, &ns, "source", 3).await?;
+        objects::create_branch(
+            env,
+            &ns,
+            "first",
+            json!({"sourceRef": {"name": "source"}, "branches": 1}),
+        )
+        .await?;
+        let first = objects::branch_ready(env, &ns, "first", BRANCH_READY).await?;
+        let first_pass = check_branches(env, &ns, &first, "source", &node, before).await?;
+
+        // Let the branch run on past its restored pass, then branch it.
+        let child = objects::sandboxes(env, &ns).get("first-0").await?;
+        let (_, child_uid) = placement(&child)?;
+        let (_, reports) = objects::counter(env, &node, &child_uid).await?;
+        let (child_pass, _) =
+            counter_reports(env, &node, &child_uid, reports + 2, Duration::from_secs(60)).await?;
+        ensure!(
+            child_pass > first_pass,
+            "the branch did not run on ({child_pass} <= {first_pass})"
+        );
+
+        objects::create_branch(
+            env,
+            &ns,
+            "second",
+            json!({"sourceRef": {"name": "first-0"}, "branches": 1}),
+        )
+        .await?;
+        let second = objects::branch_ready(env, &ns, "second", BRANCH_READY).await?;
+        check_branches(env, &ns, &second, "first-0", &node, child_pass).await?;
+        Ok(())
+    })
+}
+
+/// Deleting a SandboxBranch with deletionPolicy Delete removes its
+/// branches and its capture: their processes end and the node's memory
+/// in use drops by what they held. The source is untouched.
+fn deleting_branch_frees_node(env: &Env) -> anyhow::Result<()> {
+    // Exclusive: the node's totals are compared before and after.
+    env.scenario("delete-branches", true, |ns| async move {
+        let (node, source_uid, _) = running_counter(env, &ns, "source", 1).await?;
+        objects::create_branch(
+            env,
+            &ns,
+            "doomed",
+            json!({"sourceRef": {"name": "source"}, "branches": 2, "deletionPolicy": "Delete"}),
+        )
+        .await?;
+        let branch = objects::branch_ready(env, &ns, "doomed", BRANCH_READY).await?;
+        let branch_uid = branch.metadata.uid.clone().unwrap_or_default();
+        let mut vms = Vec::new();
+        for entry in branch.status.clone().unwrap_or_default().branches {
+            let sandbox = objects::sandboxes(env, &ns).get(&entry.name).await?;
+            let (_, uid) = placement(&sandbox)?;
+            let pid = sandbox
+                .status
+                .and_then(|s| s.vm)
+                .and_then(|vm| vm.pid)
+                .context("no status.vm.pid")?;
+            vms.push((entry.name, uid, pid));
+        }
+        let mut agent = env.agent(&node).await?;
+        let info_before = agent.get_info(pb::GetInfoRequest {}).await?.into_inner();
+
+        objects::branches(env, &ns)
+            .delete("doomed", &DeleteParams::default())
+            .await?;
+        let sandboxes = objects::sandboxes(env, &ns);
+        let branches = objects::branches(env, &ns);
+        wait::until(
+            "the SandboxBranch and its branches to be gone",
+            Duration::from_secs(120),
+            || async {
+                let left = sandboxes
+                    .list(&ListParams::default().labels(&format!("{}=doomed", labels::BRANCH)))
+                    .await?
+                    .items
+                    .len();
+                let branch_left = branches.get_opt("doomed").await?.is_some();
+                Ok(if left == 0 && !branch_left {
+                    Look::Done(())
+                } else {
+                    Look::NotYet(format!(
+                        "{left} branch Sandboxes, SandboxBranch present: {branch_left}"
+                    ))
+                })
+            },
+        )
+        .await?;
+
+        // The agent no longer runs them nor keeps the capture.
+        let running: Vec<String> = agent
+            .list_sandboxes(pb::ListSandboxesRequest {})
+            .await?
+            .into_inner()
+            .sandboxes
+            .into_iter()
+            .map(|s| s.uid)
+            .collect();
+        for (name, uid, pid) in &vms {
+            ensure!(
+                !running.contains(uid),
+                "the agent still runs branch {name} ({uid})"
+            );
+            if env.mode == Mode::Local {
+                ensure!(
+                    !process::alive(*pid),
+                    "branch {name}'s VM process {pid} still runs"
+                );
+            }
+        }
+        ensure!(running.contains(&source_uid), "the source stopped running");
+        let captures = agent
+            .list_captures(pb::ListCapturesRequest {})
+            .await?
+            .into_inner()
+            .captures;
+        ensure!(
+            !captures.iter().any(|c| c.uid == branch_uid),
+            "the agent still keeps the capture"
+        );
+
+        let info_after = agent.get_info(pb::GetInfoRequest {}).await?.into_inner();
+        let freed = info_before
+            .memory_used_mib
+            .saturating_sub(info_after.memory_used_mib);
+        ensure!(
+            freed >= 2 * MEMORY_MIB,
+            "memory in use went from {} to {} MiB: the branches' {} MiB were not freed",
+            info_before.memory_used_mib,
+            info_after.memory_used_mib,
+            2 * MEMORY_MIB
+        );
+        ensure!(
+            info_after.sandboxes + 2 == info_before.sandboxes,
+            "sandboxes on the node went from {} to {}",
+            info_before.sandboxes,
+            info_after.sandboxes
+        );
+        let source = sandboxes.get("source").await?;
+        ensure!(source.is_ready(), "the source is no longer Ready");
+        Ok(())
+    })
+}
+
+/// A SandboxBranch whose source does not exist fails with a reason that
+/// says so, and leaves everything else as it was.
+fn missing_source_fails_cleanly(env: &Env) -> anyhow::Result<()> {
+    env.scenario("missing-source", false, |ns| async move {
+        let (node, bystander_uid, _) = running_counter(env, &ns, "bystander", 1).await?;
+        let bystander_pid = objects::sandboxes(env, &ns)
+            .get("bystander")
+            .await?
+            .status
+            .and_then(|s| s.vm)
+            .and_then(|vm| vm.pid);
+
+        objects::create_branch(
+            env,
+            &ns,
+            "orphan",
+            json!({"sourceRef": {"name": "nonexistent"}, "branches": 2, "failureDeadline": "15s"}),
+        )
+        .await?;
+        let branch = objects::branch_failed(env, &ns, "orphan", Duration::from_secs(90)).await?;
+        let status = branch.status.clone().unwrap_or_default();
+        let failed = condition(&status.conditions, FAILED).context("no Failed condition")?;
+        let ready = condition(&status.conditions, READY).context("no Ready condition")?;
+        ensure!(ready.status == "False", "Ready is {ready:?}");
+        let said = format!("{}: {}", failed.reason, failed.message);
+        ensure!(
+            failed.message.contains("\"nonexistent\"") && failed.message.contains("does not exist"),
+            "the Failed condition does not say that the source is missing: {said}"
+        );
+        let error = status.error.as_ref().context("no status.error")?;
+        ensure!(
+            error.message.contains("nonexistent"),
+            "status.error: {error:?}"
+        );
+
+        // Nothing was created, captured or disturbed.
+        let made = objects::sandboxes(env, &ns)
+            .list(&ListParams::default().labels(&format!("{}=orphan", labels::BRANCH)))
+            .await?;
+        ensure!(
+            made.items.is_empty(),
+            "it created Sandboxes: {:?}",
+            made.items.len()
+        );
+        let branch_uid = branch.metadata.uid.clone().unwrap_or_default();
+        for agent_node in env.agent_nodes().await? {
+            let mut agent = env.agent(&agent_node).await?;
+            let captures = agent
+                .list_captures(pb::ListCapturesRequest {})
+                .await?
+                .into_inner()
+                .captures;
+            ensure!(
+                !captures.iter().any(|c| c.uid == branch_uid),
+                "a capture exists on {agent_node}"
+            );
+        }
+        let bystander = objects::sandboxes(env, &ns).get("bystander").await?;
+        ensure!(bystander.is_ready(), "the bystander is no longer Ready");
+        let pid = bystander.status.and_then(|s| s.vm).and_then(|vm| vm.pid);
+        ensure!(
+            pid == bystander_pid,
+            "the bystander's VM changed: {bystander_pid:?} -> {pid:?}"
+        );
+        let (_, reports) = objects::counter(env, &node, &bystander_uid).await?;
+        counter_reports(
+            env,
+            &node,
+            &bystander_uid,
+            reports + 1,
+            Duration::from_secs(60),
+        )
+        .await?;
+
+        // It goes away cleanly.
+        objects::branches(env, &ns)
+            .delete("orphan", &DeleteParams::default())
+            .await?;
+        let branches = objects::branches(env, &ns);
+        wait::until(
+            "the failed SandboxBranch to be deleted",
+            Duration::from_secs(60),
+            || async {
+                Ok(match branches.get_opt("orphan").await? {
+                    None => Look::Done(()),
+                    Some(b) => Look::NotYet(format!("finalizers {:?}", b.metadata.finalizers)),
+                })
+            },
+        )
+        .await
+    })
+}
