@@ -1,14 +1,16 @@
 //! `sandfork-agent bench`: capture and restore measured on this machine,
 //! the live capture beside the stop-and-copy baseline in the same run.
 //!
-//! Each run captures a running `counter` guest live (while a host thread
+//! Each run captures a running `counter` guest live as the agent does: the
+//! state is recorded at the pause and the copy runs in the background. A
+//! branch is restored at once, while the copy runs, and timed until its
+//! first guest instruction (the first store it makes); then a host thread
 //! writes into guest memory at native speed to measure the stall of a write
-//! that hits a protected page) and verifies the capture; captures it again
-//! live with the one-shot write-protect arm inside the pause, and with
-//! stop-and-copy (the two baselines), verifying both; then restores a branch
-//! from the live capture and times it until its first guest instruction (the
-//! first store the restored guest makes). Finally 16 branches of one capture
-//! run briefly and the node's memory is compared before and after.
+//! that hits a protected page, and the finished capture is verified. The
+//! run captures again live with the one-shot write-protect arm inside the
+//! pause, and with stop-and-copy (the two baselines), verifying both, and
+//! times a branch of the complete capture. Finally 16 branches of one
+//! capture run briefly and the node's memory is compared before and after.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -17,13 +19,13 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use serde::Serialize;
 
-use crate::capture::{self, Arm, CaptureStats, Captured, LiveCapture};
+use crate::capture::{self, Arm, CaptureProgress, LiveCapture};
 use crate::guest::layout::vcpu_data_slice;
 use crate::guest::{GuestImage, Workload, verify_counter};
 use crate::memory::{
     GuestMemory, PAGE_SIZE, ReadOnlyMapping, SnapshotMapping, host_available_bytes,
 };
-use crate::snapshot::{CaptureDir, SnapshotState, unix_ms_now};
+use crate::snapshot::CaptureDir;
 use crate::vcpu::VcpuState;
 use crate::vm::Vm;
 
@@ -75,15 +77,27 @@ pub struct BenchResult {
     pub fault_stall_us_p50: f64,
     /// Pages the fault handler copied ahead of the copier, per capture.
     pub pages_copied_by_fault_handler_p50: f64,
-    /// Branch restore: from the request to the branch's first guest
-    /// instruction, after the capture completed.
-    pub restore_ms_p50: f64,
-    /// The same figure under the name the fork-speed goals use.
+    /// Live capture: from resume until the memory copy was complete.
+    pub copy_ms_p50: f64,
+    /// A branch requested right after the capture's pause, while the copy
+    /// runs: from the request to the branch's first guest instruction (its
+    /// first store).
     pub branch_first_instruction_ms_p50: f64,
-    /// 16 branches of one capture, run briefly: node memory they added, and
-    /// how much of it is pages they wrote (copy-on-write copies).
+    /// Pages the copy still had to do when that branch was requested.
+    pub branch_pages_left_p50: f64,
+    /// The same, from a capture whose copy had completed.
+    pub restore_ms_p50: f64,
+    /// What a branch that waits for the copy would take: copy plus restore.
+    pub branch_after_copy_ms_p50: f64,
+    /// 16 branches of one capture, run briefly: node memory they added
+    /// (MemAvailable before and after: includes the kernel's per-VM memory,
+    /// but is noisy on a shared host), and how much of it is pages they
+    /// wrote (copy-on-write copies).
     pub branch16_extra_mib: f64,
     pub branch16_written_mib: f64,
+    /// The same 16 branches, counted in this process only (its anonymous
+    /// memory and page tables; not noisy, but blind to kernel memory).
+    pub branch16_process_extra_mib: f64,
     /// True only if every capture of the run was verified consistent.
     pub consistent: bool,
     /// Guest code is emulated on this host (PVM): guest-side rates are emulation-bound.
@@ -108,7 +122,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     eprintln!(
         "bench {} MiB x{} runs: live pause {:.0} us (re-protect {:.0} us) vs one-shot arm {:.0} us \
          ({:.1}x) vs stop-and-copy {:.0} us ({:.1}x), copy {:.2} GB/s, write stall p50 {:.1} us \
-         p99 {:.1} us max {:.1} us, restore {:.2} ms, 16 branches +{:.0} MiB ({:.0} MiB written), \
+         p99 {:.1} us max {:.1} us, branch {:.2} ms during the copy ({:.2} ms after it), 16 branches +{:.0} MiB ({:.0} MiB written, process +{:.0} MiB), \
          consistent: {}",
         result.memory_mib,
         result.runs,
@@ -122,9 +136,11 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         result.write_stall_us_p50,
         result.write_stall_us_p99,
         result.write_stall_us_max,
+        result.branch_first_instruction_ms_p50,
         result.restore_ms_p50,
         result.branch16_extra_mib,
         result.branch16_written_mib,
+        result.branch16_process_extra_mib,
         result.consistent
     );
     if args.json {
@@ -165,27 +181,39 @@ pub fn measure(args: &BenchArgs) -> anyhow::Result<BenchResult> {
     let mut stalls = Vec::new();
     let mut handler_pages = Vec::new();
     let mut restore_ms = Vec::new();
+    let mut early_branch_ms = Vec::new();
+    let mut remaining_at_branch = Vec::new();
+    let mut copy_ms = Vec::new();
     let mut branch16 = None;
     let mut consistent = true;
 
     for run in 0..args.runs {
-        // Live capture, with a native-rate writer measuring stalls.
+        // Live capture, as the agent runs it (the state recorded at the
+        // pause, the copy in the background, branches served meanwhile).
         let live_dir = CaptureDir::new(scratch.path().join(format!("live-{run}")));
-        let mapping = Arc::new(live_dir.create(memory_bytes)?);
-        let capture = LiveCapture::start(&vm, mapping.clone(), Arm::AheadOfPause)?;
-        let run_stalls = measure_write_stalls(&vm, &capture);
-        let captured = capture.finish()?;
-        stalls.extend(run_stalls);
-        consistent &= check(&mapping, &captured.vcpus, "live");
-        live_pause.push(captured.stats.pause_ns as f64 / 1e3);
-        live_arm.push(captured.stats.arm_ns as f64 / 1e3);
-        live_stopped.push(captured.stats.vcpus_stopped_ns as f64 / 1e3);
-        live_pre_arm.push(captured.stats.pre_arm_ns as f64 / 1e3);
-        reprotected.push(captured.stats.reprotected_pages as f64);
-        copy_gbps.push(memory_bytes as f64 / captured.stats.copy_ns as f64);
-        handler_pages.push(captured.stats.pages_copied_by_fault_handler as f64);
-        drop(mapping);
-        commit(&live_dir, captured)?;
+        let running = live_dir.start_live(&vm, "bench", Arm::AheadOfPause)?;
+        // A branch started at once, before the copy completes.
+        let paused = vm.pause(false)?;
+        let early = time_restore(&live_dir, Some(&running.progress()));
+        drop(paused);
+        vm.resume();
+        let (early, early_remaining) = early?;
+        early_branch_ms.push(early.as_secs_f64() * 1e3);
+        remaining_at_branch.push(early_remaining as f64);
+        // Then a native-rate writer measuring stalls while the copy goes on.
+        stalls.extend(measure_write_stalls(&vm, &running.progress()));
+        let state = running.finish()?;
+        let memory = ReadOnlyMapping::new(&live_dir.open_memory()?)?;
+        consistent &= check_memory(memory.as_slice(), &state.vcpus, "live");
+        let stats = &state.stats;
+        live_pause.push(stats.pause_ns as f64 / 1e3);
+        live_arm.push(stats.arm_ns as f64 / 1e3);
+        live_stopped.push(stats.vcpus_stopped_ns as f64 / 1e3);
+        live_pre_arm.push(stats.pre_arm_ns as f64 / 1e3);
+        reprotected.push(stats.reprotected_pages as f64);
+        copy_gbps.push(memory_bytes as f64 / stats.copy_ns as f64);
+        copy_ms.push(stats.copy_ns as f64 / 1e6);
+        handler_pages.push(stats.pages_copied_by_fault_handler as f64);
 
         // One-shot arm baseline.
         let oneshot_dir = CaptureDir::new(scratch.path().join(format!("oneshot-{run}")));
@@ -209,17 +237,22 @@ pub fn measure(args: &BenchArgs) -> anyhow::Result<BenchResult> {
         // meanwhile so that its busy vCPU does not compete with the
         // branch's for this machine's two cores.
         let paused = vm.pause(false)?;
-        let restore = time_restore(&live_dir);
+        let restore = time_restore(&live_dir, None);
         drop(paused);
         vm.resume();
-        restore_ms.push(restore?.as_secs_f64() * 1e3);
+        restore_ms.push(restore?.0.as_secs_f64() * 1e3);
         eprintln!(
-            "run {run}: live pause {:.0} us (vCPUs stopped {:.0} us), one-shot arm {:.0} us, stop-and-copy {:.0} us, restore {:.2} ms",
+            "run {run}: live pause {:.0} us (vCPUs stopped {:.0} us), one-shot arm {:.0} us, \
+             stop-and-copy {:.0} us, branch during the copy {:.2} ms ({:.0} pages left), \
+             after it {:.2} ms (copy {:.0} ms)",
             live_pause[run],
             live_stopped[run],
             oneshot_pause[run],
             stop_pause[run],
-            restore_ms[run]
+            early_branch_ms[run],
+            remaining_at_branch[run],
+            restore_ms[run],
+            copy_ms[run],
         );
         if run + 1 < args.runs {
             live_dir.remove()?;
@@ -232,7 +265,8 @@ pub fn measure(args: &BenchArgs) -> anyhow::Result<BenchResult> {
             live_dir.remove()?;
         }
     }
-    let (branch16_extra_mib, branch16_written_mib) = branch16.unwrap_or_default();
+    let (branch16_extra_mib, branch16_written_mib, branch16_process_extra_mib) =
+        branch16.unwrap_or_default();
     if let Some(failure) = vm.failure() {
         bail!("the benchmark guest failed: {failure}");
     }
@@ -241,6 +275,7 @@ pub fn measure(args: &BenchArgs) -> anyhow::Result<BenchResult> {
     let stop_copy_pause_us_p50 = median(&mut stop_pause);
     let oneshot_arm_pause_us_p50 = median(&mut oneshot_pause);
     let restore_ms_p50 = median(&mut restore_ms);
+    let copy_ms_p50 = median(&mut copy_ms);
     let write_stall_us_p50 = percentile(&mut stalls, 50.0);
     Ok(BenchResult {
         memory_mib: args.memory_mib,
@@ -262,10 +297,14 @@ pub fn measure(args: &BenchArgs) -> anyhow::Result<BenchResult> {
         write_stall_samples: stalls.len(),
         fault_stall_us_p50: write_stall_us_p50,
         pages_copied_by_fault_handler_p50: median(&mut handler_pages),
+        copy_ms_p50,
+        branch_first_instruction_ms_p50: median(&mut early_branch_ms),
+        branch_pages_left_p50: median(&mut remaining_at_branch),
         restore_ms_p50,
-        branch_first_instruction_ms_p50: restore_ms_p50,
+        branch_after_copy_ms_p50: copy_ms_p50 + restore_ms_p50,
         branch16_extra_mib,
         branch16_written_mib,
+        branch16_process_extra_mib,
         consistent,
         guest_emulated: true,
     })
@@ -290,8 +329,16 @@ fn wait_first_pass(vm: &Vm) -> anyhow::Result<()> {
 }
 
 fn check(mapping: &SnapshotMapping, vcpus: &[VcpuState], what: &str) -> bool {
-    // SAFETY: the capture is complete; nothing writes the mapping any more.
-    let memory = unsafe { std::slice::from_raw_parts(mapping.as_ptr(), mapping.len()) };
+    match mapping.read_back() {
+        Ok(memory) => check_memory(memory.as_slice(), vcpus, what),
+        Err(err) => {
+            eprintln!("{what} capture unreadable: {err}");
+            false
+        }
+    }
+}
+
+fn check_memory(memory: &[u8], vcpus: &[VcpuState], what: &str) -> bool {
     let regs: Vec<_> = vcpus.iter().map(|vcpu| vcpu.regs).collect();
     match verify_counter(memory, &regs) {
         Ok(_) => true,
@@ -302,24 +349,11 @@ fn check(mapping: &SnapshotMapping, vcpus: &[VcpuState], what: &str) -> bool {
     }
 }
 
-fn commit(dir: &CaptureDir, captured: Captured) -> anyhow::Result<()> {
-    let Captured { vcpus, vm, stats } = captured;
-    dir.commit(&SnapshotState {
-        memory_bytes: std::fs::metadata(dir.memory_path())?.len(),
-        vcpus,
-        vm,
-        stats: CaptureStats { ..stats },
-        source: "bench".into(),
-        created_unix_ms: unix_ms_now(),
-    })?;
-    Ok(())
-}
-
 /// While the copy runs, writes from a host thread into pages not yet
 /// copied (so still protected) and times each write, in microseconds. The
 /// write stores zero into the page's second qword, which the counter guest
 /// never writes, so the capture stays checkable.
-fn measure_write_stalls(vm: &Vm, capture: &LiveCapture) -> Vec<f64> {
+fn measure_write_stalls(vm: &Vm, capture: &CaptureProgress) -> Vec<f64> {
     let memory: &GuestMemory = vm.memory();
     let pages = memory.pages();
     let stop = AtomicBool::new(false);
@@ -333,7 +367,7 @@ fn measure_write_stalls(vm: &Vm, capture: &LiveCapture) -> Vec<f64> {
             // Walk from the top of memory down, against the copier's direction.
             let mut page = pages - 1;
             while !stop.load(Ordering::Relaxed) && page > 0 {
-                if !capture.page_copied(page) {
+                if !capture.is_copied(page) {
                     let started = Instant::now();
                     // SAFETY: in-bounds, 8-aligned address inside guest
                     // memory, in a qword the counter guest keeps at zero.
@@ -354,8 +388,8 @@ fn measure_write_stalls(vm: &Vm, capture: &LiveCapture) -> Vec<f64> {
         // The copier finishes on its own; stop the writer once it has.
         while (0..pages)
             .step_by(4096)
-            .any(|page| !capture.page_copied(page))
-            || !capture.page_copied(pages - 1)
+            .any(|page| !capture.is_copied(page))
+            || !capture.is_copied(pages - 1)
         {
             std::thread::sleep(Duration::from_micros(500));
         }
@@ -366,17 +400,28 @@ fn measure_write_stalls(vm: &Vm, capture: &LiveCapture) -> Vec<f64> {
 
 /// Restores a branch and waits for its first guest store: the counter guest
 /// writes the page at its cursor (or the next one, or the slice's first page
-/// after a wrap) within a few instructions of the captured instant.
-fn time_restore(dir: &CaptureDir) -> anyhow::Result<Duration> {
+/// after a wrap) within a few instructions of the captured instant. With
+/// `copying`, the capture's copy is still running; also returns how many
+/// pages it had left when the branch was requested.
+fn time_restore(
+    dir: &CaptureDir,
+    copying: Option<&CaptureProgress>,
+) -> anyhow::Result<(Duration, usize)> {
     let state = dir.read_state()?;
-    let file = std::fs::File::open(dir.memory_path())?;
-    let captured = ReadOnlyMapping::new(&file)?;
     let regs = &state.vcpus[0].regs;
     let slice = vcpu_data_slice(state.memory_bytes, state.vcpus.len(), 0);
     let watched: Vec<u64> = [regs.rdi, regs.rdi + PAGE_SIZE as u64, slice.start]
         .into_iter()
         .filter(|addr| slice.contains(addr))
         .collect();
+    if let Some(progress) = copying {
+        // Read the captured values only from pages already in the file: a
+        // read of a hole would put a zero page there.
+        for &addr in &watched {
+            progress.ensure_copied(addr as usize / PAGE_SIZE, 1);
+        }
+    }
+    let captured = ReadOnlyMapping::new(&std::fs::File::open(dir.memory_path())?)?;
     let read_captured = |addr: u64| {
         u64::from_le_bytes(
             captured.as_slice()[addr as usize..addr as usize + 8]
@@ -385,6 +430,7 @@ fn time_restore(dir: &CaptureDir) -> anyhow::Result<Duration> {
         )
     };
     let before: Vec<u64> = watched.iter().map(|&addr| read_captured(addr)).collect();
+    let remaining = copying.map_or(0, CaptureProgress::remaining_pages);
 
     let started = Instant::now();
     let branch = dir.restore()?;
@@ -395,7 +441,7 @@ fn time_restore(dir: &CaptureDir) -> anyhow::Result<Duration> {
             .zip(&before)
             .any(|(&addr, &value)| branch.memory().read_u64(addr) != value);
         if stored {
-            return Ok(started.elapsed());
+            return Ok((started.elapsed(), remaining));
         }
         if let Some(failure) = branch.failure() {
             bail!("the branch failed: {failure}");
@@ -408,10 +454,12 @@ fn time_restore(dir: &CaptureDir) -> anyhow::Result<Duration> {
 }
 
 /// Starts `count` branches of the capture in `dir`, lets them run briefly,
-/// stops them and returns (node memory they added, memory they wrote), in MiB.
-fn measure_branch_memory(dir: &CaptureDir, count: usize) -> anyhow::Result<(f64, f64)> {
+/// stops them and returns (node memory they added, memory they wrote,
+/// memory this process gained), in MiB.
+fn measure_branch_memory(dir: &CaptureDir, count: usize) -> anyhow::Result<(f64, f64, f64)> {
     let available = || host_available_bytes().context("no MemAvailable in /proc/meminfo");
     let before = available()?;
+    let process_before = process_private_bytes();
     let branches = (0..count)
         .map(|_| dir.restore())
         .collect::<Result<Vec<_>, _>>()?;
@@ -421,6 +469,7 @@ fn measure_branch_memory(dir: &CaptureDir, count: usize) -> anyhow::Result<(f64,
         .map(|branch| branch.pause(false))
         .collect::<Result<Vec<_>, _>>()?;
     let after = available()?;
+    let process_after = process_private_bytes();
     let written: u64 = branches
         .iter()
         .map(|branch| branch.memory().private_bytes())
@@ -428,5 +477,21 @@ fn measure_branch_memory(dir: &CaptureDir, count: usize) -> anyhow::Result<(f64,
     drop(paused);
     drop(branches);
     let mib = |bytes: f64| bytes / f64::from(1 << 20);
-    Ok((mib(before as f64 - after as f64), mib(written as f64)))
+    Ok((
+        mib(before as f64 - after as f64),
+        mib(written as f64),
+        mib(process_after as f64 - process_before as f64),
+    ))
+}
+
+/// This process's anonymous memory and page tables (`RssAnon` plus `VmPTE`
+/// of /proc/self/status), in bytes.
+fn process_private_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .filter(|line| line.starts_with("RssAnon:") || line.starts_with("VmPTE:"))
+        .filter_map(|line| line.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum::<u64>()
+        * 1024
 }

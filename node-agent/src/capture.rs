@@ -3,10 +3,12 @@
 //! Live capture: pause the vCPUs, save their state, write-protect guest
 //! memory with userfaultfd, resume; then a copier thread fills the snapshot
 //! while a fault-handler thread saves the before-image of any page the guest
-//! writes first. A per-page state (clean, copying, copied) claimed with
-//! compare-and-swap lets exactly one of them copy each page, and a page is
-//! un-protected only once its before-image is in the snapshot, so the
-//! snapshot is guest memory as it was at the pause.
+//! writes first. Pages enter the snapshot file atomically and the first
+//! fill of a page wins (UFFDIO_COPY, see `SnapshotMapping`), and a page is
+//! un-protected only once it is in the snapshot, so every fill of a page
+//! reads it unchanged since the pause: the snapshot is guest memory as it
+//! was at the pause. Nobody waits for anybody else's copy, so a guest write
+//! that hits a protected page waits for one page's copy, never the copier.
 //!
 //! Write-protecting all of guest memory costs milliseconds per GiB, so by
 //! default (`Arm::AheadOfPause`) it happens before the pause while the guest
@@ -41,12 +43,12 @@ const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
 const _: () = assert!(FeatureFlags::THREAD_ID.bits() == 1 << 8);
 const _: () = assert!(FeatureFlags::PAGEFAULT_FLAG_WP.bits() == 1);
 
-/// Pages the copier claims and un-protects at a time (2 MiB).
+/// Pages the copier fills and un-protects at a time (2 MiB).
 const CHUNK_PAGES: usize = 512;
 
+/// A page's state: not known to be in the snapshot yet, or in it.
 const PAGE_CLEAN: u8 = 0;
-const PAGE_COPYING: u8 = 1;
-const PAGE_COPIED: u8 = 2;
+const PAGE_COPIED: u8 = 1;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
@@ -89,6 +91,8 @@ pub enum CaptureError {
     },
     #[error("capture worker thread panicked")]
     WorkerPanicked,
+    #[error("writing the snapshot failed: {0}")]
+    SnapshotWrite(String),
 }
 
 fn uffd_op(op: &'static str) -> impl FnOnce(userfaultfd::Error) -> CaptureError {
@@ -139,13 +143,12 @@ pub fn stop_and_copy(vm: &Vm, snapshot: &SnapshotMapping) -> Result<Captured, Ca
     check_sizes(vm.memory(), snapshot)?;
     let paused = vm.pause(true)?;
     let copy_started = Instant::now();
-    // SAFETY: both mappings are `len` bytes, distinct, and alive; the vCPUs
-    // are stopped so guest memory does not change during the copy.
-    unsafe {
-        std::ptr::copy_nonoverlapping(vm.memory().as_ptr(), snapshot.as_ptr(), snapshot.len())
-    };
+    // SAFETY: guest memory is `len` readable bytes, the size of the snapshot;
+    // the vCPUs are stopped so it does not change during the copy.
+    let copied = unsafe { snapshot.write_from(0, vm.memory().as_ptr(), snapshot.len()) };
     let copy_ns = copy_started.elapsed().as_nanos() as u64;
     vm.resume();
+    copied.map_err(|err| CaptureError::SnapshotWrite(format!("{:#}", anyhow::Error::new(err))))?;
     let pause_ns = paused.started().elapsed().as_nanos() as u64;
     Ok(Captured {
         vcpus: paused.vcpus,
@@ -188,6 +191,9 @@ struct LiveCopy {
     pages_by_handler: AtomicU64,
     pages_by_copier: AtomicU64,
     write_faults: AtomicU64,
+    /// The first error writing the snapshot. The copy goes on marking pages
+    /// copied, so that no guest write waits forever, but the capture fails.
+    write_error: Mutex<Option<String>>,
 }
 
 impl LiveCopy {
@@ -196,50 +202,47 @@ impl LiveCopy {
         unsafe { self.guest.as_ptr().add(page * PAGE_SIZE).cast() }
     }
 
-    /// Copies `page` if nobody has claimed it yet; returns whether we did.
-    fn claim_and_copy(&self, page: usize) -> bool {
-        if self.page_states[page]
-            .compare_exchange(
-                PAGE_CLEAN,
-                PAGE_COPYING,
-                Ordering::Acquire,
-                Ordering::Relaxed,
-            )
-            .is_err()
-        {
-            return false;
-        }
-        let offset = page * PAGE_SIZE;
+    /// Puts the pages of `first..end` that are not in the snapshot yet into
+    /// it; returns how many this call put there. Pages other threads fill
+    /// meanwhile are skipped (the first fill wins), so the result is right
+    /// whoever gets there first: every page is still write-protected until
+    /// it is marked copied, so any fill reads it as it was at the pause.
+    fn copy_pages(&self, first: usize, end: usize) -> u64 {
         let source = match &self.source_view {
             Some(view) => view.as_ptr(),
             None => self.guest.as_ptr().cast_const(),
         };
-        // SAFETY: the page is inside both mappings; it is write-protected and
-        // we hold its claim, so the guest cannot change it while we read, and
-        // nobody else writes this page of the snapshot.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                source.add(offset),
-                self.snapshot.as_ptr().add(offset),
-                PAGE_SIZE,
-            )
-        };
-        self.page_states[page].store(PAGE_COPIED, Ordering::Release);
-        true
-    }
-
-    fn wait_copied(&self, page: usize) {
-        let mut spins = 0u32;
-        while self.page_states[page].load(Ordering::Acquire) != PAGE_COPIED {
-            spins += 1;
-            if spins < 2000 {
-                std::hint::spin_loop();
-            } else {
-                // The copier may be preempted mid-page on our core: a
-                // real-time waiter that only spun would keep it from running.
-                std::thread::sleep(std::time::Duration::from_micros(5));
+        let mut filled = 0;
+        let mut page = first;
+        while page < end {
+            if self.page_states[page].load(Ordering::Acquire) == PAGE_COPIED {
+                page += 1;
+                continue;
+            }
+            let run_start = page;
+            while page < end && self.page_states[page].load(Ordering::Acquire) != PAGE_COPIED {
+                page += 1;
+            }
+            let offset = run_start * PAGE_SIZE;
+            let len = (page - run_start) * PAGE_SIZE;
+            // SAFETY: the range is inside guest memory (and the source view,
+            // its size) and inside the snapshot.
+            match unsafe { self.snapshot.write_from(offset, source.add(offset), len) } {
+                Ok(pages) => filled += pages as u64,
+                Err(err) => {
+                    // The capture fails, but no guest write may wait on it:
+                    // the pages are still marked copied (and so un-protected).
+                    self.write_error
+                        .lock()
+                        .unwrap()
+                        .get_or_insert_with(|| format!("{:#}", anyhow::Error::new(err)));
+                }
+            }
+            for state in &self.page_states[run_start..page] {
+                state.store(PAGE_COPIED, Ordering::Release);
             }
         }
+        filled
     }
 
     fn unprotect(&self, first_page: usize, pages: usize) -> Result<(), CaptureError> {
@@ -263,16 +266,8 @@ impl LiveCopy {
         let pages = self.page_states.len();
         for first in (0..pages).step_by(CHUNK_PAGES) {
             let end = (first + CHUNK_PAGES).min(pages);
-            for page in first..end {
-                if self.claim_and_copy(page) {
-                    self.pages_by_copier.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            // Pages the fault handler claimed must be copied before the
-            // chunk loses its protection.
-            for page in first..end {
-                self.wait_copied(page);
-            }
+            let copied = self.copy_pages(first, end);
+            self.pages_by_copier.fetch_add(copied, Ordering::Relaxed);
             self.unprotect(first, end - first)?;
         }
         Ok(())
@@ -339,11 +334,8 @@ impl LiveCopy {
                             continue;
                         }
                     }
-                    if self.claim_and_copy(page) {
-                        self.pages_by_handler.fetch_add(1, Ordering::Relaxed);
-                    } else {
-                        self.wait_copied(page);
-                    }
+                    let copied = self.copy_pages(page, page + 1);
+                    self.pages_by_handler.fetch_add(copied, Ordering::Relaxed);
                     self.unprotect(page, 1)?;
                 }
             }
@@ -375,6 +367,9 @@ impl LiveCapture {
     pub fn start(vm: &Vm, snapshot: Arc<SnapshotMapping>, arm: Arm) -> Result<Self, CaptureError> {
         let guest = vm.memory().clone();
         check_sizes(&guest, &snapshot)?;
+        // A branch still filling from its own capture has its memory
+        // registered with another userfaultfd until then.
+        guest.wait_filled();
         let uffd = UffdBuilder::new()
             .close_on_exec(true)
             .non_blocking(true)
@@ -421,6 +416,7 @@ impl LiveCapture {
             pages_by_handler: AtomicU64::new(0),
             pages_by_copier: AtomicU64::new(0),
             write_faults: AtomicU64::new(0),
+            write_error: Mutex::new(None),
         });
         // The handler must be ready before the first protected write.
         let handler = {
@@ -507,14 +503,37 @@ impl LiveCapture {
         Ok(capture)
     }
 
-    /// Whether `page` is already in the snapshot (and so no longer protected,
-    /// or about to be un-protected).
-    pub fn page_copied(&self, page: usize) -> bool {
-        self.copy.page_states[page].load(Ordering::Acquire) == PAGE_COPIED
-    }
-
     pub fn pause_ns(&self) -> u64 {
         self.pause_ns
+    }
+
+    /// The vCPU state saved at the pause.
+    pub fn vcpus(&self) -> &[VcpuState] {
+        &self.vcpus
+    }
+
+    pub fn vm_state(&self) -> &VmState {
+        &self.vm_state
+    }
+
+    /// The statistics known once the vCPUs run again (the copy's are zero).
+    pub fn stats_so_far(&self) -> CaptureStats {
+        CaptureStats {
+            mode: CaptureMode::Live,
+            pause_ns: self.pause_ns,
+            arm_ns: self.arm_ns,
+            vcpus_stopped_ns: self.vcpus_stopped_ns,
+            pre_arm_ns: self.pre_arm_ns,
+            reprotected_pages: self.reprotected_pages,
+            bytes: self.copy.guest.len() as u64,
+            ..Default::default()
+        }
+    }
+
+    /// A handle that copies chosen pages ahead of the copier, for branches
+    /// that run before the copy completes.
+    pub fn progress(&self) -> CaptureProgress {
+        CaptureProgress(self.copy.clone())
     }
 
     /// Waits for the copy to complete.
@@ -524,6 +543,9 @@ impl LiveCapture {
         let handler_result = self.stop_handler();
         copier_result?;
         handler_result?;
+        if let Some(error) = self.copy.write_error.lock().unwrap().take() {
+            return Err(CaptureError::SnapshotWrite(error));
+        }
         let copy = &self.copy;
         Ok(Captured {
             vcpus: std::mem::take(&mut self.vcpus),
@@ -574,6 +596,47 @@ fn join(handle: Option<JoinHandle<Result<(), CaptureError>>>) -> Result<(), Capt
     }
 }
 
+/// A running live capture's copy, seen from outside: copies chosen pages
+/// into the snapshot ahead of the copier.
+#[derive(Clone)]
+pub struct CaptureProgress(Arc<LiveCopy>);
+
+impl CaptureProgress {
+    /// Guest memory pages.
+    pub fn pages(&self) -> usize {
+        self.0.page_states.len()
+    }
+
+    /// Makes sure pages `first..first + count` hold their captured contents
+    /// in the snapshot, copying them now if nobody has yet. Returns false if
+    /// the capture failed (the snapshot is not to be used).
+    pub fn ensure_copied(&self, first: usize, count: usize) -> bool {
+        let end = (first + count).min(self.pages());
+        self.0.copy_pages(first, end);
+        self.0.write_error.lock().unwrap().is_none()
+    }
+
+    /// Whether `page` is in the snapshot (and so no longer protected, or
+    /// about to be un-protected).
+    pub fn is_copied(&self, page: usize) -> bool {
+        self.0.page_states[page].load(Ordering::Acquire) == PAGE_COPIED
+    }
+
+    /// Pages not in the snapshot yet.
+    pub fn remaining_pages(&self) -> usize {
+        self.0
+            .page_states
+            .iter()
+            .filter(|state| state.load(Ordering::Relaxed) != PAGE_COPIED)
+            .count()
+    }
+
+    /// Whether the capture has failed so far.
+    pub fn failed(&self) -> bool {
+        self.0.write_error.lock().unwrap().is_some()
+    }
+}
+
 /// Live capture into `snapshot`, waiting for the copy to complete.
 pub fn live(vm: &Vm, snapshot: Arc<SnapshotMapping>) -> Result<Captured, CaptureError> {
     LiveCapture::start(vm, snapshot, Arm::AheadOfPause)?.finish()
@@ -592,24 +655,21 @@ fn raise_priority() {
 
 /// A deliberately broken capture for tests and the benchmark's control: the
 /// vCPU state is saved at a pause, but memory is copied while the guest runs,
-/// without write protection. Its result is torn whenever the guest writes.
+/// without write protection. Its result is torn whenever the guest writes a
+/// page before the copy gets there; the copy runs from the top of memory
+/// down, against the direction the test guests write in, so that it is.
 pub fn unprotected_copy(vm: &Vm, snapshot: &SnapshotMapping) -> Result<Captured, CaptureError> {
     check_sizes(vm.memory(), snapshot)?;
     let paused = vm.pause(true)?;
     vm.resume();
     let pause_ns = paused.started().elapsed().as_nanos() as u64;
     let started = Instant::now();
-    for page in 0..snapshot.len() / PAGE_SIZE {
+    for page in (0..snapshot.len() / PAGE_SIZE).rev() {
         let offset = page * PAGE_SIZE;
-        // SAFETY: in-bounds page of two distinct live mappings. The guest may
-        // write the source page meanwhile, which is the point of this copy.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                vm.memory().as_ptr().add(offset),
-                snapshot.as_ptr().add(offset),
-                PAGE_SIZE,
-            )
-        };
+        // SAFETY: an in-bounds page of guest memory. The guest may write it
+        // meanwhile, which is the point of this copy.
+        unsafe { snapshot.write_from(offset, vm.memory().as_ptr().add(offset), PAGE_SIZE) }
+            .map_err(|err| CaptureError::SnapshotWrite(err.to_string()))?;
     }
     Ok(Captured {
         vcpus: paused.vcpus,

@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod capture;
+pub mod fill;
 pub mod guest;
 pub mod manager;
 pub mod memory;

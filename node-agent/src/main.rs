@@ -69,6 +69,10 @@ enum Command {
         /// For the counter guest: check that the capture is consistent.
         #[arg(long)]
         verify: bool,
+        /// Return once the sandbox runs again, leaving the memory copy to
+        /// finish in the background (branches can start at once).
+        #[arg(long)]
+        no_wait: bool,
     },
     /// Start a new sandbox from a capture.
     Branch { capture: String, name: String },
@@ -193,7 +197,8 @@ fn run_local(state_dir: &std::path::Path, command: Command) -> anyhow::Result<()
             capture,
             mode,
             verify,
-        } => print_json(&manager.capture(&sandbox, &capture, mode, verify)?),
+            no_wait,
+        } => print_json(&manager.capture(&sandbox, &capture, mode, verify, !no_wait)?),
         Command::Branch { capture, name } => print_json(&manager.branch(&name, &capture)?),
         Command::Delete { name } => Ok(manager.delete(&name)?),
         Command::Captures => print_json(&manager.list_captures()?),

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::capture::CaptureMode;
 use crate::guest::Workload;
 use crate::memory::{self, MemoryError};
-use crate::snapshot::CaptureDir;
+use crate::snapshot::{CaptureDir, SnapshotError};
 use crate::vm::MAX_VCPUS;
 use crate::vmhost::{self, CaptureInfo, PID_FILE, RECORD_FILE, Request, Response, SandboxRecord};
 
@@ -32,6 +32,8 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
 const CAPTURE_TIMEOUT: Duration = Duration::from_secs(600);
 const LOG_FILE: &str = "vm.log";
+/// `f_type` of a tmpfs in statfs(2).
+const TMPFS_MAGIC: i64 = 0x0102_1994;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ManagerError {
@@ -51,6 +53,12 @@ pub enum ManagerError {
     DevicesMissing(String),
     #[error("sandbox {name:?}: {message}")]
     Vm { name: String, message: String },
+    #[error(
+        "state directory {0} is not on a tmpfs: captures hold guest memory and are filled in \
+         place while branches run, which needs shared memory (use e.g. /run/sandfork on a host \
+         whose /run is a tmpfs, or /dev/shm/sandfork)"
+    )]
+    NotTmpfs(PathBuf),
     #[error("{op} {path}")]
     Io {
         op: &'static str,
@@ -155,6 +163,12 @@ impl Manager {
                 .create(&dir)
                 .map_err(io_err("create", &dir))?;
         }
+        let captures = root.join("captures");
+        let stat = rustix::fs::statfs(&captures)
+            .map_err(|errno| io_err("statfs", &captures)(errno.into()))?;
+        if stat.f_type != TMPFS_MAGIC {
+            return Err(ManagerError::NotTmpfs(root));
+        }
         Ok(Self {
             root,
             exe: exe.into(),
@@ -214,9 +228,15 @@ impl Manager {
         validate_name(name)?;
         validate_name(capture)?;
         let dir = self.capture_dir(capture);
-        let state = dir.read_state().map_err(|_| ManagerError::NotFound {
-            kind: "capture",
-            name: capture.to_owned(),
+        let state = dir.restorable_state().map_err(|err| match err {
+            SnapshotError::NotFound(_) => ManagerError::NotFound {
+                kind: "capture",
+                name: capture.to_owned(),
+            },
+            other => ManagerError::Vm {
+                name: name.to_owned(),
+                message: other.to_string(),
+            },
         })?;
         let source = self.read_record(&state.source).ok();
         self.start(SandboxRecord {
@@ -397,12 +417,17 @@ impl Manager {
     }
 
     /// Captures sandbox `sandbox` as `capture`. If the capture exists, returns it.
+    ///
+    /// Without `wait`, a live capture returns once the sandbox runs again, and
+    /// its memory copy goes on in the sandbox's VM process; branches can be
+    /// started from it at once. `verify` implies `wait`.
     pub fn capture(
         &self,
         sandbox: &str,
         capture: &str,
         mode: CaptureMode,
         verify: bool,
+        wait: bool,
     ) -> Result<CaptureInfo, ManagerError> {
         validate_name(sandbox)?;
         validate_name(capture)?;
@@ -414,7 +439,11 @@ impl Manager {
                     name: capture.to_owned(),
                 });
             }
-            return Ok(vmhost::capture_info(&dir, &state, None));
+            if let Ok(state) = dir.restorable_state() {
+                return Ok(vmhost::capture_info(&dir, &state, None));
+            }
+            // Its copy ended without completing (the VM process died).
+            tracing::warn!(capture, "removing a capture whose copy never completed");
         }
         // A directory without state is what a crash mid-capture leaves.
         dir.remove().map_err(|err| ManagerError::Vm {
@@ -426,6 +455,7 @@ impl Manager {
             capture: capture.to_owned(),
             mode,
             verify,
+            wait,
         };
         let vm_error = |message: String| ManagerError::Vm {
             name: sandbox.to_owned(),

@@ -7,6 +7,7 @@ use std::ptr::NonNull;
 
 use rustix::fs::{MemfdFlags, SealFlags};
 use rustix::mm::{Advice, MapFlags, ProtFlags};
+use userfaultfd::{RegisterMode, Uffd, UffdBuilder};
 
 pub const PAGE_SIZE: usize = 4096;
 
@@ -93,6 +94,9 @@ pub struct GuestMemory {
     base: NonNull<u8>,
     len: usize,
     backing: Backing,
+    /// For a branch restored before its capture's copy completed: what
+    /// serves its first touches of pages not yet copied.
+    filler: Option<crate::fill::Filler>,
 }
 
 // SAFETY: the mapping is plain shared memory owned by this value; concurrent
@@ -122,6 +126,7 @@ impl GuestMemory {
             base,
             len: len as usize,
             backing: Backing::Memfd(fd),
+            filler: None,
         })
     }
 
@@ -150,7 +155,22 @@ impl GuestMemory {
             base,
             len: len as usize,
             backing: Backing::PrivateFile(file),
+            filler: None,
         })
+    }
+
+    /// Hands the mapping's first touches of pages missing from the capture
+    /// file to `filler` until the capture completes (see `crate::fill`).
+    pub fn attach_filler(&mut self, filler: crate::fill::Filler) {
+        self.filler = Some(filler);
+    }
+
+    /// Waits until every page of the capture this memory maps is in its
+    /// file; returns at once for complete captures and booted memory.
+    pub fn wait_filled(&self) {
+        if let Some(filler) = &self.filler {
+            filler.wait_done();
+        }
     }
 
     pub fn as_ptr(&self) -> *mut u8 {
@@ -233,6 +253,8 @@ impl GuestMemory {
 
 impl Drop for GuestMemory {
     fn drop(&mut self) {
+        // The filler works on the mapping: stop it before unmapping.
+        drop(self.filler.take());
         // SAFETY: unmaps exactly the mapping created in `map`; nothing uses it
         // after drop (KVM memslots referencing it are torn down with the VM fd first).
         let _ = unsafe { rustix::mm::munmap(self.base.as_ptr().cast(), self.len) };
@@ -256,46 +278,104 @@ fn map(fd: BorrowedFd<'_>, len: usize, flags: MapFlags) -> Result<NonNull<u8>, M
     Ok(NonNull::new(ptr.cast()).expect("mmap returned null"))
 }
 
-/// A shared, writable mapping of a file that a capture fills (the
-/// snapshot's memory). Created with its final size before a capture starts.
-#[derive(Debug)]
+/// The memory file a capture fills. Pages go in with UFFDIO_COPY through a
+/// shared mapping registered for missing pages, which puts each page into
+/// the file only once its contents are complete. (A plain write is not
+/// enough: the page cache shows a page being written, and a branch that
+/// touched it at that moment would read zeros.) A page not filled yet stays
+/// a hole, and branches restored before the copy ends fault on exactly
+/// those.
 pub struct SnapshotMapping {
     base: NonNull<u8>,
     len: usize,
-    _file: File,
+    uffd: Uffd,
+    file: File,
 }
 
-// SAFETY: plain shared memory owned by this value; writers coordinate through
-// the capture's page-state protocol.
+impl std::fmt::Debug for SnapshotMapping {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SnapshotMapping")
+            .field("len", &self.len)
+            .finish_non_exhaustive()
+    }
+}
+
+// SAFETY: the mapping is owned by this value and only written through
+// UFFDIO_COPY; writers coordinate through the capture's page-state protocol.
 unsafe impl Send for SnapshotMapping {}
 // SAFETY: see `Send`.
 unsafe impl Sync for SnapshotMapping {}
 
 impl SnapshotMapping {
-    /// Sizes `file` to `len` bytes, allocates its pages and maps them, so that
-    /// the copy into it does not pay for page allocation.
+    /// Sizes `file` to `len` bytes (a sparse file: nothing is allocated
+    /// until it is filled) and maps it for filling.
     pub fn create(file: File, len: u64) -> Result<Self, MemoryError> {
         rustix::fs::ftruncate(&file, len).map_err(sys("ftruncate snapshot"))?;
-        // Allocating up front is an optimisation; tmpfs supports it, others may not.
-        let _ = rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, len);
         let base = map(file.as_fd(), len as usize, MapFlags::SHARED)?;
-        // SAFETY: the range is exactly the mapping just created.
-        let _ = unsafe {
-            rustix::mm::madvise(
-                base.as_ptr().cast(),
-                len as usize,
-                Advice::LinuxPopulateWrite,
-            )
+        let unmap = |err| {
+            // SAFETY: the mapping just created, used by nothing else.
+            let _ = unsafe { rustix::mm::munmap(base.as_ptr().cast(), len as usize) };
+            err
         };
+        let uffd = UffdBuilder::new()
+            .close_on_exec(true)
+            .non_blocking(true)
+            .create()
+            .map_err(|err| unmap(uffd_err("create userfaultfd")(err)))?;
+        uffd.register_with_mode(base.as_ptr().cast(), len as usize, RegisterMode::MISSING)
+            .map_err(|err| unmap(uffd_err("register snapshot for filling")(err)))?;
         Ok(Self {
             base,
             len: len as usize,
-            _file: file,
+            uffd,
+            file,
         })
     }
 
-    pub fn as_ptr(&self) -> *mut u8 {
-        self.base.as_ptr()
+    /// Fills the pages of `offset..offset + len` (page-aligned) from
+    /// `source`, leaving any page already filled as it is: the first fill
+    /// of a page wins, atomically. Returns how many pages this call filled.
+    ///
+    /// # Safety
+    /// `source` must be readable for `len` bytes.
+    pub unsafe fn write_from(
+        &self,
+        offset: usize,
+        source: *const u8,
+        len: usize,
+    ) -> Result<usize, MemoryError> {
+        assert!(
+            offset.is_multiple_of(PAGE_SIZE)
+                && len.is_multiple_of(PAGE_SIZE)
+                && offset + len <= self.len,
+            "snapshot fill out of bounds or unaligned"
+        );
+        let mut done = 0;
+        let mut filled = 0;
+        while done < len {
+            // SAFETY: the destination is inside our registered mapping; the
+            // caller guarantees the source is readable.
+            let copied = unsafe {
+                self.uffd.copy(
+                    source.add(done).cast(),
+                    self.base.as_ptr().add(offset + done).cast(),
+                    len - done,
+                    false,
+                )
+            };
+            match copied {
+                Ok(bytes) | Err(userfaultfd::Error::PartiallyCopied(bytes)) => {
+                    done += bytes;
+                    filled += bytes / PAGE_SIZE;
+                }
+                // Filled already (by another thread): skip the page.
+                Err(userfaultfd::Error::CopyFailed(errno)) if errno as i32 == libc::EEXIST => {
+                    done += PAGE_SIZE;
+                }
+                Err(err) => return Err(uffd_err("fill snapshot")(err)),
+            }
+        }
+        Ok(filled)
     }
 
     pub fn len(&self) -> usize {
@@ -304,6 +384,18 @@ impl SnapshotMapping {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// A read-only view of the file, for checking a finished capture.
+    pub fn read_back(&self) -> Result<ReadOnlyMapping, MemoryError> {
+        ReadOnlyMapping::of_fd(self.file.as_fd(), self.len)
+    }
+}
+
+fn uffd_err(op: &'static str) -> impl FnOnce(userfaultfd::Error) -> MemoryError {
+    move |err| MemoryError::Sys {
+        op,
+        source: std::io::Error::other(err),
     }
 }
 

@@ -19,7 +19,8 @@ use serde::{Deserialize, Serialize};
 
 use std::sync::Arc;
 
-use crate::capture::{self, CaptureError, CaptureMode, CaptureStats};
+use crate::capture::{self, Arm, CaptureError, CaptureMode, CaptureStats, LiveCapture};
+use crate::fill::{FILL_SOCKET, FillError, FillServer, Filler};
 use crate::memory::{self, GuestMemory, MemoryError, ReadOnlyMapping, SnapshotMapping};
 use crate::vcpu::{VcpuState, VmState};
 use crate::vm::{Vm, VmError};
@@ -62,6 +63,20 @@ pub enum SnapshotError {
     Capture(#[from] CaptureError),
     #[error(transparent)]
     Vm(#[from] VmError),
+    #[error(transparent)]
+    Fill(#[from] FillError),
+    #[error(
+        "capture {0} is incomplete and its copy is no longer running (its source stopped mid-copy)"
+    )]
+    Abandoned(PathBuf),
+    #[error("capture {0} is still being copied")]
+    Copying(PathBuf),
+    #[error("{path} has {available_mib} MiB free, too little for a capture of {wanted_mib} MiB")]
+    NoSpace {
+        path: PathBuf,
+        wanted_mib: u64,
+        available_mib: u64,
+    },
     #[error("{path}: invalid state")]
     State {
         path: PathBuf,
@@ -90,7 +105,17 @@ pub struct SnapshotState {
     pub stats: CaptureStats,
     /// The sandbox it was captured from.
     pub source: String,
+    /// The captured instant (the pause).
     pub created_unix_ms: u64,
+    /// Whether the memory file holds all of memory. A live capture records
+    /// its state right after the pause and fills memory afterwards; branches
+    /// restored meanwhile fetch what is missing (`crate::fill`).
+    #[serde(default = "complete_by_default")]
+    pub memory_complete: bool,
+}
+
+fn complete_by_default() -> bool {
+    true
 }
 
 impl std::fmt::Debug for SnapshotState {
@@ -104,7 +129,8 @@ impl std::fmt::Debug for SnapshotState {
 }
 
 /// A capture directory on the node. Its files are readable by the owner
-/// only; it is complete once `state.json` exists.
+/// only; it exists once `state.json` does, and its memory is complete once
+/// that says so.
 #[derive(Clone, Debug)]
 pub struct CaptureDir {
     path: PathBuf,
@@ -123,8 +149,29 @@ impl CaptureDir {
         self.path.join(MEMORY_FILE)
     }
 
-    pub fn is_complete(&self) -> bool {
-        self.path.join(STATE_FILE).is_file()
+    pub fn fill_socket_path(&self) -> PathBuf {
+        self.path.join(FILL_SOCKET)
+    }
+
+    /// Whether a capturing process is still copying into this capture.
+    pub fn is_copying(&self) -> bool {
+        std::os::unix::net::UnixStream::connect(self.fill_socket_path()).is_ok()
+    }
+
+    /// The state, if branches can be restored from it: its memory is complete
+    /// or still being copied.
+    pub fn restorable_state(&self) -> Result<SnapshotState, SnapshotError> {
+        let state = self.read_state()?;
+        if state.memory_complete || self.is_copying() {
+            return Ok(state);
+        }
+        // The copy may have completed just now.
+        let state = self.read_state()?;
+        if state.memory_complete {
+            Ok(state)
+        } else {
+            Err(SnapshotError::Abandoned(self.path.clone()))
+        }
     }
 
     /// Creates the directory and a memory file of `memory_bytes`, mapped and
@@ -141,48 +188,144 @@ impl CaptureDir {
                     source,
                 },
             })?;
-        let memory_path = self.memory_path();
-        let file = create_private(&memory_path)?;
-        Ok(SnapshotMapping::create(file, memory_bytes)?)
-    }
-
-    /// Captures `vm` (named `source`) into this new directory. On failure the
-    /// directory is removed and the VM keeps running untouched.
-    pub fn capture_from(
-        &self,
-        vm: &Vm,
-        mode: CaptureMode,
-        source: &str,
-    ) -> Result<SnapshotState, SnapshotError> {
-        let mapping = Arc::new(self.create(vm.memory().len() as u64)?);
         let result = (|| {
-            let captured = match mode {
-                CaptureMode::Live => capture::live(vm, mapping.clone())?,
-                CaptureMode::StopAndCopy => capture::stop_and_copy(vm, &mapping)?,
-            };
-            let state = SnapshotState {
-                memory_bytes: mapping.len() as u64,
-                vcpus: captured.vcpus,
-                vm: captured.vm,
-                stats: captured.stats,
-                source: source.to_owned(),
-                created_unix_ms: unix_ms_now(),
-            };
-            self.commit(&state)?;
-            Ok(state)
+            self.check_space(memory_bytes)?;
+            let file = create_private(&self.memory_path())?;
+            Ok(SnapshotMapping::create(file, memory_bytes)?)
         })();
-        drop(mapping);
         if result.is_err() {
             let _ = self.remove();
         }
         result
     }
 
+    /// The memory file is sparse and filled during the copy: make sure the
+    /// file system can hold it before pausing anything.
+    fn check_space(&self, memory_bytes: u64) -> Result<(), SnapshotError> {
+        let stat = rustix::fs::statvfs(&self.path).map_err(|errno| SnapshotError::Io {
+            op: "statvfs",
+            path: self.path.clone(),
+            source: errno.into(),
+        })?;
+        let available = stat.f_bavail.saturating_mul(stat.f_frsize);
+        if available < memory_bytes {
+            return Err(SnapshotError::NoSpace {
+                path: self.path.clone(),
+                wanted_mib: memory_bytes >> 20,
+                available_mib: available >> 20,
+            });
+        }
+        Ok(())
+    }
+
+    /// Captures `vm` (named `source`) into this new directory and waits for
+    /// the memory copy. On failure the directory is removed and the VM keeps
+    /// running untouched.
+    pub fn capture_from(
+        &self,
+        vm: &Vm,
+        mode: CaptureMode,
+        source: &str,
+    ) -> Result<SnapshotState, SnapshotError> {
+        match mode {
+            CaptureMode::Live => self.start_live(vm, source, Arm::AheadOfPause)?.finish(),
+            CaptureMode::StopAndCopy => {
+                let mapping = self.create(vm.memory().len() as u64)?;
+                let result = (|| {
+                    let captured = capture::stop_and_copy(vm, &mapping)?;
+                    let state = SnapshotState {
+                        memory_bytes: mapping.len() as u64,
+                        vcpus: captured.vcpus,
+                        vm: captured.vm,
+                        stats: captured.stats,
+                        source: source.to_owned(),
+                        created_unix_ms: unix_ms_now(),
+                        memory_complete: true,
+                    };
+                    self.commit(&state)?;
+                    Ok(state)
+                })();
+                drop(mapping);
+                if result.is_err() {
+                    let _ = self.remove();
+                }
+                result
+            }
+        }
+    }
+
+    /// Starts a live capture of `vm` into this new directory and returns once
+    /// the VM runs again: the state is recorded and branches can be restored
+    /// at once, while the memory copy goes on until `finish`.
+    pub fn start_live(
+        &self,
+        vm: &Vm,
+        source: &str,
+        arm: Arm,
+    ) -> Result<RunningCapture, SnapshotError> {
+        let mapping = Arc::new(self.create(vm.memory().len() as u64)?);
+        let started = (|| {
+            let capture = LiveCapture::start(vm, mapping.clone(), arm)?;
+            let state = SnapshotState {
+                memory_bytes: mapping.len() as u64,
+                vcpus: capture.vcpus().to_vec(),
+                vm: capture.vm_state().clone(),
+                stats: capture.stats_so_far(),
+                source: source.to_owned(),
+                created_unix_ms: unix_ms_now(),
+                memory_complete: false,
+            };
+            // The socket first: a branch that finds the state finds it too.
+            let server = FillServer::start(&self.fill_socket_path(), capture.progress())?;
+            self.commit(&state)?;
+            Ok((capture, server, state))
+        })();
+        match started {
+            Ok((capture, server, state)) => Ok(RunningCapture {
+                dir: self.clone(),
+                capture,
+                server,
+                state,
+                mapping,
+            }),
+            Err(err) => {
+                let _ = self.remove();
+                Err(err)
+            }
+        }
+    }
+
     /// Starts a branch: a new VM on a copy-on-write mapping of this
     /// capture's memory, continuing from the captured vCPU state.
+    ///
+    /// A capture whose copy is still running works too: the branch's first
+    /// touches of pages not copied yet are served by the capturing process.
     pub fn restore(&self) -> Result<Vm, SnapshotError> {
-        let state = self.read_state()?;
-        let memory = GuestMemory::map_private(self.open_memory()?, state.memory_bytes)?;
+        let mut state = self.read_state()?;
+        let mut fill = None;
+        if !state.memory_complete {
+            match std::os::unix::net::UnixStream::connect(self.fill_socket_path()) {
+                Ok(stream) => fill = Some(stream),
+                Err(_) => {
+                    // The copy may have completed just now.
+                    state = self.read_state()?;
+                    if !state.memory_complete {
+                        return Err(SnapshotError::Abandoned(self.path.clone()));
+                    }
+                }
+            }
+        }
+        let mut memory = GuestMemory::map_private(self.open_memory()?, state.memory_bytes)?;
+        if let Some(stream) = fill {
+            let filler = Filler::start(
+                memory.as_ptr(),
+                memory.len(),
+                stream,
+                &self.path,
+                &first_touched_pages(&state),
+            )?;
+            memory.attach_filler(filler);
+        }
         Ok(Vm::restore(memory, &state.vm, &state.vcpus)?)
     }
 
@@ -235,6 +378,9 @@ impl CaptureDir {
     /// Writes the capture to `out` in the portable format (mode 0600).
     pub fn export(&self, out: &Path) -> Result<(), SnapshotError> {
         let state = self.read_state()?;
+        if !state.memory_complete {
+            return Err(SnapshotError::Copying(self.path.clone()));
+        }
         let state_json = serde_json::to_vec(&state).map_err(|source| SnapshotError::State {
             path: self.path.clone(),
             source,
@@ -341,14 +487,11 @@ impl CaptureDir {
 
         let mapping = self.create(header.memory_bytes)?;
         let fill = (|| {
+            let mut chunk = vec![0u8; CHUNK_BYTES as usize];
             for (index, crc) in crc_table.chunks_exact(4).enumerate() {
                 let start = index as u64 * CHUNK_BYTES;
                 let len = CHUNK_BYTES.min(header.memory_bytes - start) as usize;
-                // SAFETY: [start, start + len) lies inside the mapping, which
-                // nothing else uses until the capture is committed.
-                let chunk = unsafe {
-                    std::slice::from_raw_parts_mut(mapping.as_ptr().add(start as usize), len)
-                };
+                let chunk = &mut chunk[..len];
                 reader.read_exact(chunk).map_err(|_| truncated("memory"))?;
                 if crc32fast::hash(chunk) != u32::from_le_bytes(crc.try_into().unwrap()) {
                     return Err(SnapshotError::Corrupted {
@@ -356,6 +499,8 @@ impl CaptureDir {
                         what: format!("memory chunk {index} checksum mismatch"),
                     });
                 }
+                // SAFETY: `chunk` is `len` readable bytes.
+                unsafe { mapping.write_from(start as usize, chunk.as_ptr(), len)? };
             }
             self.commit(&state)
         })();
@@ -365,6 +510,102 @@ impl CaptureDir {
             return Err(err);
         }
         Ok(state)
+    }
+}
+
+/// Pages a restored VM is likely to touch first: where each vCPU's
+/// instruction and stack pointers, page-table root and general registers
+/// point, read as guest-physical addresses (as they are in identity-mapped
+/// guests; a wrong guess only fetches a page early).
+fn first_touched_pages(state: &SnapshotState) -> Vec<usize> {
+    state
+        .vcpus
+        .iter()
+        .flat_map(|vcpu| {
+            let regs = &vcpu.regs;
+            [
+                regs.rip,
+                regs.rsp,
+                vcpu.sregs.cr3,
+                regs.rax,
+                regs.rbx,
+                regs.rcx,
+                regs.rdx,
+                regs.rsi,
+                regs.rdi,
+                regs.rbp,
+                regs.r8,
+                regs.r9,
+                regs.r10,
+                regs.r11,
+                regs.r12,
+                regs.r13,
+                regs.r14,
+                regs.r15,
+            ]
+        })
+        .filter(|&addr| addr < state.memory_bytes)
+        .map(|addr| addr as usize / memory::PAGE_SIZE)
+        .collect()
+}
+
+/// A live capture whose memory copy is running: the VM runs again, its
+/// state is recorded, and branches of it can be restored.
+pub struct RunningCapture {
+    dir: CaptureDir,
+    capture: LiveCapture,
+    server: FillServer,
+    state: SnapshotState,
+    mapping: Arc<SnapshotMapping>,
+}
+
+impl RunningCapture {
+    /// The state recorded at the pause.
+    pub fn state(&self) -> &SnapshotState {
+        &self.state
+    }
+
+    pub fn dir(&self) -> &CaptureDir {
+        &self.dir
+    }
+
+    /// The capture's handle on its copy.
+    pub fn progress(&self) -> capture::CaptureProgress {
+        self.capture.progress()
+    }
+
+    /// Waits for the copy, then records the capture as complete. On failure
+    /// the directory is removed, and branches restored meanwhile stop.
+    pub fn finish(self) -> Result<SnapshotState, SnapshotError> {
+        let Self {
+            dir,
+            capture,
+            server,
+            mut state,
+            mapping,
+        } = self;
+        let captured = capture.finish();
+        drop(mapping);
+        match captured {
+            Ok(captured) => {
+                state.stats = captured.stats;
+                state.memory_complete = true;
+                let committed = dir.commit(&state);
+                // The memory is complete whether or not the record could be
+                // written (the directory may have been deleted meanwhile):
+                // branches restored from it go on.
+                server.finish(true);
+                if committed.is_err() {
+                    let _ = dir.remove();
+                }
+                committed.map(|()| state)
+            }
+            Err(err) => {
+                server.finish(false);
+                let _ = dir.remove();
+                Err(err.into())
+            }
+        }
     }
 }
 

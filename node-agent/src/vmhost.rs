@@ -11,11 +11,12 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
+use std::sync::mpsc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::capture::{CaptureMode, CaptureStats};
+use crate::capture::{Arm, CaptureMode, CaptureStats};
 use crate::guest::{CounterState, GuestImage, Workload, verify_counter};
 use crate::memory::ReadOnlyMapping;
 use crate::snapshot::CaptureDir;
@@ -48,8 +49,17 @@ pub enum Request {
         /// Check a counter guest's capture for consistency afterwards.
         #[serde(default)]
         verify: bool,
+        /// Answer only once the memory copy is complete. Otherwise a live
+        /// capture answers as soon as the VM runs again, and branches of it
+        /// can start while the copy goes on.
+        #[serde(default = "wait_by_default")]
+        wait: bool,
     },
     Stop,
+}
+
+fn wait_by_default() -> bool {
+    true
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -83,6 +93,9 @@ pub struct CaptureInfo {
     /// For a verified counter guest: the pass each vCPU was writing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub counter: Option<CounterState>,
+    /// False while a live capture's memory copy is still running.
+    #[serde(default = "wait_by_default")]
+    pub memory_complete: bool,
 }
 
 /// Sends one request to the VM process of the sandbox in `dir`.
@@ -129,41 +142,56 @@ pub fn serve(dir: &Path, captures: &Path) -> anyhow::Result<()> {
     tracing::info!(sandbox = %record.name, pid = std::process::id(), "VM running");
 
     // One thread per connection, so that status requests are answered while
-    // a capture runs; captures themselves take turns.
-    let capturing = std::sync::Mutex::new(());
+    // a capture runs; captures themselves take turns on one worker thread,
+    // which also finishes each live capture's copy after answering.
     let stopping = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|scope| {
+        let (jobs, queue) = mpsc::channel::<CaptureJob>();
+        {
+            let (vm, record) = (&vm, &record);
+            scope.spawn(move || {
+                for job in queue {
+                    run_capture(vm, record, captures, job);
+                }
+            });
+        }
         for stream in listener.incoming() {
             if stopping.load(Ordering::Acquire) {
                 break;
             }
             let Ok(stream) = stream else { continue };
-            let (vm, record, capturing, stopping) = (&vm, &record, &capturing, &stopping);
+            let (vm, stopping, jobs) = (&vm, &stopping, jobs.clone());
             let socket_path = &socket_path;
-            scope.spawn(move || {
-                match serve_connection(vm, record, captures, capturing, stream) {
-                    Ok(true) => {
-                        stopping.store(true, Ordering::Release);
-                        // Wake the accept loop so that it sees the stop.
-                        let _ = UnixStream::connect(socket_path);
-                    }
-                    Ok(false) => {}
-                    Err(err) => tracing::warn!(error = %err, "control connection failed"),
+            scope.spawn(move || match serve_connection(vm, &jobs, stream) {
+                Ok(true) => {
+                    stopping.store(true, Ordering::Release);
+                    // Wake the accept loop so that it sees the stop.
+                    let _ = UnixStream::connect(socket_path);
                 }
+                Ok(false) => {}
+                Err(err) => tracing::warn!(error = %err, "control connection failed"),
             });
         }
+        drop(jobs);
     });
     tracing::info!(sandbox = %record.name, "VM stopping");
     let _ = std::fs::remove_file(&socket_path);
     Ok(())
 }
 
+/// A capture request for the capture worker; it answers on `reply` once the
+/// VM runs again and, for a live capture, again once the copy is complete.
+struct CaptureJob {
+    capture: String,
+    mode: CaptureMode,
+    verify: bool,
+    reply: mpsc::Sender<anyhow::Result<CaptureInfo>>,
+}
+
 /// Serves requests on one connection; returns true when asked to stop.
 fn serve_connection(
     vm: &Vm,
-    record: &SandboxRecord,
-    captures: &Path,
-    capturing: &std::sync::Mutex<()>,
+    jobs: &mpsc::Sender<CaptureJob>,
     stream: UnixStream,
 ) -> std::io::Result<bool> {
     let mut reader = BufReader::new(&stream);
@@ -175,13 +203,9 @@ fn serve_connection(
                 capture,
                 mode,
                 verify,
+                wait,
             }) => (
-                match {
-                    let _turn = capturing
-                        .lock()
-                        .unwrap_or_else(|poisoned| poisoned.into_inner());
-                    capture_into(vm, record, &captures.join(&capture), mode, verify)
-                } {
+                match request_capture(jobs, capture, mode, verify, wait) {
                     Ok(info) => Response::Captured(info),
                     Err(err) => Response::Error {
                         message: format!("{err:#}"),
@@ -208,6 +232,65 @@ fn serve_connection(
     Ok(false)
 }
 
+fn request_capture(
+    jobs: &mpsc::Sender<CaptureJob>,
+    capture: String,
+    mode: CaptureMode,
+    verify: bool,
+    wait: bool,
+) -> anyhow::Result<CaptureInfo> {
+    let (reply, answers) = mpsc::channel();
+    jobs.send(CaptureJob {
+        capture,
+        mode,
+        verify,
+        reply,
+    })
+    .map_err(|_| anyhow::anyhow!("the VM is stopping"))?;
+    let mut answer = answers
+        .recv()
+        .map_err(|_| anyhow::anyhow!("the capture worker stopped"))?;
+    if wait {
+        // A live capture answers twice; the last answer is the final one.
+        while let Ok(next) = answers.recv() {
+            answer = next;
+        }
+    }
+    answer
+}
+
+/// Captures as `job` asks: a live capture answers once the VM runs again
+/// (unless it is to be verified, which needs the whole memory) and again
+/// when its copy is complete.
+fn run_capture(vm: &Vm, record: &SandboxRecord, captures: &Path, job: CaptureJob) {
+    let dir = CaptureDir::new(captures.join(&job.capture));
+    if job.mode == CaptureMode::StopAndCopy || job.verify {
+        let _ = job
+            .reply
+            .send(capture_into(vm, record, &dir, job.mode, job.verify));
+        return;
+    }
+    let running = match dir.start_live(vm, &record.name, Arm::AheadOfPause) {
+        Ok(running) => running,
+        Err(err) => {
+            let _ = job.reply.send(Err(err.into()));
+            return;
+        }
+    };
+    let _ = job
+        .reply
+        .send(Ok(capture_info(&dir, running.state(), None)));
+    let finished = running.finish();
+    if let Err(err) = &finished {
+        tracing::warn!(capture = %job.capture, error = %err, "live capture failed during its copy");
+    }
+    let _ = job.reply.send(
+        finished
+            .map(|state| capture_info(&dir, &state, None))
+            .map_err(Into::into),
+    );
+}
+
 fn status(vm: &Vm) -> VmStatus {
     VmStatus {
         pid: std::process::id(),
@@ -228,11 +311,10 @@ fn status(vm: &Vm) -> VmStatus {
 fn capture_into(
     vm: &Vm,
     record: &SandboxRecord,
-    path: &Path,
+    dir: &CaptureDir,
     mode: CaptureMode,
     verify: bool,
 ) -> anyhow::Result<CaptureInfo> {
-    let dir = CaptureDir::new(path);
     let state = dir.capture_from(vm, mode, &record.name)?;
     let counter = if verify && record.workload == Workload::Counter {
         let memory = ReadOnlyMapping::new(&dir.open_memory()?)?;
@@ -247,7 +329,7 @@ fn capture_into(
     } else {
         None
     };
-    Ok(capture_info(&dir, &state, counter))
+    Ok(capture_info(dir, &state, counter))
 }
 
 pub fn capture_info(
@@ -266,6 +348,7 @@ pub fn capture_info(
         stats: state.stats.clone(),
         vcpu_rips: state.vcpus.iter().map(|vcpu| vcpu.regs.rip).collect(),
         counter,
+        memory_complete: state.memory_complete,
     }
 }
 

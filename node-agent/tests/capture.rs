@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use sandfork_node_agent::capture::{self, CaptureMode};
+use sandfork_node_agent::capture::{self, Arm, CaptureMode};
 use sandfork_node_agent::guest::{
     CounterState, DirtyPattern, GuestImage, Workload, verify_counter,
 };
@@ -51,9 +51,8 @@ fn scratch_snapshot(bytes: u64) -> (tempfile::TempDir, Arc<SnapshotMapping>) {
     (dir, Arc::new(SnapshotMapping::create(file, bytes).unwrap()))
 }
 
-fn snapshot_bytes(snapshot: &SnapshotMapping) -> &[u8] {
-    // SAFETY: the capture has finished; nothing writes the mapping any more.
-    unsafe { std::slice::from_raw_parts(snapshot.as_ptr(), snapshot.len()) }
+fn snapshot_bytes(snapshot: &SnapshotMapping) -> ReadOnlyMapping {
+    snapshot.read_back().unwrap()
 }
 
 fn guest_bytes(vm: &Vm) -> &[u8] {
@@ -77,7 +76,7 @@ fn live_capture_is_consistent(memory_mib: u64, vcpus: usize) {
     let captured = capture::live(&vm, snapshot.clone()).unwrap();
     eprintln!("{memory_mib} MiB x{vcpus}: {:?}", captured.stats);
     let regs: Vec<_> = captured.vcpus.iter().map(|state| state.regs).collect();
-    verify_counter(snapshot_bytes(&snapshot), &regs).unwrap();
+    verify_counter(snapshot_bytes(&snapshot).as_slice(), &regs).unwrap();
     assert!(
         captured.stats.write_faults > 0,
         "the guest never hit a protected page, so the test proved nothing"
@@ -130,7 +129,7 @@ fn stop_and_copy_capture_is_consistent() {
     let (_dir, snapshot) = scratch_snapshot(256 << 20);
     let captured = capture::stop_and_copy(&vm, &snapshot).unwrap();
     let regs: Vec<_> = captured.vcpus.iter().map(|state| state.regs).collect();
-    verify_counter(snapshot_bytes(&snapshot), &regs).unwrap();
+    verify_counter(snapshot_bytes(&snapshot).as_slice(), &regs).unwrap();
     assert!(captured.stats.pause_ns >= captured.stats.copy_ns);
 }
 
@@ -145,7 +144,7 @@ fn copy_without_write_protection_is_torn() {
     let (_dir, snapshot) = scratch_snapshot(256 << 20);
     let captured = capture::unprotected_copy(&vm, &snapshot).unwrap();
     let regs: Vec<_> = captured.vcpus.iter().map(|state| state.regs).collect();
-    let mismatch = verify_counter(snapshot_bytes(&snapshot), &regs)
+    let mismatch = verify_counter(snapshot_bytes(&snapshot).as_slice(), &regs)
         .expect_err("a copy taken while the guest runs must be torn");
     eprintln!("{mismatch}");
     assert!(mismatch.mismatched_pages > 1);
@@ -216,6 +215,65 @@ fn branches_continue_from_the_captured_instant_and_diverge() {
     // The source is unaffected by its branches.
     verify_live(&source);
     assert_eq!(source.memory().read_u64(marker_addr), 0);
+}
+
+#[test]
+fn a_branch_started_before_the_copy_completes_sees_the_captured_memory() {
+    if !common::devices_present() {
+        return;
+    }
+    let source = boot_counter(512, 2);
+    let root = tempfile::tempdir_in("/dev/shm").unwrap();
+    let dir = capture_dir(&root, "early");
+    let running = dir
+        .start_live(&source, "source", Arm::AheadOfPause)
+        .unwrap();
+    let captured_passes: Vec<u64> = running
+        .state()
+        .vcpus
+        .iter()
+        .map(|vcpu| vcpu.regs.rbx)
+        .collect();
+    let remaining = running.progress().remaining_pages();
+    let branch = dir.restore().unwrap();
+    assert!(
+        remaining > 0 && !dir.read_state().unwrap().memory_complete,
+        "the copy completed before the branch started"
+    );
+    eprintln!(
+        "branch restored with {remaining} of {} pages still to copy",
+        running.progress().pages()
+    );
+    // Read all of the branch's memory while the copy goes on: pages not
+    // copied yet are fetched from the capture, and the whole is consistent
+    // with the branch's registers.
+    verify_live(&branch);
+    let state = running.finish().unwrap();
+    assert!(state.memory_complete && dir.read_state().unwrap().memory_complete);
+    let memory_file = std::fs::File::open(dir.memory_path()).unwrap();
+    let regs: Vec<_> = state.vcpus.iter().map(|vcpu| vcpu.regs).collect();
+    verify_counter(
+        ReadOnlyMapping::new(&memory_file).unwrap().as_slice(),
+        &regs,
+    )
+    .unwrap();
+
+    // The branch continued from the captured pass and keeps running.
+    wait_reports(&branch, 1);
+    for (vcpu, &pass) in captured_passes.iter().enumerate() {
+        let first = branch.reports()[vcpu].last.load(Ordering::Relaxed);
+        assert!(report_count(&branch, vcpu) > 1 || first == pass);
+    }
+    let live = verify_live(&branch);
+    for (vcpu, progress) in live.vcpus.iter().enumerate() {
+        assert!(progress.pass >= captured_passes[vcpu]);
+    }
+    verify_live(&source);
+    // A branch of a branch that started early waits for its memory first.
+    let second = capture_dir(&root, "second");
+    second
+        .capture_from(&branch, CaptureMode::Live, "branch")
+        .unwrap();
 }
 
 #[test]

@@ -41,7 +41,7 @@ fn deleting_sandboxes_and_captures_frees_everything() {
     let baseline = shmem_mib();
     manager
         .run(&SandboxSpec {
-            name: "source".into(),
+            name: "leak-source".into(),
             memory_mib: 512,
             vcpus: 1,
             workload: Workload::Counter,
@@ -49,14 +49,23 @@ fn deleting_sandboxes_and_captures_frees_everything() {
         .unwrap();
     // Wait until the guest has touched all of its memory.
     assert!(common::wait_until(Duration::from_secs(60), || manager
-        .status("source")
+        .status("leak-source")
         .unwrap()
         .report_counts[0]
         >= 1));
+    // The branch starts while the capture's copy runs.
     manager
-        .capture("source", "snap", CaptureMode::Live, false)
+        .capture("leak-source", "snap", CaptureMode::Live, false, false)
         .unwrap();
     manager.branch("branch", "snap").unwrap();
+    assert!(common::wait_until(Duration::from_secs(60), || manager
+        .list_captures()
+        .unwrap()[0]
+        .memory_complete));
+    assert!(
+        mapped_anywhere("memfd:leak-source") && mapped_anywhere(&state.path().to_string_lossy()),
+        "the guest memory and the capture should be mapped by the VM processes"
+    );
     let loaded = shmem_mib() - baseline;
     assert!(
         loaded >= 900,
@@ -65,20 +74,48 @@ fn deleting_sandboxes_and_captures_frees_everything() {
     assert_eq!(vm_processes(state.path()), 2);
 
     manager.delete("branch").unwrap();
-    manager.delete("source").unwrap();
+    manager.delete("leak-source").unwrap();
     manager.delete_capture("snap").unwrap();
     assert_eq!(
         vm_processes(state.path()),
         0,
         "a VM process outlived its delete"
     );
-    let leaked = shmem_mib() - baseline;
-    assert!(leaked < 32, "{leaked} MiB of shared memory not given back");
+    // Exact: nothing maps the guest memory or the capture any more.
+    assert!(
+        !mapped_anywhere("memfd:leak-source"),
+        "the guest memory is still mapped"
+    );
+    assert!(
+        !mapped_anywhere(&state.path().to_string_lossy()),
+        "the capture's memory is still mapped"
+    );
+    // And the node's shared memory is back to where it was (allowing for
+    // whatever else runs on the machine meanwhile).
+    let mut leaked = 0;
+    assert!(
+        common::wait_until(Duration::from_secs(20), || {
+            leaked = shmem_mib() - baseline;
+            leaked < 32
+        }),
+        "{leaked} MiB of shared memory not given back"
+    );
     let left: Vec<_> = walk(state.path());
     assert!(
         left.iter().all(|path| path.is_dir()),
         "files left behind: {left:?}"
     );
+}
+
+/// Whether any process maps a file whose name contains `needle`.
+fn mapped_anywhere(needle: &str) -> bool {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|entry| entry.ok())
+        .any(|entry| {
+            std::fs::read_to_string(entry.path().join("maps"))
+                .is_ok_and(|maps| maps.lines().any(|line| line.contains(needle)))
+        })
 }
 
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {

@@ -16,6 +16,33 @@ fn manager(dir: &Path) -> Manager {
     Manager::with_agent_binary(dir, AGENT).unwrap()
 }
 
+/// A state directory whose VM processes are stopped when it is dropped, also
+/// when a test fails, so that no VM outlives its test.
+struct StateDir(tempfile::TempDir);
+
+impl StateDir {
+    fn new() -> Self {
+        Self(tempfile::tempdir_in("/dev/shm").unwrap())
+    }
+
+    fn path(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl Drop for StateDir {
+    fn drop(&mut self) {
+        let manager = manager(self.path());
+        let names = std::fs::read_dir(self.path().join("sandboxes"))
+            .into_iter()
+            .flatten()
+            .filter_map(|entry| entry.ok()?.file_name().into_string().ok());
+        for name in names {
+            let _ = manager.delete(&name);
+        }
+    }
+}
+
 fn counter(name: &str, memory_mib: u64) -> SandboxSpec {
     SandboxSpec {
         name: name.into(),
@@ -48,7 +75,7 @@ fn run_capture_branch_delete_through_vm_processes() {
     if !common::devices_present() {
         return;
     }
-    let state = tempfile::tempdir_in("/dev/shm").unwrap();
+    let state = StateDir::new();
     let manager = manager(state.path());
     let source = manager.run(&counter("source", 128)).unwrap();
     assert_eq!(source.state, SandboxState::Running);
@@ -64,12 +91,12 @@ fn run_capture_branch_delete_through_vm_processes() {
 
     wait_reports(&manager, "source", 1);
     let capture = manager
-        .capture("source", "snap", CaptureMode::Live, true)
+        .capture("source", "snap", CaptureMode::Live, true, true)
         .unwrap();
     let counter_state = capture.counter.clone().expect("verified counter capture");
     assert_eq!(
         manager
-            .capture("source", "snap", CaptureMode::Live, true)
+            .capture("source", "snap", CaptureMode::Live, true, true)
             .unwrap()
             .stats
             .pause_ns,
@@ -114,6 +141,88 @@ fn run_capture_branch_delete_through_vm_processes() {
     );
 }
 
+#[test]
+fn branches_start_during_the_copy_and_stop_if_its_source_dies() {
+    if !common::devices_present() {
+        return;
+    }
+    let state = StateDir::new();
+    let manager = manager(state.path());
+    let source = manager.run(&counter("source", 512)).unwrap();
+    wait_reports(&manager, "source", 1);
+
+    // Without waiting, a live capture answers once the source runs again;
+    // a branch starts while the copy goes on and continues normally.
+    let capture = manager
+        .capture("source", "snap", CaptureMode::Live, false, false)
+        .unwrap();
+    assert!(!capture.memory_complete, "the copy was not running");
+    manager.branch("early", "snap").unwrap();
+    wait_reports(&manager, "early", 1);
+    assert!(common::wait_until(Duration::from_secs(60), || {
+        manager.list_captures().unwrap()[0].memory_complete
+    }));
+    assert_eq!(
+        manager.status("early").unwrap().state,
+        SandboxState::Running
+    );
+
+    // The source dies mid-copy: a branch started meanwhile cannot complete
+    // its memory and stops instead of running on holes; the capture is
+    // abandoned, and a new branch of it is refused with a clear error.
+    let capture = manager
+        .capture("source", "doomed", CaptureMode::Live, false, false)
+        .unwrap();
+    let doomed = manager.branch("doomed-branch", "doomed").unwrap();
+    let source_pid = source.pid.unwrap();
+    Command::new("kill")
+        .args(["-9", &source_pid.to_string()])
+        .status()
+        .unwrap();
+    let killed_mid_copy = !manager
+        .list_captures()
+        .unwrap()
+        .iter()
+        .find(|info| info.name == "doomed")
+        .unwrap()
+        .memory_complete;
+    assert!(
+        !capture.memory_complete && killed_mid_copy,
+        "the copy completed before the source was killed"
+    );
+    assert!(
+        common::wait_until(Duration::from_secs(30), || !process_alive(
+            doomed.pid.unwrap()
+        )),
+        "a branch whose memory can no longer be completed kept running"
+    );
+    assert!(matches!(
+        manager.status("doomed-branch").unwrap().state,
+        SandboxState::Failed { .. }
+    ));
+    let err = manager.branch("late", "doomed").unwrap_err();
+    assert!(err.to_string().contains("no longer running"), "{err}");
+    // The earlier branch, whose memory was complete, is unaffected.
+    let before = wait_reports(&manager, "early", 1)[0];
+    assert!(common::wait_until(Duration::from_secs(60), || {
+        manager.status("early").unwrap().reports[0] > before
+    }));
+
+    for name in ["early", "doomed-branch", "late", "source"] {
+        manager.delete(name).unwrap();
+    }
+    for name in ["snap", "doomed"] {
+        manager.delete_capture(name).unwrap();
+    }
+    assert!(manager.list().unwrap().is_empty());
+    assert!(
+        std::fs::read_dir(state.path().join("captures"))
+            .unwrap()
+            .next()
+            .is_none()
+    );
+}
+
 fn manager_for_restart(dir: &Path) -> Manager {
     manager(dir)
 }
@@ -123,7 +232,7 @@ fn a_crashed_vm_is_reported_and_harms_nothing_else() {
     if !common::devices_present() {
         return;
     }
-    let state = tempfile::tempdir_in("/dev/shm").unwrap();
+    let state = StateDir::new();
     let manager = manager(state.path());
     let doomed = manager.run(&counter("doomed", 64)).unwrap();
     manager.run(&counter("survivor", 64)).unwrap();
@@ -151,7 +260,7 @@ fn bad_requests_get_clear_errors() {
     if !common::devices_present() {
         return;
     }
-    let state = tempfile::tempdir_in("/dev/shm").unwrap();
+    let state = StateDir::new();
     let manager = manager(state.path());
     let err = manager.status("missing").unwrap_err();
     assert_eq!(err.to_string(), "sandbox \"missing\" not found");
@@ -174,13 +283,25 @@ fn bad_requests_get_clear_errors() {
     let err = manager.branch("b", "no-such-capture").unwrap_err();
     assert!(matches!(err, ManagerError::NotFound { .. }), "{err}");
     let err = manager
-        .capture("missing", "c", CaptureMode::Live, false)
+        .capture("missing", "c", CaptureMode::Live, false, true)
         .unwrap_err();
     assert!(matches!(err, ManagerError::NotFound { .. }), "{err}");
     assert!(
         manager.list().unwrap().is_empty(),
         "a failed run left a sandbox"
     );
+
+    // Captures are filled in place in shared memory: a state directory on
+    // disk is refused up front.
+    let on_disk = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let on_tmpfs = rustix::fs::statfs(on_disk.path()).unwrap().f_type == 0x0102_1994;
+    if !on_tmpfs {
+        let Err(err) = Manager::with_agent_binary(on_disk.path(), AGENT) else {
+            panic!("a state directory on disk was accepted");
+        };
+        assert!(matches!(err, ManagerError::NotTmpfs(_)), "{err}");
+        assert!(err.to_string().contains("not on a tmpfs"), "{err}");
+    }
 }
 
 /// The command line: VMs outlive the `sandfork-agent` process that started them.
@@ -189,7 +310,7 @@ fn cli_runs_sandboxes_that_outlive_it() {
     if !common::devices_present() {
         return;
     }
-    let state = tempfile::tempdir_in("/dev/shm").unwrap();
+    let state = StateDir::new();
     let agent = |args: &[&str]| {
         let output = Command::new(AGENT)
             .arg("--state-dir")

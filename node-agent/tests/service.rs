@@ -28,7 +28,7 @@ struct StateDir {
 impl StateDir {
     fn new() -> Self {
         Self {
-            dir: tempfile::tempdir().unwrap(),
+            dir: tempfile::tempdir_in("/dev/shm").unwrap(),
         }
     }
 

@@ -19,7 +19,7 @@ impl From<ManagerError> for Status {
             ManagerError::Memory(MemoryError::InvalidSize { .. }) => Code::InvalidArgument,
             ManagerError::Memory(MemoryError::HostTooSmall { .. }) => Code::ResourceExhausted,
             ManagerError::Memory(_) => Code::Internal,
-            ManagerError::DevicesMissing(_) => Code::FailedPrecondition,
+            ManagerError::DevicesMissing(_) | ManagerError::NotTmpfs(_) => Code::FailedPrecondition,
             ManagerError::Vm { .. } | ManagerError::Io { .. } => Code::Internal,
         };
         Status::new(code, strip_ansi(&error_chain(&err)))

@@ -125,12 +125,9 @@ fn capture_with_time(manager: &Manager, capture: &Capture) -> pb::Capture {
     let mut message = capture_to_pb(capture);
     let dir = CaptureDir::new(manager.root().join("captures").join(&capture.name));
     if let Ok(state) = dir.read_state() {
-        // The state is written when the copy completes; the captured instant
-        // (the pause) was `copy_ns` before that.
-        let written_us =
+        // Recorded at the pause, the captured instant.
+        message.captured_at_unix_micros =
             i64::try_from(state.created_unix_ms.saturating_mul(1000)).unwrap_or(i64::MAX);
-        let copy_us = i64::try_from(state.stats.copy_ns / 1000).unwrap_or(0);
-        message.captured_at_unix_micros = written_us.saturating_sub(copy_us);
     }
     message
 }
@@ -321,8 +318,13 @@ impl pb::agent_server::Agent for AgentService {
             .blocking(
                 vec![lock_key("capture", &request.capture_uid)],
                 move |manager| {
-                    let capture =
-                        manager.capture(&request.sandbox_uid, &request.capture_uid, mode, false)?;
+                    let capture = manager.capture(
+                        &request.sandbox_uid,
+                        &request.capture_uid,
+                        mode,
+                        false,
+                        false,
+                    )?;
                     Ok(capture_with_time(manager, &capture))
                 },
             )
