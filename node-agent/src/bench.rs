@@ -71,6 +71,7 @@ pub struct BenchResult {
     /// A native-rate host write that hit a protected page: how long it waited.
     pub write_stall_us_p50: f64,
     pub write_stall_us_p99: f64,
+    pub write_stall_us_p999: f64,
     pub write_stall_us_max: f64,
     pub write_stall_samples: usize,
     /// `write_stall_us_p50` under its first name.
@@ -293,6 +294,7 @@ pub fn measure(args: &BenchArgs) -> anyhow::Result<BenchResult> {
         copy_gbps_p50: median(&mut copy_gbps),
         write_stall_us_p50,
         write_stall_us_p99: percentile(&mut stalls, 99.0),
+        write_stall_us_p999: percentile(&mut stalls, 99.9),
         write_stall_us_max: percentile(&mut stalls, 100.0),
         write_stall_samples: stalls.len(),
         fault_stall_us_p50: write_stall_us_p50,
