@@ -492,6 +492,19 @@ impl Manager {
             })
     }
 
+    /// Whether a capture of sandbox `name` is still copying.
+    fn copying_from(&self, name: &str) -> bool {
+        list_dir(&self.captures_dir())
+            .unwrap_or_default()
+            .iter()
+            .map(|capture| self.capture_dir(capture))
+            .any(|dir| {
+                dir.read_state()
+                    .is_ok_and(|state| state.source == name && !state.memory_complete)
+                    && dir.is_copying()
+            })
+    }
+
     /// Stops the sandbox's VM process and removes its files. Deleting a
     /// sandbox that does not exist succeeds.
     pub fn delete(&self, name: &str) -> Result<(), ManagerError> {
@@ -501,9 +514,16 @@ impl Manager {
             return Ok(());
         }
         let pid = self.pid_of(name);
+        // A VM process finishes its captures' copies before it exits:
+        // branches started during a copy still need it.
+        let timeout = if self.copying_from(name) {
+            CAPTURE_TIMEOUT
+        } else {
+            STOP_TIMEOUT
+        };
         let _ = vmhost::call(&dir, &Request::Stop, STATUS_TIMEOUT);
         if let Some(pid) = pid
-            && !wait_for_exit(pid, STOP_TIMEOUT)
+            && !wait_for_exit(pid, timeout)
             && is_vm_host_of(pid, name)
         {
             tracing::warn!(sandbox = name, pid, "VM process ignored stop; killing it");

@@ -213,7 +213,13 @@ fn serve_connection(
                 },
                 false,
             ),
-            Ok(Request::Stop) => (Response::Stopped, true),
+            Ok(Request::Stop) => {
+                // The guest stops now; a capture still copying finishes
+                // before the process exits (its branches need it), and
+                // faster without guest writes.
+                let _ = vm.pause(false);
+                (Response::Stopped, true)
+            }
             Err(err) => (
                 Response::Error {
                     message: format!("bad request: {err}"),
