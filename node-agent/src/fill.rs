@@ -68,6 +68,9 @@ fn io_err(op: &'static str) -> impl FnOnce(std::io::Error) -> FillError {
 /// The capturing side: serves branches' requests until the copy ends.
 pub struct FillServer {
     path: PathBuf,
+    /// The listening socket, to wake the acceptor (its path may be gone:
+    /// the capture directory can be deleted while the copy runs).
+    listener: UnixListener,
     shared: Arc<ServerShared>,
     acceptor: Option<JoinHandle<()>>,
 }
@@ -94,6 +97,7 @@ impl FillServer {
         });
         let acceptor = {
             let shared = shared.clone();
+            let listener = listener.try_clone().map_err(io_err("dup fill socket"))?;
             std::thread::Builder::new()
                 .name("fill-accept".into())
                 .spawn(move || accept(&listener, &shared))
@@ -101,6 +105,7 @@ impl FillServer {
         };
         Ok(Self {
             path: path.to_owned(),
+            listener,
             shared,
             acceptor: Some(acceptor),
         })
@@ -117,9 +122,10 @@ impl FillServer {
             return;
         };
         self.shared.outcome.store(outcome, Ordering::Release);
-        // Wake the acceptor so that it sees the outcome, then retire the path.
-        let _ = UnixStream::connect(&self.path);
         let _ = std::fs::remove_file(&self.path);
+        // Shutting the listening socket down makes the acceptor's accept
+        // fail, so that it sees the outcome.
+        let _ = rustix::net::shutdown(&self.listener, rustix::net::Shutdown::Both);
         let _ = acceptor.join();
         let connections = std::mem::take(&mut *self.shared.connections.lock().unwrap());
         for (stream, _) in &connections {

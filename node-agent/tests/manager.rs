@@ -173,6 +173,11 @@ fn branches_started_during_the_copy_outlive_a_deleted_source_but_not_a_crashed_o
     // abandoned, and a new branch of it is refused with a clear error.
     let source = manager.run(&counter("source", 512)).unwrap();
     wait_reports(&manager, "source", 1);
+    // A capture deleted while it copies does not hold up the next one.
+    manager
+        .capture("source", "dropped", CaptureMode::Live, false, false)
+        .unwrap();
+    manager.delete_capture("dropped").unwrap();
     let capture = manager
         .capture("source", "doomed", CaptureMode::Live, false, false)
         .unwrap();
@@ -203,6 +208,9 @@ fn branches_started_during_the_copy_outlive_a_deleted_source_but_not_a_crashed_o
         manager.status("doomed-branch").unwrap().state,
         SandboxState::Failed { .. }
     ));
+    assert!(common::wait_until(Duration::from_secs(30), || {
+        !process_alive(source_pid)
+    }));
     let err = manager.branch("late", "doomed").unwrap_err();
     assert!(err.to_string().contains("no longer running"), "{err}");
     // The earlier branch, whose memory was complete, is unaffected.
