@@ -35,6 +35,16 @@ const AGENT_MEMORY_MIB: u64 = 4096;
 /// The operator's leader-election identity in the local cluster.
 const OPERATOR_IDENTITY: &str = "e2e-operator";
 
+/// The cargo profile the local operator and agent are built with.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Profile {
+    /// `cargo build` (what the tests use: quick to build).
+    #[default]
+    Dev,
+    /// `cargo build --release` (what timings should be taken with).
+    Release,
+}
+
 /// Where the tests find the cluster.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -103,10 +113,16 @@ impl Env {
     /// and starts them once (they need /dev/kvm and /dev/userfaultfd); in
     /// external mode, waits for the DaemonSet's agents to register.
     pub fn start_workloads(&self) -> anyhow::Result<()> {
+        self.start_workloads_with(Profile::Dev)
+    }
+
+    /// [`Env::start_workloads`], building the local binaries with `profile`
+    /// (the first call decides; external mode ignores it).
+    pub fn start_workloads_with(&self, profile: Profile) -> anyhow::Result<()> {
         let mut started = self.workloads.lock().unwrap_or_else(|e| e.into_inner());
         if started.is_none() {
             let result = match self.mode {
-                Mode::Local => self.start_local_workloads(),
+                Mode::Local => self.start_local_workloads(profile),
                 Mode::External => self.block_on(self.wait_for_agents(1, Duration::from_secs(180))),
             };
             *started = Some(result.map_err(|err| format!("{err:#}")));
@@ -117,11 +133,11 @@ impl Env {
         }
     }
 
-    fn start_local_workloads(&self) -> anyhow::Result<()> {
+    fn start_local_workloads(&self, profile: Profile) -> anyhow::Result<()> {
         let started = Instant::now();
-        let binaries = build_binaries(&self.repo)?;
+        let binaries = build_binaries(&self.repo, profile)?;
         eprintln!(
-            "e2e: operator and agent binaries ready in {:.1?}",
+            "e2e: operator and agent binaries ({profile:?}) ready in {:.1?}",
             started.elapsed()
         );
         let started = Instant::now();
@@ -517,9 +533,8 @@ impl Env {
 
 impl Drop for Local {
     fn drop(&mut self) {
-        let local = self;
         // Scenarios deleted their namespaces; whatever is left is a leak.
-        let leftovers: BTreeMap<String, Vec<String>> = local
+        let leftovers: BTreeMap<String, Vec<String>> = self
             .agents
             .iter()
             .map(|(node, dir, _)| (node.clone(), list_dir(&dir.join("sandboxes"))))
@@ -528,14 +543,14 @@ impl Drop for Local {
         if !leftovers.is_empty() {
             eprintln!("e2e: sandboxes left on the agents after all scenarios: {leftovers:?}");
         }
-        if let Some(mut operator) = local.operator.take() {
+        if let Some(mut operator) = self.operator.take() {
             operator.stop(Duration::from_secs(10));
         }
-        for (_, dir, mut agent) in local.agents.drain(..) {
+        for (_, dir, mut agent) in self.agents.drain(..) {
             agent.stop(Duration::from_secs(10));
             // The agents leave VMs running by design (they outlive an agent
             // restart); stop them through the agent's own command line.
-            if let Some(binary) = &local.agent_binary {
+            if let Some(binary) = &self.agent_binary {
                 for name in list_dir(&dir.join("sandboxes")) {
                     let _ = Command::new(binary)
                         .arg("--state-dir")
@@ -547,20 +562,20 @@ impl Drop for Local {
                 }
             }
         }
-        local.cluster.down();
-        let root = local.root.to_string_lossy().into_owned();
+        self.cluster.down();
+        let root = self.root.to_string_lossy().into_owned();
         for pid in process::processes_mentioning(&root) {
             eprintln!("e2e: killing leftover process {pid}");
             process::signal(pid, "KILL");
         }
-        if let Some(mut watchdog) = local.watchdog.take() {
+        if let Some(mut watchdog) = self.watchdog.take() {
             let _ = watchdog.kill();
             let _ = watchdog.wait();
         }
-        if local.keep {
-            eprintln!("e2e: kept {} (SANDFORK_E2E_KEEP)", local.root.display());
-        } else if let Err(err) = std::fs::remove_dir_all(&local.root) {
-            eprintln!("e2e: could not remove {}: {err}", local.root.display());
+        if self.keep {
+            eprintln!("e2e: kept {} (SANDFORK_E2E_KEEP)", self.root.display());
+        } else if let Err(err) = std::fs::remove_dir_all(&self.root) {
+            eprintln!("e2e: could not remove {}: {err}", self.root.display());
         }
     }
 }
@@ -578,7 +593,29 @@ async fn client_from(kubeconfig: &Path) -> anyhow::Result<kube::Client> {
         &KubeConfigOptions::default(),
     )
     .await?;
-    Ok(kube::Client::try_from(config)?)
+    client(config)
+}
+
+/// A client for `config` whose connections send each request at once
+/// (TCP_NODELAY), as kubectl's and client-go's do. `kube::Client::try_from`
+/// leaves Nagle's algorithm on (kube-rs/kube#2056): the first request with
+/// a body on a new connection then waits for the API server's delayed ACK,
+/// 40 ms on Linux, which would count in every timing that opens one.
+pub fn client(config: kube::Config) -> anyhow::Result<kube::Client> {
+    use kube::client::ConfigExt;
+    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(config.connect_timeout);
+    let https = config.rustls_https_connector_with_connector(http)?;
+    let hyper = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build(https);
+    let service = tower::ServiceBuilder::new()
+        .layer(config.base_uri_layer())
+        .option_layer(config.auth_layer()?)
+        .map_err(tower::BoxError::from)
+        .service(hyper);
+    Ok(kube::Client::new(service, config.default_namespace))
 }
 
 /// `helm install` of the chart into the release namespace.
@@ -600,9 +637,9 @@ pub struct Binaries {
     pub agent: PathBuf,
 }
 
-/// Builds the operator and agent binaries (a no-op when current) and
-/// returns their paths, as cargo reports them.
-pub fn build_binaries(repo: &Path) -> anyhow::Result<Binaries> {
+/// Builds the operator and agent binaries with `profile` (a no-op when
+/// current) and returns their paths, as cargo reports them.
+pub fn build_binaries(repo: &Path, profile: Profile) -> anyhow::Result<Binaries> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut command = Command::new(cargo);
     command
@@ -614,6 +651,9 @@ pub fn build_binaries(repo: &Path) -> anyhow::Result<Binaries> {
             "--message-format=json-render-diagnostics",
         ])
         .args(["-p", "sandfork-operator", "-p", "sandfork-node-agent"]);
+    if profile == Profile::Release {
+        command.arg("--release");
+    }
     // What cargo set for this test process describes the e2e crate; build
     // scripts (ring's) rerun when it changes, so the same build from the
     // shell and from here would each invalidate the other's.

@@ -14,6 +14,7 @@
 #![forbid(unsafe_code)]
 
 pub mod agents;
+pub mod bench;
 pub mod cluster;
 pub mod env;
 pub mod namespace;

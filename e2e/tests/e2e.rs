@@ -23,6 +23,7 @@ use libtest_mimic::{Arguments, Failed, Trial};
 use sandfork_api::agent::v1 as pb;
 use sandfork_api::conditions::{FAILED, READY};
 use sandfork_api::labels;
+use sandfork_e2e::bench::{self, Step};
 use sandfork_e2e::env::{Env, Mode};
 use sandfork_e2e::objects::{self, condition, counter_reports, placement};
 use sandfork_e2e::process;
@@ -91,7 +92,7 @@ fn main() -> ExitCode {
     });
 
     // (name, needs VMs, body)
-    let scenarios: [(&str, bool, Body); 8] = [
+    let scenarios: [(&str, bool, Body); 9] = [
         (
             "chart_accepted_by_api_server",
             false,
@@ -120,6 +121,7 @@ fn main() -> ExitCode {
             true,
             deleting_branch_frees_node,
         ),
+        ("fork_is_timed_by_watch", true, fork_is_timed_by_watch),
     ];
     let mut trials = vec![
         Trial::test("chart_crds_are_current", || {
@@ -968,5 +970,64 @@ fn missing_source_fails_cleanly(env: &Env) -> anyhow::Result<()> {
             },
         )
         .await
+    })
+}
+
+/// What `sandfork-e2e-bench` measures, once: a fork of a running counter
+/// timed from its create request to the watch event that shows it Ready,
+/// each step seen on the way and the agent's figures read from the
+/// operator's Events; afterwards the agent holds neither its branch nor its
+/// capture.
+fn fork_is_timed_by_watch(env: &Env) -> anyhow::Result<()> {
+    env.scenario("timed-fork", false, |ns| async move {
+        let (node, _) = bench::start_source(env, &ns, "source", "Counter", MEMORY_MIB).await?;
+        let fork = bench::fork(env, &ns, "source", &node, "timed", bench::Mode::Live).await?;
+        let at = |step: Step| fork.seen_ms.get(&step).copied();
+        let missing: Vec<Step> = Step::ALL
+            .into_iter()
+            .filter(|step| at(*step).is_none())
+            .collect();
+        ensure!(
+            missing.is_empty(),
+            "steps not seen: {missing:?} in {fork:?}"
+        );
+        // Each watch delivers its object's changes in order.
+        for steps in [
+            [
+                Step::BranchFinalizer,
+                Step::Capturing,
+                Step::Captured,
+                Step::Ready,
+            ],
+            [
+                Step::SandboxCreated,
+                Step::SandboxFinalizer,
+                Step::SandboxBound,
+                Step::SandboxReady,
+            ],
+        ] {
+            ensure!(
+                steps.windows(2).all(|pair| at(pair[0]) <= at(pair[1])),
+                "steps {steps:?} out of order: {:?}",
+                fork.seen_ms
+            );
+        }
+        ensure!(
+            at(Step::Ready) == Some(fork.apply_to_ready_ms)
+                && fork
+                    .seen_ms
+                    .values()
+                    .all(|ms| *ms <= fork.apply_to_ready_ms),
+            "Ready was not the last step: {fork:?}"
+        );
+        ensure!(
+            fork.capture_call_ms.is_some() && fork.restore_call_ms.is_some(),
+            "the operator's Events gave no call durations: {fork:?}"
+        );
+        ensure!(
+            fork.copy_ms.is_some_and(|ms| ms > 0.0),
+            "no copy duration: {fork:?}"
+        );
+        Ok(())
     })
 }

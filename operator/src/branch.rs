@@ -18,6 +18,7 @@ use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use sandfork_api::agent::v1 as pb;
 use sandfork_api::branch::{
@@ -202,8 +203,21 @@ async fn apply(branch: &SandboxBranch, ctx: &Context) -> Result<Action> {
         .min(remaining + Duration::from_millis(100));
 
     // Capture once.
+    let mut captured_note = None;
+    let mut source_spec = None;
     if update.status.capture.is_none() {
-        let Some(source) = sandboxes.get_opt(&source_name).await? else {
+        // A source the Sandbox controller's cache shows running is taken
+        // from there; anything else is looked up before it is waited for.
+        let cached = ctx
+            .caches
+            .sandboxes
+            .get(&ObjectRef::new(&source_name).within(&namespace))
+            .filter(|source| source.is_ready() && source.node().is_some());
+        let source = match cached {
+            Some(source) => Some(Sandbox::clone(&source)),
+            None => sandboxes.get_opt(&source_name).await?,
+        };
+        let Some(source) = source else {
             let message =
                 format!("Sandbox {source_name:?} does not exist in namespace {namespace}");
             update.progress(reason::SOURCE_NOT_FOUND, &message);
@@ -255,16 +269,6 @@ async fn apply(branch: &SandboxBranch, ctx: &Context) -> Result<Action> {
             .is_some_and(|c| c.reason == reason::CAPTURING || c.reason == reason::CAPTURE_FAILED);
         update.progress(reason::CAPTURING, &message);
         update.write(ctx).await?;
-        if first_try {
-            ctx.event(
-                branch,
-                EventType::Normal,
-                reason::CAPTURING,
-                "Capture",
-                message,
-            )
-            .await;
-        }
         let started = Instant::now();
         let request = pb::CaptureSandboxRequest {
             sandbox_uid: source_uid,
@@ -278,7 +282,24 @@ async fn apply(branch: &SandboxBranch, ctx: &Context) -> Result<Action> {
             .settings
             .capture_timeout
             .min(remaining.max(Duration::from_secs(1)));
-        let capture = match client.capture_sandbox(with_timeout(request, timeout)).await {
+        // The Event goes out while the agent captures, not before.
+        let announce = async {
+            if first_try {
+                ctx.event(
+                    branch,
+                    EventType::Normal,
+                    reason::CAPTURING,
+                    "Capture",
+                    message,
+                )
+                .await;
+            }
+        };
+        let (captured, ()) = tokio::join!(
+            client.capture_sandbox(with_timeout(request, timeout)),
+            announce
+        );
+        let capture = match captured {
             Ok(capture) => capture.into_inner(),
             Err(status) => {
                 let message = format!(
@@ -338,23 +359,36 @@ async fn apply(branch: &SandboxBranch, ctx: &Context) -> Result<Action> {
             &format!("captured; starting {} branches", branch.spec.branches),
         );
         update.write(ctx).await?;
-        ctx.event(branch, EventType::Normal, "Captured", "Capture", note)
-            .await;
+        // Published once the branches exist: they need not wait for it.
+        captured_note = Some(note);
+        source_spec = Some(source.spec);
     }
     let node = update.status.source_node.clone().unwrap_or_default();
 
-    // The branches that exist: ours are those restoring from this UID.
+    // The branches that exist: ours are those restoring from this UID. A
+    // pass that has just captured knows there are none: branches are made
+    // only once the status holds the capture (and a create that finds its
+    // name taken checks whose the object is).
+    //
+    // Read from the API server's watch cache as it is: a consistent list
+    // waits until that cache has caught up with etcd, up to the next
+    // progress request (kube-apiserver asks every 100 ms), whenever
+    // anything else was written since the last Sandbox event. The passes
+    // here are started by that cache's own watch events; if it lags (another
+    // API server), counting a branch short only means another pass.
     let selector = format!("{}={}", labels::BRANCH, name);
     let mut existing: BTreeMap<u32, Sandbox> = BTreeMap::new();
-    for sandbox in sandboxes
-        .list(&ListParams::default().labels(&selector))
-        .await?
-        .items
-    {
-        if is_ours(&sandbox, &uid)
-            && let Some(index) = branch_index(&sandbox)
+    if source_spec.is_none() {
+        for sandbox in sandboxes
+            .list(&ListParams::default().labels(&selector).match_any())
+            .await?
+            .items
         {
-            existing.insert(index, sandbox);
+            if is_ours(&sandbox, &uid)
+                && let Some(index) = branch_index(&sandbox)
+            {
+                existing.insert(index, sandbox);
+            }
         }
     }
 
@@ -362,12 +396,17 @@ async fn apply(branch: &SandboxBranch, ctx: &Context) -> Result<Action> {
     let missing: Vec<u32> = (0..wanted)
         .filter(|index| !existing.contains_key(index))
         .collect();
-    if !missing.is_empty() {
+    let mut created_now = Vec::new();
+    let halted = async {
+        if missing.is_empty() {
+            return Ok(None);
+        }
         // Branches copy the source's spec; a branch made earlier has it too,
         // so the source may be gone by now.
-        let template = match existing.values().next() {
-            Some(sandbox) => Some(sandbox.spec.clone()),
-            None => sandboxes
+        let template = match (existing.values().next(), source_spec) {
+            (Some(sandbox), _) => Some(sandbox.spec.clone()),
+            (None, Some(spec)) => Some(spec),
+            (None, None) => sandboxes
                 .get_opt(&source_name)
                 .await?
                 .map(|source| source.spec),
@@ -376,7 +415,7 @@ async fn apply(branch: &SandboxBranch, ctx: &Context) -> Result<Action> {
             let message = format!(
                 "source Sandbox {source_name:?} was deleted before its branches were created"
             );
-            return fail(branch, ctx, update, reason::SOURCE_NOT_FOUND, message).await;
+            return Ok(Some(Halt::Fail(reason::SOURCE_NOT_FOUND, message)));
         };
         for index in missing {
             let object = branch_object(branch, index, &template, &node, &uid);
@@ -392,15 +431,7 @@ async fn apply(branch: &SandboxBranch, ctx: &Context) -> Result<Action> {
                 .await
             {
                 Ok(created) => {
-                    ctx.event_about(
-                        branch,
-                        Some(created.object_ref(&())),
-                        EventType::Normal,
-                        "BranchCreated",
-                        "Restore",
-                        format!("created Sandbox {branch_name:?} on node {node}"),
-                    )
-                    .await;
+                    created_now.push(created.object_ref(&()));
                     existing.insert(index, created);
                 }
                 Err(err) if is_already_exists(&err) => match sandboxes.get_opt(&branch_name).await?
@@ -412,14 +443,44 @@ async fn apply(branch: &SandboxBranch, ctx: &Context) -> Result<Action> {
                         let message = format!(
                             "a Sandbox named {branch_name:?} already exists and was not made by this SandboxBranch"
                         );
-                        return fail(branch, ctx, update, reason::NAME_CONFLICT, message).await;
+                        return Ok(Some(Halt::Fail(reason::NAME_CONFLICT, message)));
                     }
                     // Deleted in between: create it on the next pass.
-                    None => return Ok(Action::requeue(poll)),
+                    None => return Ok(Some(Halt::Retry)),
                 },
-                Err(err) => return Err(err.into()),
+                Err(err) => return Err(Error::from(err)),
             }
         }
+        Ok(None)
+    }
+    .await;
+
+    // This pass's Events, now that the branches are on their way.
+    if let Some(note) = captured_note {
+        ctx.event(branch, EventType::Normal, "Captured", "Capture", note)
+            .await;
+    }
+    for created in created_now {
+        let note = format!(
+            "created Sandbox {:?} on node {node}",
+            created.name.as_deref().unwrap_or_default()
+        );
+        ctx.event_about(
+            branch,
+            Some(created),
+            EventType::Normal,
+            "BranchCreated",
+            "Restore",
+            note,
+        )
+        .await;
+    }
+    match halted? {
+        None => {}
+        Some(Halt::Fail(reason, message)) => {
+            return fail(branch, ctx, update, reason, message).await;
+        }
+        Some(Halt::Retry) => return Ok(Action::requeue(poll)),
     }
 
     // Fewer branches wanted than exist: remove the extra ones we own.
@@ -499,6 +560,14 @@ async fn apply(branch: &SandboxBranch, ctx: &Context) -> Result<Action> {
         update.write(ctx).await?;
         Ok(Action::requeue(poll))
     }
+}
+
+/// Why a pass stopped creating branches.
+enum Halt {
+    /// For good, with this reason and message.
+    Fail(&'static str, String),
+    /// Until the next pass.
+    Retry,
 }
 
 /// Marks the SandboxBranch `Failed` for good and releases what it holds
@@ -665,6 +734,9 @@ pub fn branch_object(
             labels: Some(labels),
             annotations: (!meta.annotations.is_empty()).then_some(meta.annotations),
             owner_references,
+            // Made with the Sandbox controller's finalizer, so that its
+            // first reconcile starts the restore instead of adding it.
+            finalizers: Some(vec![FINALIZER.to_string()]),
             ..ObjectMeta::default()
         },
         spec: SandboxSpec {

@@ -10,7 +10,7 @@ use kube::Client;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::Store;
 use kube::{Resource, ResourceExt};
-use sandfork_api::Sandbox;
+use sandfork_api::{Sandbox, SandboxBranch};
 
 use crate::agents::Agents;
 use crate::metrics::Metrics;
@@ -86,11 +86,20 @@ impl Clock {
     }
 }
 
+/// The controllers' caches of the objects they watch.
+#[derive(Clone)]
+pub struct Caches {
+    /// All Sandboxes (the Sandbox controller's cache).
+    pub sandboxes: Store<Sandbox>,
+    /// All SandboxBranches (the SandboxBranch controller's cache).
+    pub branches: Store<SandboxBranch>,
+}
+
 pub struct Context {
     pub client: Client,
     pub agents: Agents,
-    /// All Sandboxes (the Sandbox controller's cache), for placement.
-    pub sandboxes: Store<Sandbox>,
+    /// For placement, and to spare lookups of what they already show.
+    pub caches: Caches,
     pub metrics: Arc<Metrics>,
     pub recorder: Recorder,
     pub clock: Clock,
@@ -104,7 +113,7 @@ impl Context {
     pub fn new(
         client: Client,
         agents: Agents,
-        sandboxes: Store<Sandbox>,
+        caches: Caches,
         metrics: Arc<Metrics>,
         reporter: Reporter,
         clock: Clock,
@@ -114,7 +123,7 @@ impl Context {
             recorder: Recorder::new(client.clone(), reporter),
             client,
             agents,
-            sandboxes,
+            caches,
             metrics,
             clock,
             settings,

@@ -4,6 +4,7 @@
 
 pub mod agents;
 pub mod branch;
+pub mod client;
 pub mod context;
 pub mod error;
 pub mod http;

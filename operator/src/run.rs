@@ -16,7 +16,7 @@ use kube::{Client, ResourceExt};
 use sandfork_api::{Sandbox, SandboxBranch, labels};
 
 use crate::agents::{AgentTlsArgs, Agents, Dial, TlsDialer};
-use crate::context::{Clock, Context, FIELD_MANAGER, Settings};
+use crate::context::{Caches, Clock, Context, FIELD_MANAGER, Settings};
 use crate::http::{self, HttpState};
 use crate::leader::{self, LeaderArgs, LeaderElector};
 use crate::metrics::Metrics;
@@ -54,7 +54,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut config = kube::Config::infer().await?;
     // Watches time out server-side after 290 s; nothing else may hang longer.
     config.read_timeout = Some(Duration::from_secs(295));
-    let client = Client::try_from(config)?;
+    let client = crate::client::new(config)?;
     let metrics = Arc::new(Metrics::default());
     let active = Arc::new(AtomicBool::new(false));
     let http_state = HttpState {
@@ -168,10 +168,19 @@ async fn controllers(
     )
     .with_config(config.clone())
     .shutdown_on_signal();
+    let branch_controller = Controller::new(
+        Api::<SandboxBranch>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .with_config(config);
+    let branches = branch_controller.store();
     let ctx = Arc::new(Context::new(
         client.clone(),
         Agents::new(leases, dialer),
-        sandbox_controller.store(),
+        Caches {
+            sandboxes: sandbox_controller.store(),
+            branches: branches.clone(),
+        },
         metrics,
         Reporter {
             controller: FIELD_MANAGER.into(),
@@ -180,13 +189,6 @@ async fn controllers(
         Clock::system(),
         Settings::default(),
     ));
-
-    let branch_controller = Controller::new(
-        Api::<SandboxBranch>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    .with_config(config);
-    let branches = branch_controller.store();
     let branch_controller = branch_controller
         .watches(
             Api::<Sandbox>::all(client.clone()),

@@ -1,9 +1,10 @@
 //! The Sandbox controller: binds each Sandbox to a node, has that node's
 //! agent start (or, for a branch, restore) its VM, and reports the VM's state.
 //!
-//! Restart safety: the node is written into the status before the agent is
-//! asked to start anything, and every agent call is keyed by the Sandbox's
-//! UID, so a reconcile interrupted at any point repeats harmlessly.
+//! Restart safety: a Sandbox is bound to its node before the agent is asked
+//! to start anything (by its spec's `nodeName`, else by writing the node into
+//! its status), and every agent call is keyed by the Sandbox's UID, so a
+//! reconcile interrupted at any point repeats harmlessly.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use sandfork_api::agent::v1 as pb;
 use sandfork_api::conditions::{self, Cond};
@@ -225,9 +227,27 @@ async fn apply(sandbox: &Sandbox, ctx: &Context) -> Result<Action> {
     if let Some(restore) = &sandbox.spec.restore_from
         && update.status.vm.is_none()
     {
-        let branches: Api<SandboxBranch> =
-            Api::namespaced(ctx.client.clone(), &sandbox.namespace().unwrap_or_default());
-        let origin = branches.get_opt(&restore.sandbox_branch).await?;
+        let namespace = sandbox.namespace().unwrap_or_default();
+        // The SandboxBranch controller's cache has it once it has captured
+        // (it creates its branches only then); anything less is looked up.
+        let cached = ctx
+            .caches
+            .branches
+            .get(&ObjectRef::new(&restore.sandbox_branch).within(&namespace))
+            .filter(|branch| {
+                branch.uid().as_deref() == Some(restore.uid.as_str())
+                    && branch
+                        .status
+                        .as_ref()
+                        .is_some_and(|s| s.capture_time.is_some())
+            });
+        let origin = match cached {
+            Some(branch) => Some(branch),
+            None => Api::<SandboxBranch>::namespaced(ctx.client.clone(), &namespace)
+                .get_opt(&restore.sandbox_branch)
+                .await?
+                .map(Arc::new),
+        };
         match origin {
             Some(branch) if branch.uid().as_deref() == Some(restore.uid.as_str()) => {
                 update.status.origin = Some(SandboxOrigin {
@@ -275,19 +295,25 @@ async fn apply(sandbox: &Sandbox, ctx: &Context) -> Result<Action> {
     };
     if update.status.node.as_deref() != Some(node.as_str()) {
         update.status.node = Some(node.clone());
-        update.ready(false, reason::SCHEDULED, format!("bound to node {node}"));
-        if let Err(err) = update.write(ctx).await {
-            ctx.reservations.release(&uid);
-            return Err(err);
+        // A Sandbox placed here is bound by this write before anything
+        // starts on the node, so that no later pass places it elsewhere. One
+        // whose spec names its node (a branch) is bound by its spec: the
+        // node goes into the status with the next write.
+        if sandbox.spec.node_name.is_none() {
+            update.ready(false, reason::SCHEDULED, format!("bound to node {node}"));
+            if let Err(err) = update.write(ctx).await {
+                ctx.reservations.release(&uid);
+                return Err(err);
+            }
+            ctx.event(
+                sandbox,
+                EventType::Normal,
+                reason::SCHEDULED,
+                "Bind",
+                format!("bound to node {node}"),
+            )
+            .await;
         }
-        ctx.event(
-            sandbox,
-            EventType::Normal,
-            reason::SCHEDULED,
-            "Bind",
-            format!("bound to node {node}"),
-        )
-        .await;
     }
 
     let mut client = match ctx.agents.client(&node, now) {
@@ -320,6 +346,8 @@ async fn apply(sandbox: &Sandbox, ctx: &Context) -> Result<Action> {
         Err(status) => return Err(agent_err(status)),
     };
 
+    // The Event about a start follows the status write that reports it.
+    let mut start_event = None;
     let vm = match observed {
         Some(vm) => vm,
         None if update.status.vm.is_some() => {
@@ -372,7 +400,7 @@ async fn apply(sandbox: &Sandbox, ctx: &Context) -> Result<Action> {
             };
             match result {
                 Ok(vm) => {
-                    let (reason, note) = match &sandbox.spec.restore_from {
+                    start_event = Some(match &sandbox.spec.restore_from {
                         Some(restore) => (
                             "Restored",
                             format!(
@@ -382,9 +410,7 @@ async fn apply(sandbox: &Sandbox, ctx: &Context) -> Result<Action> {
                             ),
                         ),
                         None => ("Started", format!("started on node {node}")),
-                    };
-                    ctx.event(sandbox, EventType::Normal, reason, "Start", note)
-                        .await;
+                    });
                     vm.into_inner()
                 }
                 Err(status) => return start_failed(sandbox, ctx, update, &node, status).await,
@@ -397,6 +423,7 @@ async fn apply(sandbox: &Sandbox, ctx: &Context) -> Result<Action> {
         // The agent cannot look right now (a capture is running): keep what
         // the status says and look again soon.
         update.write(ctx).await?;
+        publish_start(sandbox, ctx, start_event).await;
         return Ok(Action::requeue(ctx.settings.poll));
     }
     let state_name = match state {
@@ -438,6 +465,7 @@ async fn apply(sandbox: &Sandbox, ctx: &Context) -> Result<Action> {
         }
     };
     update.write(ctx).await?;
+    publish_start(sandbox, ctx, start_event).await;
     if !was_ready && conditions::is_true(&update.status.conditions, conditions::READY) {
         let ever_ready_before = sandbox
             .status
@@ -453,6 +481,14 @@ async fn apply(sandbox: &Sandbox, ctx: &Context) -> Result<Action> {
         }
     }
     Ok(action)
+}
+
+/// Publishes the Event about a VM this pass started: (reason, note).
+async fn publish_start(sandbox: &Sandbox, ctx: &Context, started: Option<(&str, String)>) {
+    if let Some((reason, note)) = started {
+        ctx.event(sandbox, EventType::Normal, reason, "Start", note)
+            .await;
+    }
 }
 
 /// Records why the agent refused to start the VM; returns what to do next.
@@ -501,7 +537,7 @@ async fn place(
 ) -> Result<Result<String, String>> {
     let _placing = ctx.reservations.lock.lock().await;
     let agents = ctx.agents.all();
-    let state = ctx.sandboxes.state();
+    let state = ctx.caches.sandboxes.state();
     let mut load = placement::load_by_node(state.iter().map(|s| s.as_ref()), uid);
     ctx.reservations
         .add_to(&mut load, state.iter().map(|s| s.as_ref()), uid);

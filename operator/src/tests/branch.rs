@@ -2,6 +2,7 @@ use std::time::Duration;
 
 use http::Method;
 use kube::runtime::controller::Action;
+use kube::runtime::watcher;
 use sandfork_api::branch::{DeletionPolicy, SourceRef, TemplateMetadata};
 use sandfork_api::conditions::{FAILED, PROGRESSING, READY};
 use sandfork_api::{SandboxBranch, SandboxBranchSpec, labels};
@@ -94,6 +95,7 @@ async fn captures_once_and_creates_owned_branches_on_the_source_node() {
         assert_eq!(body["spec"]["restoreFrom"]["sandboxBranch"], "fork");
         assert_eq!(body["spec"]["memoryMiB"], 256);
         assert_eq!(body["spec"]["guest"]["builtin"], "Counter");
+        assert_eq!(body["metadata"]["finalizers"][0], FINALIZER);
         assert_eq!(
             create.query.get("fieldManager").map(String::as_str),
             Some("sandfork-operator")
@@ -170,6 +172,17 @@ async fn captures_once_and_creates_owned_branches_on_the_source_node() {
     assert_eq!(message, "3/3 branches ready on node node-a");
     assert_eq!(condition(&status.conditions, PROGRESSING).0, "False");
     assert_eq!(h.events(), vec!["Ready"]);
+    // The branches are read from the API server's cache, without waiting.
+    let lists: Vec<_> = h
+        .api_requests()
+        .into_iter()
+        .filter(|r| r.method == Method::GET && r.path.ends_with("/namespaces/team-a/sandboxes"))
+        .collect();
+    assert_eq!(lists.len(), 1, "{lists:#?}");
+    assert_eq!(
+        lists[0].query.get("resourceVersion").map(String::as_str),
+        Some("0")
+    );
     assert_eq!(h.agent_calls("CaptureSandbox").len(), 1, "captured once");
     assert!(created_sandboxes(&h).is_empty());
 }
@@ -324,7 +337,6 @@ async fn a_stuck_restore_fails_at_the_deadline_and_releases_the_capture() {
     h.reconcile_branch("fork").await.unwrap();
     // fork-0 starts; fork-1's node keeps saying it is out of memory.
     h.settle_sandbox("fork-0").await;
-    h.reconcile_sandbox("fork-1").await.unwrap();
     for _ in 0..3 {
         h.agent.fail_next(
             "RestoreBranch",
@@ -535,4 +547,120 @@ async fn source_changes_wake_the_branches_waiting_for_it() {
     assert_eq!(refs.len(), 1);
     assert_eq!(refs[0].name, "other");
     drop(h);
+}
+
+#[tokio::test]
+async fn the_capturing_pass_goes_straight_from_the_capture_to_the_branches() {
+    let h = setup(1, DeletionPolicy::Delete).await;
+
+    h.reconcile_branch("fork").await.unwrap();
+
+    // One look at the source, no look for branches that cannot exist yet,
+    // and no Event between the capture and the branch's creation.
+    let all = h.api.requests();
+    let describe = |r: &Recorded| {
+        let what = if r.path.ends_with("/events") {
+            format!("event {}", r.body["reason"].as_str().unwrap_or_default())
+        } else if is_status_apply(r) {
+            "status".to_string()
+        } else {
+            r.path.rsplit('/').next().unwrap_or_default().to_string()
+        };
+        format!("{} {what}", r.method)
+    };
+    let seen: Vec<String> = all.iter().map(describe).collect();
+    let gets = all
+        .iter()
+        .filter(|r| r.method == Method::GET && r.path.ends_with("/sandboxes/src"))
+        .count();
+    assert_eq!(gets, 1, "{seen:#?}");
+    assert!(
+        !all.iter()
+            .any(|r| r.method == Method::GET && r.path.ends_with("/sandboxes")),
+        "{seen:#?}"
+    );
+    let position = |wanted: &str| {
+        seen.iter()
+            .position(|s| s == wanted)
+            .unwrap_or_else(|| panic!("{wanted} in {seen:#?}"))
+    };
+    assert!(position("POST sandboxes") < position("POST event Captured"));
+    assert_eq!(
+        h.events(),
+        vec!["Capturing", "Captured", "BranchCreated"],
+        "{seen:#?}"
+    );
+}
+
+#[tokio::test]
+async fn a_branch_restores_on_its_first_pass_with_one_status_write() {
+    let h = setup(1, DeletionPolicy::Delete).await;
+    h.reconcile_branch("fork").await.unwrap();
+    assert!(h.sandbox("fork-0").is_some());
+    h.api.clear_requests();
+
+    // Made with its finalizer and bound by its spec: the first pass
+    // restores, then writes the whole status once.
+    h.reconcile_sandbox("fork-0").await.unwrap();
+
+    assert_eq!(h.agent_calls("RestoreBranch").len(), 1);
+    let requests = h.api.requests();
+    assert!(!requests.iter().any(adds_finalizer), "{requests:#?}");
+    let writes: Vec<_> = requests.iter().filter(|r| is_status_apply(r)).collect();
+    assert_eq!(writes.len(), 1, "{writes:#?}");
+    assert_eq!(writes[0].body["status"]["node"], NODE);
+    assert_eq!(writes[0].body["status"]["conditions"][0]["status"], "True");
+    // The Event follows the write that makes it Ready.
+    assert_eq!(h.events(), vec!["Restored"]);
+    let event = requests
+        .iter()
+        .position(|r| r.path.ends_with("/events"))
+        .unwrap();
+    let write = requests.iter().position(is_status_apply).unwrap();
+    assert!(write < event, "{requests:#?}");
+    assert!(h.sandbox("fork-0").unwrap().is_ready());
+}
+
+#[tokio::test]
+async fn a_branch_takes_its_origin_from_the_cache_once_it_shows_the_capture() {
+    let mut h = setup(1, DeletionPolicy::Delete).await;
+    h.reconcile_branch("fork").await.unwrap();
+    let branch = h.branch("fork").unwrap();
+    assert!(branch.status.as_ref().unwrap().capture_time.is_some());
+    h.branches
+        .apply_watcher_event(&watcher::Event::Apply(branch));
+    h.api.clear_requests();
+
+    h.reconcile_sandbox("fork-0").await.unwrap();
+
+    let requests = h.api_requests();
+    assert!(
+        !requests
+            .iter()
+            .any(|r| r.path.ends_with("/sandboxbranches/fork")),
+        "{requests:#?}"
+    );
+    let origin = h.sandbox("fork-0").unwrap().status.unwrap().origin.unwrap();
+    assert_eq!(origin.sandbox_branch, "fork");
+    assert!(origin.capture_time.is_some());
+}
+
+#[tokio::test]
+async fn a_source_running_in_the_cache_is_captured_without_a_lookup() {
+    let mut h = setup(1, DeletionPolicy::Delete).await;
+    let source = h.sandbox("src").unwrap();
+    h.sandboxes
+        .apply_watcher_event(&watcher::Event::Apply(source));
+
+    h.reconcile_branch("fork").await.unwrap();
+
+    assert_eq!(h.agent_calls("CaptureSandbox").len(), 1);
+    let requests = h.api_requests();
+    assert!(
+        !requests
+            .iter()
+            .any(|r| r.method == Method::GET && r.path.ends_with("/sandboxes/src")),
+        "{requests:#?}"
+    );
+    assert_eq!(created_sandboxes(&h).len(), 1);
 }

@@ -24,7 +24,7 @@ use sandfork_api::sandbox::{BuiltinWorkload, GuestSpec};
 use sandfork_api::{Sandbox, SandboxBranch, SandboxSpec};
 
 use crate::agents::{Agents, PlainDialer};
-use crate::context::{Clock, Context, FINALIZER, Settings};
+use crate::context::{Caches, Clock, Context, FINALIZER, Settings};
 use crate::error::Result;
 use crate::fixtures::{FakeApi, MockAgent, Recorded, serve_agent};
 use crate::metrics::Metrics;
@@ -46,6 +46,9 @@ pub struct Harness {
     lease_store: reflector::Store<Lease>,
     pub sandboxes: Writer<Sandbox>,
     sandbox_store: reflector::Store<Sandbox>,
+    /// The SandboxBranch controller's cache (empty unless a test fills it).
+    pub branches: Writer<SandboxBranch>,
+    branch_store: reflector::Store<SandboxBranch>,
     pub ctx: Arc<Context>,
 }
 
@@ -106,7 +109,8 @@ impl Harness {
             start_time(),
         )));
         let (sandbox_store, sandboxes) = reflector::store::<Sandbox>();
-        let ctx = Self::context(&client, &lease_store, &sandbox_store, &clock);
+        let (branch_store, branches) = reflector::store::<SandboxBranch>();
+        let ctx = Self::context(&client, &lease_store, &sandbox_store, &branch_store, &clock);
         Self {
             api,
             client,
@@ -117,6 +121,8 @@ impl Harness {
             lease_store,
             sandboxes,
             sandbox_store,
+            branches,
+            branch_store,
             ctx,
         }
     }
@@ -125,12 +131,16 @@ impl Harness {
         client: &kube::Client,
         leases: &reflector::Store<Lease>,
         sandboxes: &reflector::Store<Sandbox>,
+        branches: &reflector::Store<SandboxBranch>,
         clock: &Clock,
     ) -> Arc<Context> {
         Arc::new(Context::new(
             client.clone(),
             Agents::new(leases.clone(), Arc::new(PlainDialer)),
-            sandboxes.clone(),
+            Caches {
+                sandboxes: sandboxes.clone(),
+                branches: branches.clone(),
+            },
             Arc::new(Metrics::default()),
             Reporter {
                 controller: "sandfork-operator".into(),
@@ -147,6 +157,7 @@ impl Harness {
             &self.client,
             &self.lease_store,
             &self.sandbox_store,
+            &self.branch_store,
             &self.clock,
         );
     }
