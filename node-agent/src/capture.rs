@@ -547,22 +547,17 @@ impl LiveCapture {
             return Err(CaptureError::SnapshotWrite(error));
         }
         let copy = &self.copy;
+        let stats = CaptureStats {
+            copy_ns,
+            pages_copied_by_fault_handler: copy.pages_by_handler.load(Ordering::Relaxed),
+            pages_copied_by_copier: copy.pages_by_copier.load(Ordering::Relaxed),
+            write_faults: copy.write_faults.load(Ordering::Relaxed),
+            ..self.stats_so_far()
+        };
         Ok(Captured {
             vcpus: std::mem::take(&mut self.vcpus),
             vm: self.vm_state.clone(),
-            stats: CaptureStats {
-                mode: CaptureMode::Live,
-                pause_ns: self.pause_ns,
-                arm_ns: self.arm_ns,
-                vcpus_stopped_ns: self.vcpus_stopped_ns,
-                pre_arm_ns: self.pre_arm_ns,
-                reprotected_pages: self.reprotected_pages,
-                copy_ns,
-                bytes: copy.guest.len() as u64,
-                pages_copied_by_fault_handler: copy.pages_by_handler.load(Ordering::Relaxed),
-                pages_copied_by_copier: copy.pages_by_copier.load(Ordering::Relaxed),
-                write_faults: copy.write_faults.load(Ordering::Relaxed),
-            },
+            stats,
         })
     }
 

@@ -13,6 +13,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -155,20 +156,29 @@ impl CaptureDir {
 
     /// Whether a capturing process is still copying into this capture.
     pub fn is_copying(&self) -> bool {
-        std::os::unix::net::UnixStream::connect(self.fill_socket_path()).is_ok()
+        UnixStream::connect(self.fill_socket_path()).is_ok()
     }
 
     /// The state, if branches can be restored from it: its memory is complete
     /// or still being copied.
     pub fn restorable_state(&self) -> Result<SnapshotState, SnapshotError> {
+        self.state_for_restore().map(|(state, _)| state)
+    }
+
+    /// The state, and while the copy runs a connection to the capturing
+    /// process's fill socket; an error if the copy ended incomplete.
+    fn state_for_restore(&self) -> Result<(SnapshotState, Option<UnixStream>), SnapshotError> {
         let state = self.read_state()?;
-        if state.memory_complete || self.is_copying() {
-            return Ok(state);
+        if state.memory_complete {
+            return Ok((state, None));
+        }
+        if let Ok(stream) = UnixStream::connect(self.fill_socket_path()) {
+            return Ok((state, Some(stream)));
         }
         // The copy may have completed just now.
         let state = self.read_state()?;
         if state.memory_complete {
-            Ok(state)
+            Ok((state, None))
         } else {
             Err(SnapshotError::Abandoned(self.path.clone()))
         }
@@ -301,20 +311,7 @@ impl CaptureDir {
     /// A capture whose copy is still running works too: the branch's first
     /// touches of pages not copied yet are served by the capturing process.
     pub fn restore(&self) -> Result<Vm, SnapshotError> {
-        let mut state = self.read_state()?;
-        let mut fill = None;
-        if !state.memory_complete {
-            match std::os::unix::net::UnixStream::connect(self.fill_socket_path()) {
-                Ok(stream) => fill = Some(stream),
-                Err(_) => {
-                    // The copy may have completed just now.
-                    state = self.read_state()?;
-                    if !state.memory_complete {
-                        return Err(SnapshotError::Abandoned(self.path.clone()));
-                    }
-                }
-            }
-        }
+        let (state, fill) = self.state_for_restore()?;
         let mut memory = GuestMemory::map_private(self.open_memory()?, state.memory_bytes)?;
         if let Some(stream) = fill {
             let filler = Filler::start(

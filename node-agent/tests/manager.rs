@@ -16,33 +16,6 @@ fn manager(dir: &Path) -> Manager {
     Manager::with_agent_binary(dir, AGENT).unwrap()
 }
 
-/// A state directory whose VM processes are stopped when it is dropped, also
-/// when a test fails, so that no VM outlives its test.
-struct StateDir(tempfile::TempDir);
-
-impl StateDir {
-    fn new() -> Self {
-        Self(tempfile::tempdir_in("/dev/shm").unwrap())
-    }
-
-    fn path(&self) -> &Path {
-        self.0.path()
-    }
-}
-
-impl Drop for StateDir {
-    fn drop(&mut self) {
-        let manager = manager(self.path());
-        let names = std::fs::read_dir(self.path().join("sandboxes"))
-            .into_iter()
-            .flatten()
-            .filter_map(|entry| entry.ok()?.file_name().into_string().ok());
-        for name in names {
-            let _ = manager.delete(&name);
-        }
-    }
-}
-
 fn counter(name: &str, memory_mib: u64) -> SandboxSpec {
     SandboxSpec {
         name: name.into(),
@@ -75,7 +48,7 @@ fn run_capture_branch_delete_through_vm_processes() {
     if !common::devices_present() {
         return;
     }
-    let state = StateDir::new();
+    let state = common::StateDir::new();
     let manager = manager(state.path());
     let source = manager.run(&counter("source", 128)).unwrap();
     assert_eq!(source.state, SandboxState::Running);
@@ -146,7 +119,7 @@ fn branches_started_during_the_copy_outlive_a_deleted_source_but_not_a_crashed_o
     if !common::devices_present() {
         return;
     }
-    let state = StateDir::new();
+    let state = common::StateDir::new();
     let manager = manager(state.path());
     let source = manager.run(&counter("source", 512)).unwrap();
     wait_reports(&manager, "source", 1);
@@ -243,7 +216,7 @@ fn a_crashed_vm_is_reported_and_harms_nothing_else() {
     if !common::devices_present() {
         return;
     }
-    let state = StateDir::new();
+    let state = common::StateDir::new();
     let manager = manager(state.path());
     let doomed = manager.run(&counter("doomed", 64)).unwrap();
     manager.run(&counter("survivor", 64)).unwrap();
@@ -271,7 +244,7 @@ fn bad_requests_get_clear_errors() {
     if !common::devices_present() {
         return;
     }
-    let state = StateDir::new();
+    let state = common::StateDir::new();
     let manager = manager(state.path());
     let err = manager.status("missing").unwrap_err();
     assert_eq!(err.to_string(), "sandbox \"missing\" not found");
@@ -321,7 +294,7 @@ fn cli_runs_sandboxes_that_outlive_it() {
     if !common::devices_present() {
         return;
     }
-    let state = StateDir::new();
+    let state = common::StateDir::new();
     let agent = |args: &[&str]| {
         let output = Command::new(AGENT)
             .arg("--state-dir")

@@ -13,42 +13,13 @@ use sandfork_api::agent::v1 as pb;
 use sandfork_api::agent::v1::agent_client::AgentClient;
 use sandfork_api::agent::v1::agent_server::Agent;
 use sandfork_api::test_pki::{Pem, TestCa};
-use sandfork_node_agent::manager::Manager;
 use sandfork_node_agent::service::{AgentService, Capacity, ServeConfig};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Code, Request};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_sandfork-agent");
 
-/// Stops every VM left in a state directory, also when a test fails.
-struct StateDir {
-    dir: tempfile::TempDir,
-}
-
-impl StateDir {
-    fn new() -> Self {
-        Self {
-            dir: tempfile::tempdir_in("/dev/shm").unwrap(),
-        }
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    fn manager(&self) -> Manager {
-        Manager::with_agent_binary(self.path(), AGENT).unwrap()
-    }
-}
-
-impl Drop for StateDir {
-    fn drop(&mut self) {
-        let manager = self.manager();
-        for sandbox in manager.list().unwrap_or_default() {
-            let _ = manager.delete(&sandbox.name);
-        }
-    }
-}
+use common::StateDir;
 
 fn service(state: &StateDir, max_sandboxes: u32) -> AgentService {
     AgentService::new(
