@@ -11,7 +11,7 @@ use sandfork_node_agent::guest::{
     CounterState, DirtyPattern, GuestImage, Workload, verify_counter,
 };
 use sandfork_node_agent::memory::{ReadOnlyMapping, SnapshotMapping};
-use sandfork_node_agent::snapshot::{CaptureDir, SnapshotError};
+use sandfork_node_agent::snapshot::{CaptureDir, SnapshotError, SnapshotState};
 use sandfork_node_agent::vm::Vm;
 
 fn boot(workload: &Workload, memory_mib: u64, vcpus: usize) -> Vm {
@@ -150,6 +150,13 @@ fn copy_without_write_protection_is_torn() {
     assert!(mismatch.mismatched_pages > 1);
 }
 
+/// Checks a finished counter capture's memory file against its registers.
+fn verify_capture_file(dir: &CaptureDir, state: &SnapshotState) {
+    let memory = ReadOnlyMapping::new(&std::fs::File::open(dir.memory_path()).unwrap()).unwrap();
+    let regs: Vec<_> = state.vcpus.iter().map(|vcpu| vcpu.regs).collect();
+    verify_counter(memory.as_slice(), &regs).unwrap();
+}
+
 fn capture_dir(root: &tempfile::TempDir, name: &str) -> CaptureDir {
     CaptureDir::new(root.path().join(name))
 }
@@ -166,13 +173,8 @@ fn branches_continue_from_the_captured_instant_and_diverge() {
         .capture_from(&source, CaptureMode::Live, "source")
         .unwrap();
     let captured_passes: Vec<u64> = state.vcpus.iter().map(|vcpu| vcpu.regs.rbx).collect();
+    verify_capture_file(&dir, &state);
     let memory_file = std::fs::File::open(dir.memory_path()).unwrap();
-    let regs: Vec<_> = state.vcpus.iter().map(|vcpu| vcpu.regs).collect();
-    verify_counter(
-        ReadOnlyMapping::new(&memory_file).unwrap().as_slice(),
-        &regs,
-    )
-    .unwrap();
 
     let branch_a = dir.restore().unwrap();
     let branch_b = dir.restore().unwrap();
@@ -250,13 +252,7 @@ fn a_branch_started_before_the_copy_completes_sees_the_captured_memory() {
     verify_live(&branch);
     let state = running.finish().unwrap();
     assert!(state.memory_complete && dir.read_state().unwrap().memory_complete);
-    let memory_file = std::fs::File::open(dir.memory_path()).unwrap();
-    let regs: Vec<_> = state.vcpus.iter().map(|vcpu| vcpu.regs).collect();
-    verify_counter(
-        ReadOnlyMapping::new(&memory_file).unwrap().as_slice(),
-        &regs,
-    )
-    .unwrap();
+    verify_capture_file(&dir, &state);
 
     // The branch continued from the captured pass and keeps running.
     wait_reports(&branch, 1);
@@ -293,13 +289,7 @@ fn a_branch_can_be_branched() {
     let state = second
         .capture_from(&branch, CaptureMode::Live, "branch")
         .unwrap();
-    let memory_file = std::fs::File::open(second.memory_path()).unwrap();
-    let regs: Vec<_> = state.vcpus.iter().map(|vcpu| vcpu.regs).collect();
-    verify_counter(
-        ReadOnlyMapping::new(&memory_file).unwrap().as_slice(),
-        &regs,
-    )
-    .unwrap();
+    verify_capture_file(&second, &state);
     let grandchild = second.restore().unwrap();
     wait_reports(&grandchild, 1);
     verify_live(&grandchild);
