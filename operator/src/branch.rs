@@ -268,7 +268,6 @@ async fn apply(branch: &SandboxBranch, ctx: &Context) -> Result<Action> {
         let first_try = !conditions::find(&update.status.conditions, conditions::PROGRESSING)
             .is_some_and(|c| c.reason == reason::CAPTURING || c.reason == reason::CAPTURE_FAILED);
         update.progress(reason::CAPTURING, &message);
-        update.write(ctx).await?;
         let started = Instant::now();
         let request = pb::CaptureSandboxRequest {
             sandbox_uid: source_uid,
@@ -282,8 +281,11 @@ async fn apply(branch: &SandboxBranch, ctx: &Context) -> Result<Action> {
             .settings
             .capture_timeout
             .min(remaining.max(Duration::from_secs(1)));
-        // The Event goes out while the agent captures, not before.
+        // The status and the Event go out while the agent captures, not
+        // before: the capture is keyed by this SandboxBranch's UID, so a
+        // pass that fails to write the status captures nothing twice.
         let announce = async {
+            update.write(ctx).await?;
             if first_try {
                 ctx.event(
                     branch,
@@ -294,11 +296,13 @@ async fn apply(branch: &SandboxBranch, ctx: &Context) -> Result<Action> {
                 )
                 .await;
             }
+            Ok::<_, Error>(())
         };
-        let (captured, ()) = tokio::join!(
+        let (captured, announced) = tokio::join!(
             client.capture_sandbox(with_timeout(request, timeout)),
             announce
         );
+        announced?;
         let capture = match captured {
             Ok(capture) => capture.into_inner(),
             Err(status) => {
@@ -354,21 +358,21 @@ async fn apply(branch: &SandboxBranch, ctx: &Context) -> Result<Action> {
             figures.pages_copied_by_fault_handler,
             started.elapsed().as_secs_f64() * 1e3,
         );
+        // Written while the branches are created (below): they need not
+        // wait for it, and the Event is published once they exist.
         update.progress(
             reason::RESTORING,
             &format!("captured; starting {} branches", branch.spec.branches),
         );
-        update.write(ctx).await?;
-        // Published once the branches exist: they need not wait for it.
         captured_note = Some(note);
         source_spec = Some(source.spec);
     }
     let node = update.status.source_node.clone().unwrap_or_default();
 
     // The branches that exist: ours are those restoring from this UID. A
-    // pass that has just captured knows there are none: branches are made
-    // only once the status holds the capture (and a create that finds its
-    // name taken checks whose the object is).
+    // pass that has just captured assumes there are none: a create that
+    // finds its name taken (made by a pass whose status write was lost)
+    // checks whose the object is.
     //
     // Read from the API server's watch cache as it is: a consistent list
     // waits until that cache has caught up with etcd, up to the next
@@ -397,7 +401,13 @@ async fn apply(branch: &SandboxBranch, ctx: &Context) -> Result<Action> {
         .filter(|index| !existing.contains_key(index))
         .collect();
     let mut created_now = Vec::new();
-    let halted = async {
+    let write_capture = async {
+        if captured_note.is_some() {
+            update.write(ctx).await?;
+        }
+        Ok::<_, Error>(())
+    };
+    let create_branches = async {
         if missing.is_empty() {
             return Ok(None);
         }
@@ -452,8 +462,8 @@ async fn apply(branch: &SandboxBranch, ctx: &Context) -> Result<Action> {
             }
         }
         Ok(None)
-    }
-    .await;
+    };
+    let (capture_written, halted) = tokio::join!(write_capture, create_branches);
 
     // This pass's Events, now that the branches are on their way.
     if let Some(note) = captured_note {
@@ -475,6 +485,7 @@ async fn apply(branch: &SandboxBranch, ctx: &Context) -> Result<Action> {
         )
         .await;
     }
+    capture_written?;
     match halted? {
         None => {}
         Some(Halt::Fail(reason, message)) => {
