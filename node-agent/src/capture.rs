@@ -39,8 +39,6 @@ const UFFD_FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;
 /// UFFD_FEATURE_WP_UNPOPULATED: protect pages never touched too, so a first
 /// write to a hole still faults.
 const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
-/// The background copier's nice value: about a tenth of a contended CPU.
-const COPIER_NICE: i32 = 10;
 // The crate names the neighbouring flags; check our hand-written bits line up.
 const _: () = assert!(FeatureFlags::THREAD_ID.bits() == 1 << 8);
 const _: () = assert!(FeatureFlags::PAGEFAULT_FLAG_WP.bits() == 1);
@@ -265,10 +263,6 @@ impl LiveCopy {
     fn run_copier(&self) -> Result<(), CaptureError> {
         // SAFETY: pthread_self has no preconditions.
         crate::vm::set_realtime(unsafe { libc::pthread_self() }, false);
-        // The bulk copy is on nobody's path: guest writes and branch fills
-        // copy their own pages. It yields to what is (branches starting,
-        // the agent, the API server) and still has an idle CPU to itself.
-        let _ = rustix::process::setpriority_process(Some(rustix::thread::gettid()), COPIER_NICE);
         let pages = self.page_states.len();
         for first in (0..pages).step_by(CHUNK_PAGES) {
             let end = (first + CHUNK_PAGES).min(pages);
