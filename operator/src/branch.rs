@@ -358,21 +358,23 @@ async fn apply(branch: &SandboxBranch, ctx: &Context) -> Result<Action> {
             figures.pages_copied_by_fault_handler,
             started.elapsed().as_secs_f64() * 1e3,
         );
-        // Written while the branches are created (below): they need not
-        // wait for it, and the Event is published once they exist.
         update.progress(
             reason::RESTORING,
             &format!("captured; starting {} branches", branch.spec.branches),
         );
+        // Branches are created only once this is written: the Sandbox
+        // controller reads their origin (the capture time) from it.
+        update.write(ctx).await?;
+        // Published once the branches exist: they need not wait for it.
         captured_note = Some(note);
         source_spec = Some(source.spec);
     }
     let node = update.status.source_node.clone().unwrap_or_default();
 
     // The branches that exist: ours are those restoring from this UID. A
-    // pass that has just captured assumes there are none: a create that
-    // finds its name taken (made by a pass whose status write was lost)
-    // checks whose the object is.
+    // pass that has just captured knows there are none: branches are made
+    // only once the status holds the capture (and a create that finds its
+    // name taken checks whose the object is).
     //
     // Read from the API server's watch cache as it is: a consistent list
     // waits until that cache has caught up with etcd, up to the next
@@ -401,13 +403,7 @@ async fn apply(branch: &SandboxBranch, ctx: &Context) -> Result<Action> {
         .filter(|index| !existing.contains_key(index))
         .collect();
     let mut created_now = Vec::new();
-    let write_capture = async {
-        if captured_note.is_some() {
-            update.write(ctx).await?;
-        }
-        Ok::<_, Error>(())
-    };
-    let create_branches = async {
+    let halted = async {
         if missing.is_empty() {
             return Ok(None);
         }
@@ -462,8 +458,8 @@ async fn apply(branch: &SandboxBranch, ctx: &Context) -> Result<Action> {
             }
         }
         Ok(None)
-    };
-    let (capture_written, halted) = tokio::join!(write_capture, create_branches);
+    }
+    .await;
 
     // This pass's Events, now that the branches are on their way.
     if let Some(note) = captured_note {
@@ -485,7 +481,6 @@ async fn apply(branch: &SandboxBranch, ctx: &Context) -> Result<Action> {
         )
         .await;
     }
-    capture_written?;
     match halted? {
         None => {}
         Some(Halt::Fail(reason, message)) => {
