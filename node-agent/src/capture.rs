@@ -49,6 +49,10 @@ const CHUNK_PAGES: usize = 512;
 /// A page's state: not known to be in the snapshot yet, or in it.
 const PAGE_CLEAN: u8 = 0;
 const PAGE_COPIED: u8 = 1;
+/// Never written at the pause (a hole of the memfd): zero, so nothing is
+/// copied and the snapshot keeps a hole there, which a branch that asks for
+/// the page before the copy completes gets filled with zeros.
+const PAGE_ZERO: u8 = 2;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
@@ -120,6 +124,9 @@ pub struct CaptureStats {
     /// (stop-and-copy).
     pub copy_ns: u64,
     pub bytes: u64,
+    /// Pages that held no data at the pause: left holes, not copied.
+    #[serde(default)]
+    pub zero_pages: u64,
     pub pages_copied_by_fault_handler: u64,
     pub pages_copied_by_copier: u64,
     pub write_faults: u64,
@@ -140,15 +147,35 @@ pub struct Captured {
 
 /// Stop-and-copy capture into `snapshot`.
 pub fn stop_and_copy(vm: &Vm, snapshot: &SnapshotMapping) -> Result<Captured, CaptureError> {
-    check_sizes(vm.memory(), snapshot)?;
+    let guest = vm.memory();
+    check_sizes(guest, snapshot)?;
+    // Read a memfd through a second mapping, which leaves the guest
+    // mapping's page tables as they are (a later live capture arms them).
+    let source_view = source_view_of(guest)?;
+    let source = source_view
+        .as_ref()
+        .map_or(guest.as_ptr().cast_const(), ReadOnlyMapping::as_ptr);
     let paused = vm.pause(true)?;
     let copy_started = Instant::now();
-    // SAFETY: guest memory is `len` readable bytes, the size of the snapshot;
-    // the vCPUs are stopped so it does not change during the copy.
-    let copied = unsafe { snapshot.write_from(0, vm.memory().as_ptr(), snapshot.len()) };
+    // Holes stay holes: reading them would allocate them in the guest.
+    let copied = guest.holes().and_then(|holes| {
+        let mut zero_pages = 0;
+        let mut page = 0;
+        for hole in holes.iter().cloned().chain([guest.pages()..guest.pages()]) {
+            let (offset, len) = (page * PAGE_SIZE, (hole.start - page) * PAGE_SIZE);
+            // SAFETY: the range is inside guest memory (and its view, the
+            // same size) and inside the snapshot; the vCPUs are stopped, so
+            // it does not change during the copy.
+            unsafe { snapshot.write_from(offset, source.add(offset), len) }?;
+            zero_pages += hole.len() as u64;
+            page = hole.end;
+        }
+        Ok(zero_pages)
+    });
     let copy_ns = copy_started.elapsed().as_nanos() as u64;
     vm.resume();
-    copied.map_err(|err| CaptureError::SnapshotWrite(format!("{:#}", anyhow::Error::new(err))))?;
+    let zero_pages = copied
+        .map_err(|err| CaptureError::SnapshotWrite(format!("{:#}", anyhow::Error::new(err))))?;
     let pause_ns = paused.started().elapsed().as_nanos() as u64;
     Ok(Captured {
         vcpus: paused.vcpus,
@@ -158,10 +185,24 @@ pub fn stop_and_copy(vm: &Vm, snapshot: &SnapshotMapping) -> Result<Captured, Ca
             pause_ns,
             copy_ns,
             bytes: snapshot.len() as u64,
-            pages_copied_by_copier: (snapshot.len() / PAGE_SIZE) as u64,
+            pages_copied_by_copier: (snapshot.len() / PAGE_SIZE) as u64 - zero_pages,
+            zero_pages,
             ..Default::default()
         },
     })
+}
+
+/// A second, read-only mapping of a memfd guest's memory; `None` for
+/// private (branch) memory, which is read through the guest mapping.
+fn source_view_of(guest: &GuestMemory) -> Result<Option<ReadOnlyMapping>, CaptureError> {
+    guest
+        .memfd()
+        .map(|fd| ReadOnlyMapping::of_fd(fd, guest.len()))
+        .transpose()
+        .map_err(|err| CaptureError::Sys {
+            op: "map guest memory for reading",
+            source: std::io::Error::other(err),
+        })
 }
 
 fn check_sizes(memory: &GuestMemory, snapshot: &SnapshotMapping) -> Result<(), CaptureError> {
@@ -215,12 +256,12 @@ impl LiveCopy {
         let mut filled = 0;
         let mut page = first;
         while page < end {
-            if self.page_states[page].load(Ordering::Acquire) == PAGE_COPIED {
+            if self.page_states[page].load(Ordering::Acquire) != PAGE_CLEAN {
                 page += 1;
                 continue;
             }
             let run_start = page;
-            while page < end && self.page_states[page].load(Ordering::Acquire) != PAGE_COPIED {
+            while page < end && self.page_states[page].load(Ordering::Acquire) == PAGE_CLEAN {
                 page += 1;
             }
             let offset = run_start * PAGE_SIZE;
@@ -273,12 +314,40 @@ impl LiveCopy {
         Ok(())
     }
 
-    /// Re-protects the pages written since the early arm; returns how many.
-    /// The vCPUs must be stopped.
-    fn reprotect_written(&self) -> Result<u64, CaptureError> {
+    /// Marks the pages that are holes of the guest's memfd as zero. Call it
+    /// once armed ahead of the pause: a hole written after that is recorded
+    /// and so copied after all (see `reprotect_written`). Returns how many.
+    fn mark_holes(&self) -> Result<u64, CaptureError> {
+        let holes = self.guest.holes().map_err(|err| CaptureError::Sys {
+            op: "find holes in guest memory",
+            source: std::io::Error::other(err),
+        })?;
+        let mut marked = 0;
+        for hole in holes {
+            marked += hole.len() as u64;
+            for state in &self.page_states[hole] {
+                state.store(PAGE_ZERO, Ordering::Relaxed);
+            }
+        }
+        Ok(marked)
+    }
+
+    /// Re-protects the pages written since the early arm; returns how many,
+    /// and how many of them were holes before. The vCPUs must be stopped.
+    fn reprotect_written(&self) -> Result<(u64, u64), CaptureError> {
         let mut written = self.tracking.lock().unwrap().take().unwrap_or_default();
         written.sort_unstable();
         written.dedup();
+        // A hole written since it was marked holds data now: copy it.
+        let mut filled_holes = 0;
+        for &page in &written {
+            if self.page_states[page]
+                .compare_exchange(PAGE_ZERO, PAGE_CLEAN, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+            {
+                filled_holes += 1;
+            }
+        }
         let mut index = 0;
         while index < written.len() {
             let first = written[index];
@@ -292,7 +361,7 @@ impl LiveCopy {
                 .map_err(uffd_op("UFFDIO_WRITEPROTECT"))?;
             index += 1;
         }
-        Ok(written.len() as u64)
+        Ok((written.len() as u64, filled_holes))
     }
 
     fn run_fault_handler(&self) -> Result<(), CaptureError> {
@@ -358,6 +427,7 @@ pub struct LiveCapture {
     vcpus_stopped_ns: u64,
     pre_arm_ns: u64,
     reprotected_pages: u64,
+    zero_pages: u64,
     resumed: Instant,
 }
 
@@ -395,14 +465,7 @@ impl LiveCapture {
                 source: errno.into(),
             }
         })?;
-        let source_view = guest
-            .memfd()
-            .map(|fd| ReadOnlyMapping::of_fd(fd, guest.len()))
-            .transpose()
-            .map_err(|err| CaptureError::Sys {
-                op: "map guest memory for reading",
-                source: std::io::Error::other(err),
-            })?;
+        let source_view = source_view_of(&guest)?;
         let copy = Arc::new(LiveCopy {
             source_view,
             page_states: (0..guest.pages())
@@ -443,6 +506,7 @@ impl LiveCapture {
             vcpus_stopped_ns: 0,
             pre_arm_ns: 0,
             reprotected_pages: 0,
+            zero_pages: 0,
             resumed: Instant::now(),
         };
         // The one-shot arm works inside the pause, where write-protecting
@@ -469,19 +533,26 @@ impl LiveCapture {
                 .write_protect(copy.guest.as_ptr().cast(), copy.guest.len())
                 .map_err(uffd_op("UFFDIO_WRITEPROTECT"))
         };
+        let mut holes = 0;
         if arm == Arm::AheadOfPause {
             let started = Instant::now();
             protect_all(&capture.copy)?;
             capture.pre_arm_ns = started.elapsed().as_nanos() as u64;
+            // Armed first: a hole written from now on is recorded.
+            holes = capture.copy.mark_holes()?;
         }
         // The pause window runs at real-time priority end to end.
         let boost = crate::vm::RealtimeGuard::new();
         let paused = vm.pause(true)?;
         let arm_started = Instant::now();
         let armed = match arm {
-            Arm::AheadOfPause => capture.copy.reprotect_written().map(|pages| {
-                capture.reprotected_pages = pages;
-            }),
+            Arm::AheadOfPause => capture
+                .copy
+                .reprotect_written()
+                .map(|(pages, filled_holes)| {
+                    capture.reprotected_pages = pages;
+                    capture.zero_pages = holes - filled_holes;
+                }),
             Arm::InPause => protect_all(&capture.copy),
         };
         capture.arm_ns = arm_started.elapsed().as_nanos() as u64;
@@ -529,6 +600,7 @@ impl LiveCapture {
             pre_arm_ns: self.pre_arm_ns,
             reprotected_pages: self.reprotected_pages,
             bytes: self.copy.guest.len() as u64,
+            zero_pages: self.zero_pages,
             ..Default::default()
         }
     }
@@ -611,21 +683,33 @@ impl CaptureProgress {
     pub fn ensure_copied(&self, first: usize, count: usize) -> bool {
         let end = (first + count).min(self.pages());
         self.0.copy_pages(first, end);
+        // Zero pages stay holes in the snapshot until asked for.
+        for page in first..end {
+            if self.0.page_states[page].load(Ordering::Acquire) == PAGE_ZERO
+                && let Err(err) = self.0.snapshot.zero_fill(page * PAGE_SIZE, PAGE_SIZE)
+            {
+                self.0
+                    .write_error
+                    .lock()
+                    .unwrap()
+                    .get_or_insert_with(|| format!("{:#}", anyhow::Error::new(err)));
+            }
+        }
         self.0.write_error.lock().unwrap().is_none()
     }
 
-    /// Whether `page` is in the snapshot (and so no longer protected, or
-    /// about to be un-protected).
+    /// Whether `page` needs no more copying: it is in the snapshot (and so
+    /// no longer protected, or about to be un-protected), or it was zero.
     pub fn is_copied(&self, page: usize) -> bool {
-        self.0.page_states[page].load(Ordering::Acquire) == PAGE_COPIED
+        self.0.page_states[page].load(Ordering::Acquire) != PAGE_CLEAN
     }
 
-    /// Pages not in the snapshot yet.
+    /// Pages still to copy.
     pub fn remaining_pages(&self) -> usize {
         self.0
             .page_states
             .iter()
-            .filter(|state| state.load(Ordering::Relaxed) != PAGE_COPIED)
+            .filter(|state| state.load(Ordering::Relaxed) == PAGE_CLEAN)
             .count()
     }
 

@@ -189,6 +189,37 @@ impl GuestMemory {
         self.len / PAGE_SIZE
     }
 
+    /// The page ranges of a memfd that hold no data (never written, so
+    /// zero); empty for other memory. Holes only fill in, so a page seen
+    /// with data stays so; one seen as a hole may be filled by a write at
+    /// any time after.
+    pub fn holes(&self) -> Result<Vec<std::ops::Range<usize>>, MemoryError> {
+        let Backing::Memfd(fd) = &self.backing else {
+            return Ok(Vec::new());
+        };
+        let len = self.len as u64;
+        let mut holes = Vec::new();
+        let mut offset = 0;
+        while offset < len {
+            let data = match rustix::fs::seek(fd, rustix::fs::SeekFrom::Data(offset)) {
+                Ok(data) => data.min(len),
+                // No data from `offset` on.
+                Err(rustix::io::Errno::NXIO) => len,
+                Err(errno) => return Err(sys("lseek(SEEK_DATA)")(errno)),
+            };
+            if data > offset {
+                holes.push(offset as usize / PAGE_SIZE..data as usize / PAGE_SIZE);
+            }
+            if data >= len {
+                break;
+            }
+            offset = rustix::fs::seek(fd, rustix::fs::SeekFrom::Hole(data))
+                .map_err(sys("lseek(SEEK_HOLE)"))?
+                .min(len);
+        }
+        Ok(holes)
+    }
+
     /// The file behind the mapping, when it is a memfd (shared mapping).
     pub fn memfd(&self) -> Option<BorrowedFd<'_>> {
         match &self.backing {
@@ -376,6 +407,30 @@ impl SnapshotMapping {
             }
         }
         Ok(filled)
+    }
+
+    /// Fills the pages of `offset..offset + len` (page-aligned) that are
+    /// not filled yet with zeros.
+    pub fn zero_fill(&self, offset: usize, len: usize) -> Result<(), MemoryError> {
+        assert!(
+            offset.is_multiple_of(PAGE_SIZE)
+                && len.is_multiple_of(PAGE_SIZE)
+                && offset + len <= self.len,
+            "snapshot fill out of bounds or unaligned"
+        );
+        for page_offset in (offset..offset + len).step_by(PAGE_SIZE) {
+            // SAFETY: one page inside our registered mapping.
+            let zeroed = unsafe {
+                self.uffd
+                    .zeropage(self.base.as_ptr().add(page_offset).cast(), PAGE_SIZE, false)
+            };
+            match zeroed {
+                Ok(_) => {}
+                Err(userfaultfd::Error::ZeropageFailed(errno)) if errno as i32 == libc::EEXIST => {}
+                Err(err) => return Err(uffd_err("zero-fill snapshot")(err)),
+            }
+        }
+        Ok(())
     }
 
     pub fn len(&self) -> usize {

@@ -82,7 +82,9 @@ fn live_capture_is_consistent(memory_mib: u64, vcpus: usize) {
         "the guest never hit a protected page, so the test proved nothing"
     );
     assert_eq!(
-        captured.stats.pages_copied_by_copier + captured.stats.pages_copied_by_fault_handler,
+        captured.stats.pages_copied_by_copier
+            + captured.stats.pages_copied_by_fault_handler
+            + captured.stats.zero_pages,
         (memory_mib << 20) / 4096
     );
     // The source keeps running, consistent with itself.
@@ -270,6 +272,72 @@ fn a_branch_started_before_the_copy_completes_sees_the_captured_memory() {
     second
         .capture_from(&branch, CaptureMode::Live, "branch")
         .unwrap();
+}
+
+/// Bytes of `file` backed by memory (tmpfs allocates on first write).
+fn allocated_bytes(file: &std::fs::File) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    file.metadata().unwrap().blocks() * 512
+}
+
+#[test]
+fn pages_never_written_are_neither_copied_nor_allocated() {
+    if !common::devices_present() {
+        return;
+    }
+    let memory_bytes = 512u64 << 20;
+    let root = tempfile::tempdir_in("/dev/shm").unwrap();
+    let source = boot(&Workload::Idle, 512, 1);
+    let source_memfd = || {
+        std::fs::File::from(
+            source
+                .memory()
+                .memfd()
+                .unwrap()
+                .try_clone_to_owned()
+                .unwrap(),
+        )
+    };
+    let before = allocated_bytes(&source_memfd());
+    for mode in [CaptureMode::Live, CaptureMode::StopAndCopy] {
+        let dir = capture_dir(&root, &format!("{mode:?}").to_lowercase());
+        let state = dir.capture_from(&source, mode, "idle").unwrap();
+        let memory_file = std::fs::File::open(dir.memory_path()).unwrap();
+        eprintln!(
+            "{mode:?}: {:?}, file {} KiB, source {} KiB",
+            state.stats,
+            allocated_bytes(&memory_file) >> 10,
+            allocated_bytes(&source_memfd()) >> 10
+        );
+        // The idle guest wrote its page tables and code, nothing else.
+        assert!(state.stats.zero_pages > (memory_bytes / 4096) * 9 / 10);
+        assert!(allocated_bytes(&memory_file) < memory_bytes / 10);
+        assert_eq!(
+            allocated_bytes(&source_memfd()),
+            before,
+            "the copy allocated the source"
+        );
+        assert!(dir.restore().unwrap().failure().is_none());
+    }
+
+    // A counter guest captured in its first pass: memory past its cursor
+    // is still holes. A branch started before the copy completes reads
+    // them (fetched as zeros) and is consistent throughout.
+    let counter = boot(&Workload::Counter, 512, 1);
+    std::thread::sleep(Duration::from_millis(20));
+    let dir = capture_dir(&root, "first-pass");
+    let running = dir
+        .start_live(&counter, "counter", Arm::AheadOfPause)
+        .unwrap();
+    let zero_pages = running.state().stats.zero_pages;
+    let branch = dir.restore().unwrap();
+    verify_live(&branch);
+    let state = running.finish().unwrap();
+    eprintln!("first pass: {:?}", state.stats);
+    assert!(zero_pages > 0, "the guest finished its first pass too soon");
+    assert_eq!(state.vcpus[0].regs.rbx, 1, "captured after the first pass");
+    verify_capture_file(&dir, &state);
+    verify_live(&counter);
 }
 
 #[test]
