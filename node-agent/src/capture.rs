@@ -332,10 +332,19 @@ impl LiveCopy {
         Ok(marked)
     }
 
-    /// Re-protects the pages written since the early arm; returns how many,
-    /// and how many of them were holes before. The vCPUs must be stopped.
-    fn reprotect_written(&self) -> Result<(u64, u64), CaptureError> {
-        let mut written = self.tracking.lock().unwrap().take().unwrap_or_default();
+    /// Re-protects the pages written since the early arm (or the previous
+    /// call); returns how many, and how many of them were holes before. The
+    /// last call, with `paused`, needs the vCPUs stopped and ends the
+    /// tracking: from then on the fault handler copies before un-protecting.
+    fn reprotect_written(&self, paused: bool) -> Result<(u64, u64), CaptureError> {
+        let mut written = {
+            let mut tracking = self.tracking.lock().unwrap();
+            if paused {
+                tracking.take().unwrap_or_default()
+            } else {
+                tracking.as_mut().map(std::mem::take).unwrap_or_default()
+            }
+        };
         written.sort_unstable();
         written.dedup();
         // A hole written since it was marked holds data now: copy it.
@@ -533,26 +542,27 @@ impl LiveCapture {
                 .write_protect(copy.guest.as_ptr().cast(), copy.guest.len())
                 .map_err(uffd_op("UFFDIO_WRITEPROTECT"))
         };
-        let mut holes = 0;
+        let (mut holes, mut filled_holes) = (0, 0);
         if arm == Arm::AheadOfPause {
             let started = Instant::now();
             protect_all(&capture.copy)?;
             capture.pre_arm_ns = started.elapsed().as_nanos() as u64;
             // Armed first: a hole written from now on is recorded.
             holes = capture.copy.mark_holes()?;
+            // The guest kept writing during the arm (tens of ms per GiB
+            // here): catch up while it runs, so that the pause re-protects
+            // only what it writes in the short while since.
+            filled_holes = capture.copy.reprotect_written(false)?.1;
         }
         // The pause window runs at real-time priority end to end.
         let boost = crate::vm::RealtimeGuard::new();
         let paused = vm.pause(true)?;
         let arm_started = Instant::now();
         let armed = match arm {
-            Arm::AheadOfPause => capture
-                .copy
-                .reprotect_written()
-                .map(|(pages, filled_holes)| {
-                    capture.reprotected_pages = pages;
-                    capture.zero_pages = holes - filled_holes;
-                }),
+            Arm::AheadOfPause => capture.copy.reprotect_written(true).map(|(pages, filled)| {
+                capture.reprotected_pages = pages;
+                capture.zero_pages = holes - filled_holes - filled;
+            }),
             Arm::InPause => protect_all(&capture.copy),
         };
         capture.arm_ns = arm_started.elapsed().as_nanos() as u64;
