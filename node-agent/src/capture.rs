@@ -124,7 +124,8 @@ pub struct CaptureStats {
     /// (stop-and-copy).
     pub copy_ns: u64,
     pub bytes: u64,
-    /// Pages that held no data at the pause: left holes, not copied.
+    /// Pages that held no data at the pause: not copied, left holes (unless
+    /// a branch asked for them early: then filled with zeros).
     #[serde(default)]
     pub zero_pages: u64,
     pub pages_copied_by_fault_handler: u64,
@@ -149,12 +150,7 @@ pub struct Captured {
 pub fn stop_and_copy(vm: &Vm, snapshot: &SnapshotMapping) -> Result<Captured, CaptureError> {
     let guest = vm.memory();
     check_sizes(guest, snapshot)?;
-    // Read a memfd through a second mapping, which leaves the guest
-    // mapping's page tables as they are (a later live capture arms them).
-    let source_view = source_view_of(guest)?;
-    let source = source_view
-        .as_ref()
-        .map_or(guest.as_ptr().cast_const(), ReadOnlyMapping::as_ptr);
+    let source = guest.as_ptr().cast_const();
     let paused = vm.pause(true)?;
     let copy_started = Instant::now();
     // Holes stay holes: reading them would allocate them in the guest.
@@ -163,9 +159,9 @@ pub fn stop_and_copy(vm: &Vm, snapshot: &SnapshotMapping) -> Result<Captured, Ca
         let mut page = 0;
         for hole in holes.iter().cloned().chain([guest.pages()..guest.pages()]) {
             let (offset, len) = (page * PAGE_SIZE, (hole.start - page) * PAGE_SIZE);
-            // SAFETY: the range is inside guest memory (and its view, the
-            // same size) and inside the snapshot; the vCPUs are stopped, so
-            // it does not change during the copy.
+            // SAFETY: the range is inside guest memory and inside the
+            // snapshot (the same size); the vCPUs are stopped, so it does not
+            // change during the copy.
             unsafe { snapshot.write_from(offset, source.add(offset), len) }?;
             zero_pages += hole.len() as u64;
             page = hole.end;
@@ -304,6 +300,7 @@ impl LiveCopy {
     fn run_copier(&self) -> Result<(), CaptureError> {
         // SAFETY: pthread_self has no preconditions.
         crate::vm::set_realtime(unsafe { libc::pthread_self() }, false);
+        self.mark_holes()?;
         let pages = self.page_states.len();
         for first in (0..pages).step_by(CHUNK_PAGES) {
             let end = (first + CHUNK_PAGES).min(pages);
@@ -314,29 +311,27 @@ impl LiveCopy {
         Ok(())
     }
 
-    /// Marks the pages that are holes of the guest's memfd as zero. Call it
-    /// once armed ahead of the pause: a hole written after that is recorded
-    /// and so copied after all (see `reprotect_written`). Returns how many.
-    fn mark_holes(&self) -> Result<u64, CaptureError> {
+    /// Marks the pages still to copy that are holes of the guest's memfd as
+    /// zero. Call it after the pause: holes only ever fill in (nothing
+    /// punches them), so a hole now was one at the pause; a page written
+    /// since then was copied first, as any other.
+    fn mark_holes(&self) -> Result<(), CaptureError> {
         let holes = self.guest.holes().map_err(|err| CaptureError::Sys {
             op: "find holes in guest memory",
             source: std::io::Error::other(err),
         })?;
-        let mut marked = 0;
-        for hole in holes {
-            marked += hole.len() as u64;
-            for state in &self.page_states[hole] {
-                state.store(PAGE_ZERO, Ordering::Relaxed);
-            }
+        for state in holes.into_iter().flat_map(|hole| &self.page_states[hole]) {
+            let _ =
+                state.compare_exchange(PAGE_CLEAN, PAGE_ZERO, Ordering::AcqRel, Ordering::Relaxed);
         }
-        Ok(marked)
+        Ok(())
     }
 
     /// Re-protects the pages written since the early arm (or the previous
-    /// call); returns how many, and how many of them were holes before. The
-    /// last call, with `paused`, needs the vCPUs stopped and ends the
-    /// tracking: from then on the fault handler copies before un-protecting.
-    fn reprotect_written(&self, paused: bool) -> Result<(u64, u64), CaptureError> {
+    /// call); returns how many. The last call, with `paused`, needs the
+    /// vCPUs stopped and ends the tracking: from then on the fault handler
+    /// copies before un-protecting.
+    fn reprotect_written(&self, paused: bool) -> Result<u64, CaptureError> {
         let mut written = {
             let mut tracking = self.tracking.lock().unwrap();
             if paused {
@@ -347,16 +342,6 @@ impl LiveCopy {
         };
         written.sort_unstable();
         written.dedup();
-        // A hole written since it was marked holds data now: copy it.
-        let mut filled_holes = 0;
-        for &page in &written {
-            if self.page_states[page]
-                .compare_exchange(PAGE_ZERO, PAGE_CLEAN, Ordering::AcqRel, Ordering::Relaxed)
-                .is_ok()
-            {
-                filled_holes += 1;
-            }
-        }
         let mut index = 0;
         while index < written.len() {
             let first = written[index];
@@ -370,7 +355,7 @@ impl LiveCopy {
                 .map_err(uffd_op("UFFDIO_WRITEPROTECT"))?;
             index += 1;
         }
-        Ok((written.len() as u64, filled_holes))
+        Ok(written.len() as u64)
     }
 
     fn run_fault_handler(&self) -> Result<(), CaptureError> {
@@ -436,7 +421,6 @@ pub struct LiveCapture {
     vcpus_stopped_ns: u64,
     pre_arm_ns: u64,
     reprotected_pages: u64,
-    zero_pages: u64,
     resumed: Instant,
 }
 
@@ -515,7 +499,6 @@ impl LiveCapture {
             vcpus_stopped_ns: 0,
             pre_arm_ns: 0,
             reprotected_pages: 0,
-            zero_pages: 0,
             resumed: Instant::now(),
         };
         // The one-shot arm works inside the pause, where write-protecting
@@ -542,26 +525,22 @@ impl LiveCapture {
                 .write_protect(copy.guest.as_ptr().cast(), copy.guest.len())
                 .map_err(uffd_op("UFFDIO_WRITEPROTECT"))
         };
-        let (mut holes, mut filled_holes) = (0, 0);
         if arm == Arm::AheadOfPause {
             let started = Instant::now();
             protect_all(&capture.copy)?;
             capture.pre_arm_ns = started.elapsed().as_nanos() as u64;
-            // Armed first: a hole written from now on is recorded.
-            holes = capture.copy.mark_holes()?;
             // The guest kept writing during the arm (tens of ms per GiB
             // here): catch up while it runs, so that the pause re-protects
             // only what it writes in the short while since.
-            filled_holes = capture.copy.reprotect_written(false)?.1;
+            capture.copy.reprotect_written(false)?;
         }
         // The pause window runs at real-time priority end to end.
         let boost = crate::vm::RealtimeGuard::new();
         let paused = vm.pause(true)?;
         let arm_started = Instant::now();
         let armed = match arm {
-            Arm::AheadOfPause => capture.copy.reprotect_written(true).map(|(pages, filled)| {
+            Arm::AheadOfPause => capture.copy.reprotect_written(true).map(|pages| {
                 capture.reprotected_pages = pages;
-                capture.zero_pages = holes - filled_holes - filled;
             }),
             Arm::InPause => protect_all(&capture.copy),
         };
@@ -610,7 +589,6 @@ impl LiveCapture {
             pre_arm_ns: self.pre_arm_ns,
             reprotected_pages: self.reprotected_pages,
             bytes: self.copy.guest.len() as u64,
-            zero_pages: self.zero_pages,
             ..Default::default()
         }
     }
@@ -636,6 +614,11 @@ impl LiveCapture {
             copy_ns,
             pages_copied_by_fault_handler: copy.pages_by_handler.load(Ordering::Relaxed),
             pages_copied_by_copier: copy.pages_by_copier.load(Ordering::Relaxed),
+            zero_pages: copy
+                .page_states
+                .iter()
+                .filter(|state| state.load(Ordering::Relaxed) == PAGE_ZERO)
+                .count() as u64,
             write_faults: copy.write_faults.load(Ordering::Relaxed),
             ..self.stats_so_far()
         };
