@@ -154,20 +154,23 @@ pub fn stop_and_copy(vm: &Vm, snapshot: &SnapshotMapping) -> Result<Captured, Ca
     let paused = vm.pause(true)?;
     let copy_started = Instant::now();
     // Holes stay holes: reading them would allocate them in the guest.
-    let copied = guest.holes().and_then(|holes| {
+    let copied = (|| {
         let mut zero_pages = 0;
-        let mut page = 0;
-        for hole in holes.iter().cloned().chain([guest.pages()..guest.pages()]) {
-            let (offset, len) = (page * PAGE_SIZE, (hole.start - page) * PAGE_SIZE);
-            // SAFETY: the range is inside guest memory and inside the
-            // snapshot (the same size); the vCPUs are stopped, so it does not
-            // change during the copy.
-            unsafe { snapshot.write_from(offset, source.add(offset), len) }?;
-            zero_pages += hole.len() as u64;
-            page = hole.end;
+        for first in (0..guest.pages()).step_by(CHUNK_PAGES) {
+            let end = (first + CHUNK_PAGES).min(guest.pages());
+            let mut page = first;
+            for hole in guest.holes_in(first..end)?.into_iter().chain([end..end]) {
+                let (offset, len) = (page * PAGE_SIZE, (hole.start - page) * PAGE_SIZE);
+                // SAFETY: the range is inside guest memory and inside the
+                // snapshot (the same size); the vCPUs are stopped, so it does
+                // not change during the copy.
+                unsafe { snapshot.write_from(offset, source.add(offset), len) }?;
+                zero_pages += hole.len() as u64;
+                page = hole.end;
+            }
         }
-        Ok(zero_pages)
-    });
+        Ok::<_, crate::memory::MemoryError>(zero_pages)
+    })();
     let copy_ns = copy_started.elapsed().as_nanos() as u64;
     vm.resume();
     let zero_pages = copied
@@ -300,10 +303,10 @@ impl LiveCopy {
     fn run_copier(&self) -> Result<(), CaptureError> {
         // SAFETY: pthread_self has no preconditions.
         crate::vm::set_realtime(unsafe { libc::pthread_self() }, false);
-        self.mark_holes()?;
         let pages = self.page_states.len();
         for first in (0..pages).step_by(CHUNK_PAGES) {
             let end = (first + CHUNK_PAGES).min(pages);
+            self.mark_holes(first..end)?;
             let copied = self.copy_pages(first, end);
             self.pages_by_copier.fetch_add(copied, Ordering::Relaxed);
             self.unprotect(first, end - first)?;
@@ -311,15 +314,18 @@ impl LiveCopy {
         Ok(())
     }
 
-    /// Marks the pages still to copy that are holes of the guest's memfd as
-    /// zero. Call it after the pause: holes only ever fill in (nothing
-    /// punches them), so a hole now was one at the pause; a page written
-    /// since then was copied first, as any other.
-    fn mark_holes(&self) -> Result<(), CaptureError> {
-        let holes = self.guest.holes().map_err(|err| CaptureError::Sys {
-            op: "find holes in guest memory",
-            source: std::io::Error::other(err),
-        })?;
+    /// Marks the pages of `pages` still to copy that are holes of the
+    /// guest's memfd as zero. Call it after the pause: a hole now was one at
+    /// the pause (see `GuestMemory::holes_in`); a page written since then
+    /// was copied first, as any other.
+    fn mark_holes(&self, pages: std::ops::Range<usize>) -> Result<(), CaptureError> {
+        let holes = self
+            .guest
+            .holes_in(pages)
+            .map_err(|err| CaptureError::Sys {
+                op: "find holes in guest memory",
+                source: std::io::Error::other(err),
+            })?;
         for state in holes.into_iter().flat_map(|hole| &self.page_states[hole]) {
             let _ =
                 state.compare_exchange(PAGE_CLEAN, PAGE_ZERO, Ordering::AcqRel, Ordering::Relaxed);

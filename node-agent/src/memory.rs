@@ -2,10 +2,11 @@
 //! private mapping of a capture's memory file for branches.
 
 use std::fs::File;
+use std::ops::Range;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
 
-use rustix::fs::{MemfdFlags, SealFlags};
+use rustix::fs::{MemfdFlags, SealFlags, SeekFrom};
 use rustix::mm::{Advice, MapFlags, ProtFlags};
 use userfaultfd::{RegisterMode, Uffd, UffdBuilder};
 
@@ -189,33 +190,56 @@ impl GuestMemory {
         self.len / PAGE_SIZE
     }
 
-    /// The page ranges of a memfd that hold no data (never written, so
-    /// zero); empty for other memory. Holes only fill in, so a page seen
-    /// with data stays so; one seen as a hole may be filled by a write at
-    /// any time after.
-    pub fn holes(&self) -> Result<Vec<std::ops::Range<usize>>, MemoryError> {
+    /// The runs of `pages` that are holes of a memfd (never written, so
+    /// zero); none for other memory. Holes only fill in (nothing here
+    /// punches them), so a page seen with data stays so, and one seen as a
+    /// hole was one at any earlier instant. `mincore` proposes the pages
+    /// that are not in memory without walking the ones that are, and
+    /// `SEEK_DATA` confirms each run (a swapped-out page is data).
+    pub fn holes_in(&self, pages: Range<usize>) -> Result<Vec<Range<usize>>, MemoryError> {
         let Backing::Memfd(fd) = &self.backing else {
             return Ok(Vec::new());
         };
-        let len = self.len as u64;
+        assert!(
+            pages.end <= self.pages(),
+            "page range past the end of memory"
+        );
+        let mut resident = vec![0u8; pages.len()];
+        // SAFETY: the range lies inside our mapping and `resident` holds one
+        // byte per page of it; mincore only reads page tables and the cache.
+        let result = unsafe {
+            libc::mincore(
+                self.base.as_ptr().add(pages.start * PAGE_SIZE).cast(),
+                pages.len() * PAGE_SIZE,
+                resident.as_mut_ptr(),
+            )
+        };
+        if result != 0 {
+            return Err(MemoryError::Sys {
+                op: "mincore",
+                source: std::io::Error::last_os_error(),
+            });
+        }
         let mut holes = Vec::new();
-        let mut offset = 0;
-        while offset < len {
-            let data = match rustix::fs::seek(fd, rustix::fs::SeekFrom::Data(offset)) {
-                Ok(data) => data.min(len),
-                // No data from `offset` on.
-                Err(rustix::io::Errno::NXIO) => len,
+        let mut index = 0;
+        while index < resident.len() {
+            if resident[index] & 1 != 0 {
+                index += 1;
+                continue;
+            }
+            let run_end = index + resident[index..].iter().take_while(|r| *r & 1 == 0).count();
+            let start = pages.start + index;
+            let data = match rustix::fs::seek(fd, SeekFrom::Data((start * PAGE_SIZE) as u64)) {
+                Ok(offset) => offset as usize / PAGE_SIZE,
+                // No data from `start` on.
+                Err(rustix::io::Errno::NXIO) => self.pages(),
                 Err(errno) => return Err(sys("lseek(SEEK_DATA)")(errno)),
             };
-            if data > offset {
-                holes.push(offset as usize / PAGE_SIZE..data as usize / PAGE_SIZE);
+            let hole_end = data.min(pages.start + run_end);
+            if hole_end > start {
+                holes.push(start..hole_end);
             }
-            if data >= len {
-                break;
-            }
-            offset = rustix::fs::seek(fd, rustix::fs::SeekFrom::Hole(data))
-                .map_err(sys("lseek(SEEK_HOLE)"))?
-                .min(len);
+            index = run_end;
         }
         Ok(holes)
     }
