@@ -37,6 +37,9 @@ use crate::sandbox::{ErrorChain, give_up_or_retry};
 
 pub const CONTROLLER: &str = "sandboxbranch";
 
+/// The agent's page size, for its page counts.
+const PAGE_BYTES: u64 = 4096;
+
 /// Reasons of the conditions.
 pub mod reason {
     pub const SOURCE_NOT_FOUND: &str = "SourceNotFound";
@@ -346,16 +349,25 @@ async fn apply(branch: &SandboxBranch, ctx: &Context) -> Result<Action> {
             .capture_pause
             .get_or_create(&mode)
             .observe(stats.pause_ns as f64 / 1e9);
-        ctx.metrics
-            .capture_duration
-            .get_or_create(&mode)
-            .observe(stats.copy_ns as f64 / 1e9);
+        // A live capture answers at the pause; its copy goes on meanwhile.
+        let copy = if capture.memory_complete {
+            ctx.metrics
+                .capture_duration
+                .get_or_create(&mode)
+                .observe(stats.copy_ns as f64 / 1e9);
+            let copied_bytes = stats.bytes.saturating_sub(stats.zero_pages * PAGE_BYTES);
+            format!(
+                "{} MiB copied in {} ms ({} pages by the fault handler)",
+                copied_bytes >> 20,
+                figures.copy_duration_millis,
+                figures.pages_copied_by_fault_handler,
+            )
+        } else {
+            "memory copy going on in the background".to_string()
+        };
         let note = format!(
-            "captured Sandbox {source_name:?} on node {node}: paused {} us, {} MiB copied in {} ms ({} pages by the fault handler); call took {:.0} ms",
+            "captured Sandbox {source_name:?} on node {node}: paused {} us, {copy}; call took {:.0} ms",
             figures.pause_micros,
-            figures.bytes >> 20,
-            figures.copy_duration_millis,
-            figures.pages_copied_by_fault_handler,
             started.elapsed().as_secs_f64() * 1e3,
         );
         update.progress(

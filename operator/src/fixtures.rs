@@ -720,7 +720,11 @@ impl pb::agent_server::Agent for MockAgent {
                 pages_copied_by_fault_handler: 17,
                 pages_copied_by_copier: (source.memory_mib << 8) - 17,
                 write_faults: 17,
+                vcpus_stopped_ns: 250_000,
+                pre_arm_ns: 30_000_000,
+                zero_pages: 0,
             }),
+            memory_complete: true,
         };
         state
             .captures

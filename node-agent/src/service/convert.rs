@@ -165,7 +165,11 @@ pub fn capture_to_pb(capture: &Capture) -> pb::Capture {
             pages_copied_by_fault_handler: stats.pages_copied_by_fault_handler,
             pages_copied_by_copier: stats.pages_copied_by_copier,
             write_faults: stats.write_faults,
+            vcpus_stopped_ns: stats.vcpus_stopped_ns,
+            pre_arm_ns: stats.pre_arm_ns,
+            zero_pages: stats.zero_pages,
         }),
+        memory_complete: capture.memory_complete,
     }
 }
 
