@@ -30,7 +30,7 @@ use rustix::event::{EventfdFlags, PollFd, PollFlags};
 use serde::{Deserialize, Serialize};
 use userfaultfd::{Event, FaultKind, FeatureFlags, RegisterMode, Uffd, UffdBuilder};
 
-use crate::memory::{GuestMemory, PAGE_SIZE, ReadOnlyMapping, SnapshotMapping};
+use crate::memory::{GuestMemory, MemoryError, PAGE_SIZE, ReadOnlyMapping, SnapshotMapping};
 use crate::vcpu::{VcpuState, VmState};
 use crate::vm::{Vm, VmError};
 
@@ -169,7 +169,7 @@ pub fn stop_and_copy(vm: &Vm, snapshot: &SnapshotMapping) -> Result<Captured, Ca
                 page = hole.end;
             }
         }
-        Ok::<_, crate::memory::MemoryError>(zero_pages)
+        Ok::<_, MemoryError>(zero_pages)
     })();
     let copy_ns = copy_started.elapsed().as_nanos() as u64;
     vm.resume();
@@ -189,19 +189,6 @@ pub fn stop_and_copy(vm: &Vm, snapshot: &SnapshotMapping) -> Result<Captured, Ca
             ..Default::default()
         },
     })
-}
-
-/// A second, read-only mapping of a memfd guest's memory; `None` for
-/// private (branch) memory, which is read through the guest mapping.
-fn source_view_of(guest: &GuestMemory) -> Result<Option<ReadOnlyMapping>, CaptureError> {
-    guest
-        .memfd()
-        .map(|fd| ReadOnlyMapping::of_fd(fd, guest.len()))
-        .transpose()
-        .map_err(|err| CaptureError::Sys {
-            op: "map guest memory for reading",
-            source: std::io::Error::other(err),
-        })
 }
 
 fn check_sizes(memory: &GuestMemory, snapshot: &SnapshotMapping) -> Result<(), CaptureError> {
@@ -269,20 +256,23 @@ impl LiveCopy {
             // its size) and inside the snapshot.
             match unsafe { self.snapshot.write_from(offset, source.add(offset), len) } {
                 Ok(pages) => filled += pages as u64,
-                Err(err) => {
-                    // The capture fails, but no guest write may wait on it:
-                    // the pages are still marked copied (and so un-protected).
-                    self.write_error
-                        .lock()
-                        .unwrap()
-                        .get_or_insert_with(|| format!("{:#}", anyhow::Error::new(err)));
-                }
+                // The capture fails, but no guest write may wait on it: the
+                // pages are still marked copied (and so un-protected).
+                Err(err) => self.record_write_error(err),
             }
             for state in &self.page_states[run_start..page] {
                 state.store(PAGE_COPIED, Ordering::Release);
             }
         }
         filled
+    }
+
+    /// Keeps the first error writing the snapshot: the capture fails.
+    fn record_write_error(&self, err: MemoryError) {
+        self.write_error
+            .lock()
+            .unwrap()
+            .get_or_insert_with(|| format!("{:#}", anyhow::Error::new(err)));
     }
 
     fn unprotect(&self, first_page: usize, pages: usize) -> Result<(), CaptureError> {
@@ -464,7 +454,14 @@ impl LiveCapture {
                 source: errno.into(),
             }
         })?;
-        let source_view = source_view_of(&guest)?;
+        let source_view = guest
+            .memfd()
+            .map(|fd| ReadOnlyMapping::of_fd(fd, guest.len()))
+            .transpose()
+            .map_err(|err| CaptureError::Sys {
+                op: "map guest memory for reading",
+                source: std::io::Error::other(err),
+            })?;
         let copy = Arc::new(LiveCopy {
             source_view,
             page_states: (0..guest.pages())
@@ -687,11 +684,7 @@ impl CaptureProgress {
             if self.0.page_states[page].load(Ordering::Acquire) == PAGE_ZERO
                 && let Err(err) = self.0.snapshot.zero_fill(page * PAGE_SIZE, PAGE_SIZE)
             {
-                self.0
-                    .write_error
-                    .lock()
-                    .unwrap()
-                    .get_or_insert_with(|| format!("{:#}", anyhow::Error::new(err)));
+                self.0.record_write_error(err);
             }
         }
         self.0.write_error.lock().unwrap().is_none()

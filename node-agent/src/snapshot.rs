@@ -115,7 +115,7 @@ pub struct SnapshotState {
     pub memory_complete: bool,
 }
 
-fn complete_by_default() -> bool {
+pub(crate) fn complete_by_default() -> bool {
     true
 }
 

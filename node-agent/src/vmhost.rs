@@ -94,7 +94,7 @@ pub struct CaptureInfo {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub counter: Option<CounterState>,
     /// False while a live capture's memory copy is still running.
-    #[serde(default = "wait_by_default")]
+    #[serde(default = "crate::snapshot::complete_by_default")]
     pub memory_complete: bool,
 }
 
