@@ -74,6 +74,23 @@ pub struct BenchResult {
     pub write_stall_us_p999: f64,
     pub write_stall_us_max: f64,
     pub write_stall_samples: usize,
+    /// Writes that stalled for more than 1 ms.
+    pub write_stalls_over_1ms: usize,
+    /// Controls for the stalls, same run and same conditions (guest
+    /// running), with no capture involved. A stalled write waits for two
+    /// thread wake-ups (the fault handler's, then its own), so a wake-up's
+    /// lateness on this host bounds its maximum stall from below. Measured as
+    /// cyclictest does: a real-time thread sleeps 200 us, as the writer
+    /// does, and records how late it wakes.
+    pub machine_wake_late_us_p50: f64,
+    pub machine_wake_late_us_p99: f64,
+    pub machine_wake_late_us_max: f64,
+    pub machine_wakes_over_1ms: usize,
+    pub machine_wake_samples: usize,
+    /// A real-time thread that never blocks, reading the clock in a loop:
+    /// the longest it went without the CPU (time the host under this
+    /// virtual machine takes shows here).
+    pub machine_gap_us_max: f64,
     /// `write_stall_us_p50` under its first name.
     pub fault_stall_us_p50: f64,
     /// Pages the fault handler copied ahead of the copier, per capture.
@@ -123,7 +140,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     eprintln!(
         "bench {} MiB x{} runs: live pause {:.0} us (re-protect {:.0} us) vs one-shot arm {:.0} us \
          ({:.1}x) vs stop-and-copy {:.0} us ({:.1}x), copy {:.2} GB/s, write stall p50 {:.1} us \
-         p99 {:.1} us max {:.1} us, branch {:.2} ms during the copy ({:.2} ms after it), 16 branches +{:.0} MiB ({:.0} MiB written, process +{:.0} MiB), \
+         p99 {:.1} us max {:.1} us (control: a real-time thread's wake-up late p99 {:.1} us max {:.0} us), branch {:.2} ms during the copy ({:.2} ms after it), 16 branches +{:.0} MiB ({:.0} MiB written, process +{:.0} MiB), \
          consistent: {}",
         result.memory_mib,
         result.runs,
@@ -137,6 +154,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         result.write_stall_us_p50,
         result.write_stall_us_p99,
         result.write_stall_us_max,
+        result.machine_wake_late_us_p99,
+        result.machine_wake_late_us_max,
         result.branch_first_instruction_ms_p50,
         result.restore_ms_p50,
         result.branch16_extra_mib,
@@ -180,6 +199,7 @@ pub fn measure(args: &BenchArgs) -> anyhow::Result<BenchResult> {
     let mut stop_pause = Vec::new();
     let mut copy_gbps = Vec::new();
     let mut stalls = Vec::new();
+    let mut machine = MachineControl::default();
     let mut handler_pages = Vec::new();
     let mut restore_ms = Vec::new();
     let mut early_branch_ms = Vec::new();
@@ -203,6 +223,7 @@ pub fn measure(args: &BenchArgs) -> anyhow::Result<BenchResult> {
         remaining_at_branch.push(early_remaining as f64);
         // Then a native-rate writer measuring stalls while the copy goes on.
         stalls.extend(measure_write_stalls(&vm, &running.progress()));
+        machine.measure(MACHINE_CONTROL_WINDOW);
         let state = running.finish()?;
         let memory = ReadOnlyMapping::new(&live_dir.open_memory()?)?;
         consistent &= check_memory(memory.as_slice(), &state.vcpus, "live");
@@ -297,6 +318,17 @@ pub fn measure(args: &BenchArgs) -> anyhow::Result<BenchResult> {
         write_stall_us_p999: percentile(&mut stalls, 99.9),
         write_stall_us_max: percentile(&mut stalls, 100.0),
         write_stall_samples: stalls.len(),
+        write_stalls_over_1ms: stalls.iter().filter(|&&stall| stall > 1000.0).count(),
+        machine_wake_late_us_p50: percentile(&mut machine.wake_late_us, 50.0),
+        machine_wake_late_us_p99: percentile(&mut machine.wake_late_us, 99.0),
+        machine_wake_late_us_max: percentile(&mut machine.wake_late_us, 100.0),
+        machine_wakes_over_1ms: machine
+            .wake_late_us
+            .iter()
+            .filter(|&&late| late > 1000.0)
+            .count(),
+        machine_wake_samples: machine.wake_late_us.len(),
+        machine_gap_us_max: machine.longest_gap.as_nanos() as f64 / 1e3,
         fault_stall_us_p50: write_stall_us_p50,
         pages_copied_by_fault_handler_p50: median(&mut handler_pages),
         copy_ms_p50,
@@ -381,7 +413,7 @@ fn measure_write_stalls(vm: &Vm, capture: &CaptureProgress) -> Vec<f64> {
                     };
                     samples.push(started.elapsed().as_nanos() as f64 / 1e3);
                     writes.fetch_add(1, Ordering::Relaxed);
-                    std::thread::sleep(Duration::from_micros(200));
+                    std::thread::sleep(WRITER_SLEEP);
                 }
                 page -= 1;
             }
@@ -398,6 +430,40 @@ fn measure_write_stalls(vm: &Vm, capture: &CaptureProgress) -> Vec<f64> {
         stop.store(true, Ordering::Relaxed);
         writer.join().unwrap_or_default()
     })
+}
+
+/// How long each control runs per run: below the real-time throttle (950
+/// ms of every second by default) for the spinning one.
+const MACHINE_CONTROL_WINDOW: Duration = Duration::from_millis(500);
+const WRITER_SLEEP: Duration = Duration::from_micros(200);
+
+#[derive(Default)]
+struct MachineControl {
+    wake_late_us: Vec<f64>,
+    longest_gap: Duration,
+}
+
+impl MachineControl {
+    /// At real-time priority, as the writer and the fault handler run:
+    /// sleeps as the writer does between writes for `window`, then spins on
+    /// the clock for `window`.
+    fn measure(&mut self, window: Duration) {
+        let _realtime = crate::vm::RealtimeGuard::new();
+        let started = Instant::now();
+        while started.elapsed() < window {
+            let before = Instant::now();
+            std::thread::sleep(WRITER_SLEEP);
+            let late = before.elapsed().saturating_sub(WRITER_SLEEP);
+            self.wake_late_us.push(late.as_nanos() as f64 / 1e3);
+        }
+        let started = Instant::now();
+        let mut last = started;
+        while last - started < window {
+            let now = Instant::now();
+            self.longest_gap = self.longest_gap.max(now - last);
+            last = now;
+        }
+    }
 }
 
 /// Restores a branch and waits for its first guest store: the counter guest

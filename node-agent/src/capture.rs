@@ -159,7 +159,11 @@ pub fn stop_and_copy(vm: &Vm, snapshot: &SnapshotMapping) -> Result<Captured, Ca
         for first in (0..guest.pages()).step_by(CHUNK_PAGES) {
             let end = (first + CHUNK_PAGES).min(guest.pages());
             let mut page = first;
-            for hole in guest.holes_in(first..end)?.into_iter().chain([end..end]) {
+            for hole in guest
+                .holes_in(first..end)?
+                .into_iter()
+                .chain(std::iter::once(end..end))
+            {
                 let (offset, len) = (page * PAGE_SIZE, (hole.start - page) * PAGE_SIZE);
                 // SAFETY: the range is inside guest memory and inside the
                 // snapshot (the same size); the vCPUs are stopped, so it does
