@@ -182,8 +182,10 @@ pub struct CaptureFigures {
     /// Pages the write-fault handler copied because the guest wrote them
     /// before the bulk copier reached them.
     pub pages_copied_by_fault_handler: u64,
-    /// How long the memory copy took, in milliseconds.
-    pub copy_duration_millis: u64,
+    /// How long the memory copy took, in milliseconds. Absent while a live
+    /// capture's copy goes on in the background (branches run meanwhile).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copy_duration_millis: Option<u64>,
 }
 
 /// One created branch.

@@ -726,6 +726,23 @@ fn branches_continue_from_capture(env: &Env) -> anyhow::Result<()> {
         // The source ran on through the capture.
         let (_, reports) = objects::counter(env, &node, &uid).await?;
         counter_reports(env, &node, &uid, reports + 1, Duration::from_secs(60)).await?;
+        // The live capture's copy, still going on when the branches started,
+        // shows its duration in the status once it completes.
+        let branches = objects::branches(env, &ns);
+        wait::until(
+            "the capture's copy duration in the SandboxBranch status",
+            Duration::from_secs(60),
+            || async {
+                let figures = branches.get("fork").await?.status.and_then(|s| s.capture);
+                Ok(
+                    match figures.as_ref().and_then(|f| f.copy_duration_millis) {
+                        Some(millis) => Look::Done(millis),
+                        None => Look::NotYet(format!("{figures:?}")),
+                    },
+                )
+            },
+        )
+        .await?;
         Ok(())
     })
 }

@@ -334,7 +334,7 @@ async fn apply(branch: &SandboxBranch, ctx: &Context) -> Result<Action> {
             pause_micros: stats.pause_ns / 1_000,
             bytes: stats.bytes,
             pages_copied_by_fault_handler: stats.pages_copied_by_fault_handler,
-            copy_duration_millis: stats.copy_ns / 1_000_000,
+            copy_duration_millis: capture.memory_complete.then_some(stats.copy_ns / 1_000_000),
         };
         let captured_at = Timestamp::from_microsecond(capture.captured_at_unix_micros)
             .ok()
@@ -355,13 +355,7 @@ async fn apply(branch: &SandboxBranch, ctx: &Context) -> Result<Action> {
                 .capture_duration
                 .get_or_create(&mode)
                 .observe(stats.copy_ns as f64 / 1e9);
-            let copied_bytes = stats.bytes.saturating_sub(stats.zero_pages * PAGE_BYTES);
-            format!(
-                "{} MiB copied in {} ms ({} pages by the fault handler)",
-                copied_bytes >> 20,
-                figures.copy_duration_millis,
-                figures.pages_copied_by_fault_handler,
-            )
+            copy_summary(&stats)
         } else {
             "memory copy going on in the background".to_string()
         };
@@ -513,6 +507,17 @@ async fn apply(branch: &SandboxBranch, ctx: &Context) -> Result<Action> {
         }
     }
 
+    // Asked only once Ready is written, to keep the call off that path.
+    let copy_pending = if complete {
+        record_finished_copy(branch, ctx, &mut update, &node, &uid).await
+    } else {
+        update
+            .status
+            .capture
+            .as_ref()
+            .is_some_and(|figures| figures.copy_duration_millis.is_none())
+    };
+
     let mut ready = 0;
     update.status.branches = (0..wanted)
         .filter_map(|index| existing.get(&index).map(|sandbox| (index, sandbox)))
@@ -569,7 +574,12 @@ async fn apply(branch: &SandboxBranch, ctx: &Context) -> Result<Action> {
             ctx.event(branch, EventType::Normal, "Ready", "Restore", message)
                 .await;
         }
-        Ok(Action::requeue(ctx.settings.resync))
+        // A copy still going on is looked at again soon, for its figures.
+        Ok(Action::requeue(if copy_pending {
+            poll
+        } else {
+            ctx.settings.resync
+        }))
     } else {
         update.progress(
             reason::RESTORING,
@@ -578,6 +588,84 @@ async fn apply(branch: &SandboxBranch, ctx: &Context) -> Result<Action> {
         update.write(ctx).await?;
         Ok(Action::requeue(poll))
     }
+}
+
+/// What a complete capture's copy did, for Events.
+fn copy_summary(stats: &pb::CaptureStats) -> String {
+    let copied_bytes = stats.bytes.saturating_sub(stats.zero_pages * PAGE_BYTES);
+    format!(
+        "{} MiB copied in {} ms ({} pages by the fault handler)",
+        copied_bytes >> 20,
+        stats.copy_ns / 1_000_000,
+        stats.pages_copied_by_fault_handler,
+    )
+}
+
+/// A live capture's copy goes on after its branches start. Once the agent
+/// reports it complete, its final figures go into the status (and the
+/// capture-duration metric). Returns whether the copy is still going on.
+/// Failing to ask costs only figures: it is logged and tried again later.
+async fn record_finished_copy(
+    branch: &SandboxBranch,
+    ctx: &Context,
+    update: &mut Update<'_>,
+    node: &str,
+    uid: &str,
+) -> bool {
+    let pending = update
+        .status
+        .capture
+        .as_ref()
+        .is_some_and(|figures| figures.copy_duration_millis.is_none());
+    if !pending {
+        return false;
+    }
+    let answer = match ctx.agents.client(node, ctx.clock.now()) {
+        Ok(mut client) => client
+            .get_capture(with_timeout(
+                pb::GetCaptureRequest {
+                    uid: uid.to_string(),
+                },
+                ctx.settings.call_timeout,
+            ))
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|status| Error::Agent {
+                node: node.to_string(),
+                status,
+            }),
+        Err(err) => Err(err),
+    };
+    let capture = match answer {
+        Ok(capture) => capture,
+        Err(err) => {
+            tracing::debug!(sandboxbranch = %branch.name_any(), error = %ErrorChain(&err), "could not read the capture's copy figures");
+            return true;
+        }
+    };
+    if !capture.memory_complete {
+        return true;
+    }
+    let stats = capture.stats.unwrap_or_default();
+    if let Some(figures) = update.status.capture.as_mut() {
+        figures.copy_duration_millis = Some(stats.copy_ns / 1_000_000);
+        figures.pages_copied_by_fault_handler = stats.pages_copied_by_fault_handler;
+    }
+    ctx.metrics
+        .capture_duration
+        .get_or_create(&ModeLabels {
+            mode: mode_name(branch.spec.mode),
+        })
+        .observe(stats.copy_ns as f64 / 1e9);
+    ctx.event(
+        branch,
+        EventType::Normal,
+        "CopyComplete",
+        "Capture",
+        format!("capture's memory complete: {}", copy_summary(&stats)),
+    )
+    .await;
+    false
 }
 
 /// Why a pass stopped creating branches.

@@ -550,6 +550,9 @@ pub struct AgentState {
     pub start_state: Option<pb::SandboxState>,
     /// Sandboxes reported as being captured.
     pub busy: std::collections::BTreeSet<String>,
+    /// New captures answer at the pause, their copy still going on, as a
+    /// live capture does; `finish_copy` completes one.
+    pub copy_in_background: bool,
 }
 
 impl MockAgent {
@@ -570,6 +573,16 @@ impl MockAgent {
 
     pub fn calls(&self) -> Vec<String> {
         self.state.lock().expect("agent lock").calls.clone()
+    }
+
+    /// Completes a capture's background copy, as taking `copy_ns`.
+    pub fn finish_copy(&self, uid: &str, copy_ns: u64) {
+        let mut state = self.state.lock().unwrap();
+        let capture = state.captures.get_mut(uid).expect("the capture exists");
+        capture.memory_complete = true;
+        if let Some(stats) = capture.stats.as_mut() {
+            stats.copy_ns = copy_ns;
+        }
     }
 
     pub fn fail_next(&self, method: &'static str, status: Status) {
@@ -725,6 +738,16 @@ impl pb::agent_server::Agent for MockAgent {
                 zero_pages: 0,
             }),
             memory_complete: true,
+        };
+        let capture = if state.copy_in_background {
+            let mut capture = capture;
+            capture.memory_complete = false;
+            if let Some(stats) = capture.stats.as_mut() {
+                stats.copy_ns = 0;
+            }
+            capture
+        } else {
+            capture
         };
         state
             .captures

@@ -108,7 +108,7 @@ async fn captures_once_and_creates_owned_branches_on_the_source_node() {
     assert_eq!(capture.pause_micros, 412);
     assert_eq!(capture.bytes, 256 << 20);
     assert_eq!(capture.pages_copied_by_fault_handler, 17);
-    assert_eq!(capture.copy_duration_millis, 35);
+    assert_eq!(capture.copy_duration_millis, Some(35));
     assert_eq!(
         status.capture_time.unwrap().0,
         k8s_openapi::jiff::Timestamp::from_microsecond(1_700_000_000_000_000).unwrap()
@@ -663,4 +663,55 @@ async fn a_source_running_in_the_cache_is_captured_without_a_lookup() {
         "{requests:#?}"
     );
     assert_eq!(created_sandboxes(&h).len(), 1);
+}
+
+#[tokio::test]
+async fn a_live_copy_that_completes_after_the_branches_start_fills_in_its_figures() {
+    let h = setup(1, DeletionPolicy::Delete).await;
+    h.agent.state.lock().unwrap().copy_in_background = true;
+    let uid = h.branch("fork").unwrap().metadata.uid.unwrap();
+
+    h.reconcile_branch("fork").await.unwrap();
+    let capture = h.branch("fork").unwrap().status.unwrap().capture.unwrap();
+    assert_eq!(capture.copy_duration_millis, None, "{capture:?}");
+    h.settle_sandbox("fork-0").await;
+
+    // Ready while the copy goes on: looked at again soon, not at resync.
+    // The agent is not asked on the way to Ready.
+    h.api.clear_requests();
+    let action = h.reconcile_branch("fork").await.unwrap();
+    assert_eq!(action, Action::requeue(h.ctx.settings.poll));
+    let status = h.branch("fork").unwrap().status.unwrap();
+    assert_eq!(status.branches_ready.as_deref(), Some("1/1"));
+    assert_eq!(status.capture.unwrap().copy_duration_millis, None);
+    assert!(h.agent_calls("GetCapture").is_empty());
+    assert_eq!(h.events(), vec!["Ready"]);
+
+    // Ready, copy still going on: asked, and looked at again soon.
+    let action = h.reconcile_branch("fork").await.unwrap();
+    assert_eq!(action, Action::requeue(h.ctx.settings.poll));
+    assert_eq!(
+        h.agent_calls("GetCapture"),
+        vec![format!("GetCapture {uid}")]
+    );
+    let status = h.branch("fork").unwrap().status.unwrap();
+    assert_eq!(status.capture.unwrap().copy_duration_millis, None);
+
+    h.agent.finish_copy(&uid, 1_166_000_000);
+    h.api.clear_requests();
+    let action = h.reconcile_branch("fork").await.unwrap();
+    assert_eq!(action, Action::requeue(h.ctx.settings.resync));
+    let capture = h.branch("fork").unwrap().status.unwrap().capture.unwrap();
+    assert_eq!(capture.copy_duration_millis, Some(1166));
+    assert_eq!(h.events(), vec!["CopyComplete"]);
+    let metrics = h.ctx.metrics.encode();
+    assert!(
+        metrics.contains("sandfork_capture_duration_seconds_count{mode=\"Live\"} 1"),
+        "{metrics}"
+    );
+
+    // Complete: the agent is not asked again.
+    h.api.clear_requests();
+    h.reconcile_branch("fork").await.unwrap();
+    assert_eq!(h.agent_calls("GetCapture").len(), 2);
 }
