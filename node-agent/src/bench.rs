@@ -180,8 +180,9 @@ pub fn measure(args: &BenchArgs) -> anyhow::Result<BenchResult> {
     let image = GuestImage::for_workload(&Workload::Counter, 0)?;
     let vm = Vm::boot("bench", memory_bytes, args.vcpus, &image)?;
     wait_first_pass(&vm)?;
+    remove_stale_scratch(&args.dir);
     let scratch = tempfile::Builder::new()
-        .prefix("sandfork-bench-")
+        .prefix(&format!("{SCRATCH_PREFIX}{}-", std::process::id()))
         .tempdir_in(&args.dir)
         .with_context(|| {
             format!(
@@ -342,6 +343,37 @@ pub fn measure(args: &BenchArgs) -> anyhow::Result<BenchResult> {
         consistent,
         guest_emulated: true,
     })
+}
+
+/// Scratch directories are named `sandfork-bench-<pid>-<random>`.
+const SCRATCH_PREFIX: &str = "sandfork-bench-";
+
+/// Removes the scratch directories (captures of up to several GiB, in
+/// memory on tmpfs) that benchmarks killed by a signal left in `dir`: those
+/// whose process is gone.
+fn remove_stale_scratch(dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let owner = name
+            .to_str()
+            .and_then(|name| name.strip_prefix(SCRATCH_PREFIX))
+            .and_then(|rest| rest.split_once('-'))
+            .and_then(|(pid, _)| pid.parse::<u32>().ok());
+        let Some(pid) = owner else { continue };
+        if std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        match std::fs::remove_dir_all(entry.path()) {
+            Ok(()) => eprintln!(
+                "removed {}, left by an interrupted benchmark",
+                entry.path().display()
+            ),
+            Err(err) => eprintln!("cannot remove {}: {err}", entry.path().display()),
+        }
+    }
 }
 
 fn wait_first_pass(vm: &Vm) -> anyhow::Result<()> {
@@ -562,4 +594,43 @@ fn process_private_bytes() -> u64 {
         .filter_map(|line| line.split_whitespace().nth(1)?.parse::<u64>().ok())
         .sum::<u64>()
         * 1024
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_scratch_of_gone_processes_is_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut gone = std::process::Command::new("true").spawn().unwrap();
+        let gone_pid = gone.id();
+        gone.wait().unwrap();
+        let own = format!("{SCRATCH_PREFIX}{}-abc", std::process::id());
+        let left = format!("{SCRATCH_PREFIX}{gone_pid}-def");
+        for name in [
+            own.as_str(),
+            left.as_str(),
+            "sandfork-bench-old",
+            "unrelated",
+        ] {
+            std::fs::create_dir(dir.path().join(name)).unwrap();
+            std::fs::write(dir.path().join(name).join("memory"), b"x").unwrap();
+        }
+
+        remove_stale_scratch(dir.path());
+
+        let mut remaining: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+            .collect();
+        remaining.sort();
+        let mut expected = vec![
+            own,
+            "sandfork-bench-old".to_string(),
+            "unrelated".to_string(),
+        ];
+        expected.sort();
+        assert_eq!(remaining, expected);
+    }
 }
