@@ -11,7 +11,8 @@
 //! - memory: the guest memory, `memory_bytes` long.
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -22,7 +23,7 @@ use std::sync::Arc;
 
 use crate::capture::{self, Arm, CaptureError, CaptureMode, CaptureStats, LiveCapture};
 use crate::fill::{FILL_SOCKET, FillError, FillServer, Filler};
-use crate::memory::{self, GuestMemory, MemoryError, ReadOnlyMapping, SnapshotMapping};
+use crate::memory::{self, GuestMemory, MemoryError, SnapshotMapping};
 use crate::vcpu::{VcpuState, VmState};
 use crate::vm::{Vm, VmError};
 
@@ -382,38 +383,53 @@ impl CaptureDir {
             path: self.path.clone(),
             source,
         })?;
+        // Read, not mapped: reading a hole of the memory file through a
+        // mapping would allocate it; read(2) returns zeros and allocates
+        // nothing.
         let memory_file = self.open_memory()?;
-        let memory = ReadOnlyMapping::new(&memory_file)?;
-        let memory = memory.as_slice();
-        if memory.len() as u64 != state.memory_bytes {
+        let memory_len = memory_file
+            .metadata()
+            .map_err(io_err("stat", &self.memory_path()))?
+            .len();
+        if memory_len != state.memory_bytes {
             return Err(SnapshotError::Corrupted {
                 path: self.memory_path(),
                 what: format!(
-                    "memory file is {} bytes, state says {}",
-                    memory.len(),
+                    "memory file is {memory_len} bytes, state says {}",
                     state.memory_bytes
                 ),
             });
         }
-        let chunk_crcs: Vec<u8> = memory
-            .chunks(CHUNK_BYTES as usize)
-            .flat_map(|chunk| crc32fast::hash(chunk).to_le_bytes())
-            .collect();
+        let chunk_count = state.memory_bytes.div_ceil(CHUNK_BYTES);
         let header = Header {
             state_len: state_json.len() as u64,
             state_crc: crc32fast::hash(&state_json),
             chunk_bytes: CHUNK_BYTES as u32,
             memory_bytes: state.memory_bytes,
-            chunk_count: state.memory_bytes.div_ceil(CHUNK_BYTES),
+            chunk_count,
         };
         let tmp = out.with_extension("partial");
         let file = create_private(&tmp)?;
         let mut writer = BufWriter::with_capacity(1 << 20, file);
+        let mut chunk = vec![0u8; CHUNK_BYTES as usize];
         let write = (|| {
-            writer.write_all(&header.encode())?;
+            // The checksums come before the memory: written once known.
+            let header = header.encode();
+            writer.write_all(&header)?;
             writer.write_all(&state_json)?;
+            let crcs_at = (header.len() + state_json.len()) as u64;
+            let mut chunk_crcs = vec![0u8; chunk_count as usize * 4];
             writer.write_all(&chunk_crcs)?;
-            writer.write_all(memory)?;
+            let mut offset = 0;
+            for crc in chunk_crcs.chunks_mut(4) {
+                let len = CHUNK_BYTES.min(state.memory_bytes - offset) as usize;
+                memory_file.read_exact_at(&mut chunk[..len], offset)?;
+                crc.copy_from_slice(&crc32fast::hash(&chunk[..len]).to_le_bytes());
+                writer.write_all(&chunk[..len])?;
+                offset += len as u64;
+            }
+            writer.seek(SeekFrom::Start(crcs_at))?;
+            writer.write_all(&chunk_crcs)?;
             writer.flush()?;
             writer.get_ref().sync_all()
         })();

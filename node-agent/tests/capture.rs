@@ -399,7 +399,7 @@ fn snapshot_files_round_trip_and_reject_damage() {
     if !common::devices_present() {
         return;
     }
-    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let vm = boot_counter(64, 1);
     let root = tempfile::tempdir_in("/dev/shm").unwrap();
     let dir = capture_dir(&root, "original");
@@ -408,8 +408,16 @@ fn snapshot_files_round_trip_and_reject_damage() {
         let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "{} is readable by others", file.display());
     }
+    // Exporting reads the capture's holes as zeros without allocating them.
+    let allocated = || std::fs::metadata(dir.memory_path()).unwrap().blocks() * 512;
+    let allocated_before = allocated();
+    assert!(
+        allocated_before < state.memory_bytes,
+        "the capture has no holes ({allocated_before} bytes allocated)"
+    );
     let exported = root.path().join("snapshot.sfk");
     dir.export(&exported).unwrap();
+    assert_eq!(allocated(), allocated_before, "export allocated holes");
     let mode = std::fs::metadata(&exported).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
 
