@@ -117,6 +117,79 @@ global_asm!(
     lapic = const LAPIC_PAGE,
 );
 
+// timed_writes: as counter (pass after pass, the pass number into every page
+// of the slice, reported at the end of each pass), but from the slice's second
+// page on, timing each store with rdtsc. The slice's first page holds a
+// histogram of those durations: STORE_BUCKETS qwords, 4 per power of two of
+// the duration in TSC ticks (bucket 4 * e + the two bits below the leading
+// one, at bit e; durations under 4 ticks count in the bucket of their value).
+global_asm!(
+    ".pushsection .rodata.sandfork_guest,\"a\"",
+    ".globl sandfork_guest_timed_writes_start",
+    ".hidden sandfork_guest_timed_writes_start",
+    ".globl sandfork_guest_timed_writes_end",
+    ".hidden sandfork_guest_timed_writes_end",
+    "sandfork_guest_timed_writes_start:",
+    "    mov r12, rdi",
+    "    lea r13, [rdi + 4096]",
+    "    mov r14, {lapic}",
+    "    mov rbx, 1",
+    "2:",
+    "    mov rdi, r13",
+    "3:",
+    "    cmp rdi, r14",
+    "    je 5f",
+    "    rdtsc",
+    "    shl rdx, 32",
+    "    or rax, rdx",
+    "    mov r10, rax",
+    "    mov qword ptr [rdi], rbx",
+    "    rdtsc",
+    "    shl rdx, 32",
+    "    or rax, rdx",
+    "    sub rax, r10",
+    "    or rax, 1",
+    "    bsr rcx, rax",
+    "    cmp rcx, 2",
+    "    jb 4f",
+    "    mov r11, rax",
+    "    sub rcx, 2",
+    "    shr r11, cl",
+    "    and r11, 3",
+    "    lea rax, [rcx * 4 + 8]",
+    "    add rax, r11",
+    "4:",
+    "    inc qword ptr [r12 + rax * 8]",
+    "5:",
+    "    add rdi, 4096",
+    "    cmp rdi, rsi",
+    "    jb 3b",
+    "    mov eax, ebx",
+    "    mov edx, {port}",
+    "    out dx, eax",
+    "    inc rbx",
+    "    jmp 2b",
+    "sandfork_guest_timed_writes_end:",
+    ".popsection",
+    port = const REPORT_PORT,
+    lapic = const LAPIC_PAGE,
+);
+
+/// Buckets of the `timed_writes` histogram (the largest is for durations of
+/// 2^63 ticks and more).
+pub const STORE_BUCKETS: usize = 256;
+
+/// The shortest duration, in TSC ticks, that `timed_writes` counts in
+/// `bucket`, and the shortest it counts in the next one (buckets 4 to 7
+/// stay empty).
+pub fn store_bucket_ticks(bucket: usize) -> (u64, u64) {
+    if bucket < 8 {
+        return (bucket as u64, bucket as u64 + 1);
+    }
+    let (exponent, below) = (bucket / 4, (bucket % 4) as u64);
+    ((4 + below) << (exponent - 2), (5 + below) << (exponent - 2))
+}
+
 // idle: halt forever (the in-kernel LAPIC keeps the vCPU blocked in KVM).
 global_asm!(
     ".pushsection .rodata.sandfork_guest,\"a\"",
@@ -137,6 +210,8 @@ unsafe extern "C" {
     static sandfork_guest_counter_end: u8;
     static sandfork_guest_dirty_start: u8;
     static sandfork_guest_dirty_end: u8;
+    static sandfork_guest_timed_writes_start: u8;
+    static sandfork_guest_timed_writes_end: u8;
     static sandfork_guest_idle_start: u8;
     static sandfork_guest_idle_end: u8;
 }
@@ -163,9 +238,41 @@ pub fn dirty_code() -> &'static [u8] {
     )
 }
 
+pub fn timed_writes_code() -> &'static [u8] {
+    code_between(
+        &raw const sandfork_guest_timed_writes_start,
+        &raw const sandfork_guest_timed_writes_end,
+    )
+}
+
 pub fn idle_code() -> &'static [u8] {
     code_between(
         &raw const sandfork_guest_idle_start,
         &raw const sandfork_guest_idle_end,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_buckets_follow_each_other_without_gaps() {
+        assert_eq!(store_bucket_ticks(3), (3, 4));
+        assert_eq!(store_bucket_ticks(8), (4, 5));
+        assert_eq!(store_bucket_ticks(12), (8, 10));
+        for bucket in 8..STORE_BUCKETS - 1 {
+            let (low, high) = store_bucket_ticks(bucket);
+            assert!(low < high, "bucket {bucket}");
+            assert_eq!(high, store_bucket_ticks(bucket + 1).0, "bucket {bucket}");
+        }
+        // What the guest computes for a duration lands in the bucket whose
+        // range holds it.
+        for ticks in [4_u64, 5, 7, 8, 9, 1000, 123_456, u64::MAX >> 1] {
+            let exponent = 63 - ticks.leading_zeros() as usize;
+            let bucket = 4 * exponent + ((ticks >> (exponent - 2)) & 3) as usize;
+            let (low, high) = store_bucket_ticks(bucket);
+            assert!(low <= ticks && ticks < high, "{ticks} in bucket {bucket}");
+        }
+    }
 }
