@@ -54,6 +54,14 @@ pub struct BenchResult {
     pub live_pause_us_p50: f64,
     /// Of that pause, stopping the vCPUs and saving their state.
     pub live_vcpus_stopped_us_p50: f64,
+    /// The same pause as the guest saw it: from its vCPU's exit from
+    /// `KVM_RUN` to its next entry (the longest over the vCPUs). The kick's
+    /// way to the vCPU, while the guest still runs, is not in it; the
+    /// vCPU's wake-up after the resume is.
+    pub live_guest_pause_us_p50: f64,
+    /// The one-shot baseline's pause as the guest saw it, and the ratio.
+    pub oneshot_guest_pause_us_p50: f64,
+    pub guest_pause_ratio_oneshot_over_live: f64,
     /// Of that pause, re-protecting the pages written since the early arm.
     pub live_arm_us_p50: f64,
     /// Pages re-protected in the pause.
@@ -148,16 +156,19 @@ fn percentile(values: &mut [f64], pct: f64) -> f64 {
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let result = measure(args)?;
     eprintln!(
-        "bench {} MiB x{} runs: live pause {:.0} us (re-protect {:.0} us) vs one-shot arm {:.0} us \
-         ({:.1}x) vs stop-and-copy {:.0} us ({:.1}x), copy {:.2} GB/s, write stall p50 {:.1} us \
+        "bench {} MiB x{} runs: live pause {:.0} us (re-protect {:.0} us, as the guest saw it {:.0} us) vs one-shot arm {:.0} us \
+         ({:.1}x; as the guest saw it {:.0} us, {:.1}x) vs stop-and-copy {:.0} us ({:.1}x), copy {:.2} GB/s, write stall p50 {:.1} us \
          p99 {:.1} us max {:.1} us (control: a real-time thread's wake-up late p99 {:.1} us max {:.0} us), the emulated guest's stores p50 {:.0} us p99 {:.0} us max {:.0} us, branch {:.2} ms during the copy ({:.2} ms after it), 16 branches +{:.0} MiB ({:.0} MiB written, process +{:.0} MiB), \
          consistent: {}",
         result.memory_mib,
         result.runs,
         result.live_pause_us_p50,
         result.live_arm_us_p50,
+        result.live_guest_pause_us_p50,
         result.oneshot_arm_pause_us_p50,
         result.pause_ratio_oneshot_over_live,
+        result.oneshot_guest_pause_us_p50,
+        result.guest_pause_ratio_oneshot_over_live,
         result.stop_copy_pause_us_p50,
         result.pause_ratio_stop_copy_over_live,
         result.copy_gbps_p50,
@@ -205,6 +216,8 @@ pub fn measure(args: &BenchArgs) -> anyhow::Result<BenchResult> {
         })?;
 
     let mut live_pause = Vec::new();
+    let mut live_guest_pause = Vec::new();
+    let mut oneshot_guest_pause = Vec::new();
     let mut live_arm = Vec::new();
     let mut live_stopped = Vec::new();
     let mut live_pre_arm = Vec::new();
@@ -226,7 +239,9 @@ pub fn measure(args: &BenchArgs) -> anyhow::Result<BenchResult> {
         // Live capture, as the agent runs it (the state recorded at the
         // pause, the copy in the background, branches served meanwhile).
         let live_dir = CaptureDir::new(scratch.path().join(format!("live-{run}")));
+        let pauses_before = resumed_pauses(&vm);
         let running = live_dir.start_live(&vm, "bench", Arm::AheadOfPause)?;
+        live_guest_pause.push(guest_seen_pause_us(&vm, pauses_before)?);
         // A branch started at once, before the copy completes.
         let paused = vm.pause(false)?;
         let early = time_restore(&live_dir, Some(&running.progress()));
@@ -254,7 +269,9 @@ pub fn measure(args: &BenchArgs) -> anyhow::Result<BenchResult> {
         // One-shot arm baseline.
         let oneshot_dir = CaptureDir::new(scratch.path().join(format!("oneshot-{run}")));
         let mapping = Arc::new(oneshot_dir.create(memory_bytes)?);
+        let pauses_before = resumed_pauses(&vm);
         let captured = LiveCapture::start(&vm, mapping.clone(), Arm::InPause)?.finish()?;
+        oneshot_guest_pause.push(guest_seen_pause_us(&vm, pauses_before)?);
         consistent &= check(&mapping, &captured.vcpus, "one-shot live");
         oneshot_pause.push(captured.stats.pause_ns as f64 / 1e3);
         drop(mapping);
@@ -310,6 +327,8 @@ pub fn measure(args: &BenchArgs) -> anyhow::Result<BenchResult> {
     let mut guest_stalls = measure_guest_write_stalls(memory_bytes, args.runs, scratch.path())?;
 
     let live_pause_us_p50 = median(&mut live_pause);
+    let live_guest_pause_us_p50 = median(&mut live_guest_pause);
+    let oneshot_guest_pause_us_p50 = median(&mut oneshot_guest_pause);
     let stop_copy_pause_us_p50 = median(&mut stop_pause);
     let oneshot_arm_pause_us_p50 = median(&mut oneshot_pause);
     let restore_ms_p50 = median(&mut restore_ms);
@@ -322,6 +341,9 @@ pub fn measure(args: &BenchArgs) -> anyhow::Result<BenchResult> {
         live_pause_us_p50,
         live_arm_us_p50: median(&mut live_arm),
         live_vcpus_stopped_us_p50: median(&mut live_stopped),
+        live_guest_pause_us_p50,
+        oneshot_guest_pause_us_p50,
+        guest_pause_ratio_oneshot_over_live: oneshot_guest_pause_us_p50 / live_guest_pause_us_p50,
         live_reprotected_pages_p50: median(&mut reprotected),
         live_pre_arm_us_p50: median(&mut live_pre_arm),
         oneshot_arm_pause_us_p50,
@@ -393,6 +415,33 @@ fn remove_stale_scratch(dir: &std::path::Path) {
             Err(err) => eprintln!("cannot remove {}: {err}", entry.path().display()),
         }
     }
+}
+
+/// Pauses the vCPUs have come back from, all of them together.
+fn resumed_pauses(vm: &Vm) -> u64 {
+    vm.reports()
+        .iter()
+        .map(|report| report.pauses.load(Ordering::Acquire))
+        .sum()
+}
+
+/// Waits until every vCPU is back from the pause after `before`; returns
+/// the longest any was out of the guest for it, in microseconds.
+fn guest_seen_pause_us(vm: &Vm, before: u64) -> anyhow::Result<f64> {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while resumed_pauses(vm) < before + vm.vcpu_count() as u64 {
+        if Instant::now() > deadline {
+            bail!("the vCPUs did not resume within 1 s of the capture's pause");
+        }
+        std::thread::yield_now();
+    }
+    let longest = vm
+        .reports()
+        .iter()
+        .map(|report| report.last_pause_ns.load(Ordering::Relaxed))
+        .max()
+        .unwrap_or_default();
+    Ok(longest as f64 / 1e3)
 }
 
 fn wait_first_pass(vm: &Vm) -> anyhow::Result<()> {

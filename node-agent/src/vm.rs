@@ -36,11 +36,18 @@ pub enum VmError {
     SignalHandler(#[source] vmm_sys_util::errno::Error),
 }
 
-/// Progress a guest reported through `REPORT_PORT`.
+/// Progress a guest reported through `REPORT_PORT`, and the pauses its
+/// vCPU came back from.
 #[derive(Debug, Default)]
 pub struct VcpuReports {
     pub last: AtomicU64,
     pub count: AtomicU64,
+    /// Pauses this vCPU has resumed from.
+    pub pauses: AtomicU64,
+    /// The last of them as the guest saw it: from `KVM_RUN` returning to
+    /// its next entry, so the vCPU's own exit and wake-up count, the time
+    /// the kick takes to reach it (the guest still runs) does not.
+    pub last_pause_ns: AtomicU64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -429,6 +436,7 @@ fn run_vcpu(
     // SAFETY: pthread_self has no preconditions.
     set_realtime(unsafe { libc::pthread_self() }, false);
     let mut parked_generation = 0;
+    let mut left_guest = Instant::now();
     let failure = loop {
         {
             let mut state = control.lock();
@@ -446,12 +454,19 @@ fn run_vcpu(
                 {
                     state = control.changed.wait(state).unwrap();
                 }
+                let reports = &control.reports[index];
+                reports
+                    .last_pause_ns
+                    .store(left_guest.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                reports.pauses.fetch_add(1, Ordering::Release);
             }
             if state.command == Command::Stop {
                 break None;
             }
         }
-        match vcpu.run() {
+        let exit = vcpu.run();
+        left_guest = Instant::now();
+        match exit {
             Ok(VcpuExit::IoOut(port, data)) => handle_io_out(&control, index, port, data),
             Ok(VcpuExit::IoIn(_, data)) => data.fill(0xff),
             Ok(VcpuExit::MmioRead(_, data)) => data.fill(0),
