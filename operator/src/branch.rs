@@ -638,6 +638,11 @@ async fn record_finished_copy(
     };
     let capture = match answer {
         Ok(capture) => capture,
+        // Gone (the agent lost it): its figures will never come.
+        Err(Error::Agent { status, .. }) if status.code() == Code::NotFound => {
+            tracing::debug!(sandboxbranch = %branch.name_any(), "the capture is gone; its copy figures stay unknown");
+            return false;
+        }
         Err(err) => {
             tracing::debug!(sandboxbranch = %branch.name_any(), error = %ErrorChain(&err), "could not read the capture's copy figures");
             return true;

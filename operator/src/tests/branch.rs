@@ -715,3 +715,22 @@ async fn a_live_copy_that_completes_after_the_branches_start_fills_in_its_figure
     h.reconcile_branch("fork").await.unwrap();
     assert_eq!(h.agent_calls("GetCapture").len(), 2);
 }
+
+#[tokio::test]
+async fn a_live_copy_whose_capture_is_gone_is_not_asked_about_again() {
+    let h = setup(1, DeletionPolicy::Delete).await;
+    h.agent.state.lock().unwrap().copy_in_background = true;
+    let uid = h.branch("fork").unwrap().metadata.uid.unwrap();
+    h.reconcile_branch("fork").await.unwrap();
+    h.settle_sandbox("fork-0").await;
+    h.reconcile_branch("fork").await.unwrap();
+    h.agent.state.lock().unwrap().captures.remove(&uid);
+
+    let action = h.reconcile_branch("fork").await.unwrap();
+
+    assert_eq!(action, Action::requeue(h.ctx.settings.resync));
+    assert_eq!(h.agent_calls("GetCapture").len(), 1);
+    let status = h.branch("fork").unwrap().status.unwrap();
+    assert_eq!(status.capture.unwrap().copy_duration_millis, None);
+    assert_eq!(condition(&status.conditions, READY).0, "True");
+}
