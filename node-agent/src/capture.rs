@@ -216,9 +216,15 @@ struct LiveCopy {
     uffd: Uffd,
     page_states: Vec<AtomicU8>,
     stop_handler: OwnedFd,
-    /// While armed ahead of the pause: the pages written since, which the
-    /// fault handler un-protected without copying. `None` once paused.
-    tracking: Mutex<Option<Vec<usize>>>,
+    /// Whether the capture is armed ahead of the pause: until the pause, the
+    /// fault handler records the pages written (in `written`) and
+    /// un-protects them without copying.
+    tracking: Mutex<bool>,
+    /// One bit per page, set by the fault handler while `tracking`. Fixed in
+    /// size and allocated up front: an allocation in the handler can take
+    /// the process's mmap lock for writing (a new malloc arena), which waits
+    /// behind the early arm and stalls every guest fault behind it.
+    written: Vec<AtomicU64>,
     pages_by_handler: AtomicU64,
     pages_by_copier: AtomicU64,
     write_faults: AtomicU64,
@@ -332,30 +338,48 @@ impl LiveCopy {
     /// vCPUs stopped and ends the tracking: from then on the fault handler
     /// copies before un-protecting.
     fn reprotect_written(&self, paused: bool) -> Result<u64, CaptureError> {
-        let mut written = {
-            let mut tracking = self.tracking.lock().unwrap();
-            if paused {
-                tracking.take().unwrap_or_default()
-            } else {
-                tracking.as_mut().map(std::mem::take).unwrap_or_default()
-            }
-        };
-        written.sort_unstable();
-        written.dedup();
-        let mut index = 0;
-        while index < written.len() {
-            let first = written[index];
-            let mut end = first + 1;
-            while index + 1 < written.len() && written[index + 1] == end {
-                index += 1;
-                end += 1;
-            }
-            self.uffd
-                .write_protect(self.page_addr(first), (end - first) * PAGE_SIZE)
-                .map_err(uffd_op("UFFDIO_WRITEPROTECT"))?;
-            index += 1;
+        // Under the lock throughout: the handler records and un-protects a
+        // page as one step, so none is un-protected after its bit is taken
+        // here and re-protected. A page taken here and written again before
+        // its re-protect did not fault (it was unprotected): the re-protect
+        // covers that write.
+        let mut tracking = self.tracking.lock().unwrap();
+        if paused {
+            // From now on the handler copies before un-protecting.
+            *tracking = false;
         }
-        Ok(written.len() as u64)
+        let mut reprotected = 0;
+        let mut run: Option<(usize, usize)> = None;
+        let pages = self.page_states.len();
+        for (index, word) in self.written.iter().enumerate() {
+            let mut bits = word.swap(0, Ordering::AcqRel);
+            while bits != 0 {
+                let page = index * 64 + bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                if page >= pages {
+                    break;
+                }
+                reprotected += 1;
+                run = match run {
+                    Some((first, end)) if end == page => Some((first, page + 1)),
+                    Some((first, end)) => {
+                        self.write_protect(first, end)?;
+                        Some((page, page + 1))
+                    }
+                    None => Some((page, page + 1)),
+                };
+            }
+        }
+        if let Some((first, end)) = run {
+            self.write_protect(first, end)?;
+        }
+        Ok(reprotected)
+    }
+
+    fn write_protect(&self, first: usize, end: usize) -> Result<(), CaptureError> {
+        self.uffd
+            .write_protect(self.page_addr(first), (end - first) * PAGE_SIZE)
+            .map_err(uffd_op("UFFDIO_WRITEPROTECT"))
     }
 
     fn run_fault_handler(&self) -> Result<(), CaptureError> {
@@ -390,9 +414,9 @@ impl LiveCopy {
                         // Recording and un-protecting under the lock: the
                         // pause sees each page either still protected or
                         // recorded (and re-protects it).
-                        let mut tracking = self.tracking.lock().unwrap();
-                        if let Some(written) = tracking.as_mut() {
-                            written.push(page);
+                        let tracking = self.tracking.lock().unwrap();
+                        if *tracking {
+                            self.written[page / 64].fetch_or(1 << (page % 64), Ordering::AcqRel);
                             self.unprotect(page, 1)?;
                             continue;
                         }
@@ -466,6 +490,9 @@ impl LiveCapture {
                 op: "map guest memory for reading",
                 source: std::io::Error::other(err),
             })?;
+        let written = (0..guest.pages().div_ceil(64))
+            .map(|_| AtomicU64::new(0))
+            .collect();
         let copy = Arc::new(LiveCopy {
             source_view,
             page_states: (0..guest.pages())
@@ -475,23 +502,33 @@ impl LiveCapture {
             snapshot,
             uffd,
             stop_handler,
-            tracking: Mutex::new((arm == Arm::AheadOfPause).then(Vec::new)),
+            tracking: Mutex::new(arm == Arm::AheadOfPause),
+            written,
+
             pages_by_handler: AtomicU64::new(0),
             pages_by_copier: AtomicU64::new(0),
             write_faults: AtomicU64::new(0),
             write_error: Mutex::new(None),
         });
-        // The handler must be ready before the first protected write.
+        // The handler must be running before the first protected write: a
+        // thread's start-up maps memory (its signal stack), which takes the
+        // mmap lock for writing; during the early arm that waits behind it,
+        // and every guest fault waits behind that.
+        let (started, running) = std::sync::mpsc::sync_channel(0);
         let handler = {
             let copy = copy.clone();
             std::thread::Builder::new()
                 .name("wp-faults".into())
-                .spawn(move || copy.run_fault_handler())
+                .spawn(move || {
+                    let _ = started.send(());
+                    copy.run_fault_handler()
+                })
                 .map_err(|source| CaptureError::Sys {
                     op: "spawn fault handler",
                     source,
                 })?
         };
+        let _ = running.recv();
         let mut capture = Self {
             copy,
             copier: None,
@@ -534,7 +571,13 @@ impl LiveCapture {
         };
         if arm == Arm::AheadOfPause {
             let started = Instant::now();
-            protect_all(&capture.copy)?;
+            let copy = &capture.copy;
+            for (at, len) in pieces(copy.guest.len()) {
+                copy.uffd
+                    // SAFETY: `at` is inside guest memory (see `pieces`).
+                    .write_protect(unsafe { copy.guest.as_ptr().add(at) }.cast(), len)
+                    .map_err(uffd_op("UFFDIO_WRITEPROTECT"))?;
+            }
             capture.pre_arm_ns = started.elapsed().as_nanos() as u64;
             // The guest kept writing during the arm (tens of ms per GiB
             // here): catch up while it runs, so that the pause re-protects
@@ -652,11 +695,29 @@ impl Drop for LiveCapture {
         // unregister, which lifts every remaining protection.
         let _ = join(self.copier.take());
         let _ = self.stop_handler();
-        let _ = self
-            .copy
-            .uffd
-            .unregister(self.copy.guest.as_ptr().cast(), self.copy.guest.len());
+        let copy = &self.copy;
+        for (at, len) in pieces(copy.guest.len()) {
+            // SAFETY: `at` is inside guest memory (see `pieces`).
+            let _ = copy
+                .uffd
+                .unregister(unsafe { copy.guest.as_ptr().add(at) }.cast(), len);
+        }
     }
+}
+
+/// Registering, protecting and unregistering walk the page tables of the
+/// range they are given, and unregistering holds the process's mmap lock
+/// for writing meanwhile (arming holds it for reading, and a writer queued
+/// behind it holds up every reader after it): about 30 ms per populated
+/// GiB here, during which any guest access that faults waits. Done in
+/// pieces of this size, each wait stays near a millisecond.
+const LOCKED_WALK_BYTES: usize = 32 << 20;
+
+/// `(offset, length)` pieces of `LOCKED_WALK_BYTES` covering `0..len`.
+fn pieces(len: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..len)
+        .step_by(LOCKED_WALK_BYTES)
+        .map(move |at| (at, LOCKED_WALK_BYTES.min(len - at)))
 }
 
 fn join(handle: Option<JoinHandle<Result<(), CaptureError>>>) -> Result<(), CaptureError> {
