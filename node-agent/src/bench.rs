@@ -109,6 +109,10 @@ pub struct BenchResult {
     pub guest_write_stall_us_p99: f64,
     pub guest_write_stall_us_max: f64,
     pub guest_write_stall_samples: usize,
+    /// The control, same VM and run: as many slowest stores, in windows as
+    /// long as each capture, with no capture.
+    pub guest_store_control_us_p99: f64,
+    pub guest_store_control_us_max: f64,
     /// `write_stall_us_p50` under its first name.
     pub fault_stall_us_p50: f64,
     /// Pages the fault handler copied ahead of the copier, per capture.
@@ -158,7 +162,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     eprintln!(
         "bench {} MiB x{} runs: live pause {:.0} us (re-protect {:.0} us, as the guest saw it {:.0} us) vs one-shot arm {:.0} us \
          ({:.1}x; as the guest saw it {:.0} us, {:.1}x) vs stop-and-copy {:.0} us ({:.1}x), copy {:.2} GB/s, write stall p50 {:.1} us \
-         p99 {:.1} us max {:.1} us (control: a real-time thread's wake-up late p99 {:.1} us max {:.0} us), the emulated guest's stores p50 {:.0} us p99 {:.0} us max {:.0} us, branch {:.2} ms during the copy ({:.2} ms after it), 16 branches +{:.0} MiB ({:.0} MiB written, process +{:.0} MiB), \
+         p99 {:.1} us max {:.1} us (control: a real-time thread's wake-up late p99 {:.1} us max {:.0} us), the emulated guest's stores p50 {:.0} us p99 {:.0} us max {:.0} us (control p99 {:.0} us max {:.0} us), branch {:.2} ms during the copy ({:.2} ms after it), 16 branches +{:.0} MiB ({:.0} MiB written, process +{:.0} MiB), \
          consistent: {}",
         result.memory_mib,
         result.runs,
@@ -180,6 +184,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         result.guest_write_stall_us_p50,
         result.guest_write_stall_us_p99,
         result.guest_write_stall_us_max,
+        result.guest_store_control_us_p99,
+        result.guest_store_control_us_max,
         result.branch_first_instruction_ms_p50,
         result.restore_ms_p50,
         result.branch16_extra_mib,
@@ -356,10 +362,12 @@ pub fn measure(args: &BenchArgs) -> anyhow::Result<BenchResult> {
         write_stall_us_p999: percentile(&mut stalls, 99.9),
         write_stall_us_max: percentile(&mut stalls, 100.0),
         write_stall_samples: stalls.len(),
-        guest_write_stall_us_p50: percentile(&mut guest_stalls, 50.0),
-        guest_write_stall_us_p99: percentile(&mut guest_stalls, 99.0),
-        guest_write_stall_us_max: percentile(&mut guest_stalls, 100.0),
-        guest_write_stall_samples: guest_stalls.len(),
+        guest_write_stall_us_p50: percentile(&mut guest_stalls.captured, 50.0),
+        guest_write_stall_us_p99: percentile(&mut guest_stalls.captured, 99.0),
+        guest_write_stall_us_max: percentile(&mut guest_stalls.captured, 100.0),
+        guest_write_stall_samples: guest_stalls.captured.len(),
+        guest_store_control_us_p99: percentile(&mut guest_stalls.control, 99.0),
+        guest_store_control_us_max: percentile(&mut guest_stalls.control, 100.0),
         write_stalls_over_1ms: stalls.iter().filter(|&&stall| stall > 1000.0).count(),
         machine_wake_late_us_p50: percentile(&mut machine.wake_late_us, 50.0),
         machine_wake_late_us_p99: percentile(&mut machine.wake_late_us, 99.0),
@@ -574,7 +582,7 @@ fn measure_guest_write_stalls(
     memory_bytes: u64,
     runs: usize,
     scratch: &std::path::Path,
-) -> anyhow::Result<Vec<f64>> {
+) -> anyhow::Result<GuestStalls> {
     let image = GuestImage {
         code: builtin::timed_writes_code().to_vec(),
         params: [0; 3],
@@ -588,33 +596,50 @@ fn measure_guest_write_stalls(
             .map(|bucket| vm.memory().read_u64(histogram + 8 * bucket))
             .collect()
     };
-    let mut stalls = Vec::new();
-    for run in 0..runs {
-        let dir = CaptureDir::new(scratch.join(format!("timed-{run}")));
-        let before = read_histogram();
-        let state = dir
-            .start_live(&vm, "bench-timed", Arm::AheadOfPause)?
-            .finish()?;
-        let after = read_histogram();
-        dir.remove()?;
-        let mut faults = state.stats.write_faults;
+    // The slowest `count` stores between two readings, in microseconds.
+    let slowest = |before: &[u64], after: &[u64], mut count: u64, into: &mut Vec<f64>| {
         for bucket in (0..builtin::STORE_BUCKETS).rev() {
-            if faults == 0 {
+            if count == 0 {
                 break;
             }
-            let stores = after[bucket].saturating_sub(before[bucket]).min(faults);
+            let stores = after[bucket].saturating_sub(before[bucket]).min(count);
             let (_, longest) = builtin::store_bucket_ticks(bucket);
-            stalls.extend(std::iter::repeat_n(
+            into.extend(std::iter::repeat_n(
                 longest as f64 / ticks_per_us,
                 stores as usize,
             ));
-            faults -= stores;
+            count -= stores;
         }
+    };
+    let mut stalls = GuestStalls::default();
+    for run in 0..runs {
+        let dir = CaptureDir::new(scratch.join(format!("timed-{run}")));
+        let before = read_histogram();
+        let started = Instant::now();
+        let state = dir
+            .start_live(&vm, "bench-timed", Arm::AheadOfPause)?
+            .finish()?;
+        let window = started.elapsed();
+        let after = read_histogram();
+        dir.remove()?;
+        let faults = state.stats.write_faults;
+        slowest(&before, &after, faults, &mut stalls.captured);
+        // The control: as long again, no capture, as many slowest stores.
+        std::thread::sleep(window);
+        slowest(&after, &read_histogram(), faults, &mut stalls.control);
     }
     if let Some(failure) = vm.failure() {
         bail!("the timed_writes guest failed: {failure}");
     }
     Ok(stalls)
+}
+
+/// The emulated guest's slowest stores, in microseconds: during captures,
+/// and in windows as long with no capture.
+#[derive(Default)]
+struct GuestStalls {
+    captured: Vec<f64>,
+    control: Vec<f64>,
 }
 
 /// Restores a branch and waits for its first guest store: the counter guest
