@@ -437,6 +437,10 @@ impl LiveCopy {
 pub struct LiveCapture {
     copy: Arc<LiveCopy>,
     copier: Option<JoinHandle<Result<(), CaptureError>>>,
+    /// Starts the copier, which is spawned before the arm (its start-up
+    /// takes the mmap lock for writing, as the handler's does) and waits
+    /// for this; dropping it unstarted lets the copier end at once.
+    start_copier: Option<std::sync::mpsc::SyncSender<()>>,
     handler: Option<JoinHandle<Result<(), CaptureError>>>,
     vcpus: Vec<VcpuState>,
     vm_state: VmState,
@@ -532,6 +536,7 @@ impl LiveCapture {
         let mut capture = Self {
             copy,
             copier: None,
+            start_copier: None,
             handler: Some(handler),
             vcpus: Vec::new(),
             vm_state: VmState {
@@ -545,6 +550,28 @@ impl LiveCapture {
             reprotected_pages: 0,
             resumed: Instant::now(),
         };
+        let (start_copier, copier_started) = std::sync::mpsc::sync_channel(1);
+        let (copier_up, copier_running) = std::sync::mpsc::sync_channel(0);
+        // Spawned now, started after the pause: see `start_copier`.
+        let copier = {
+            let copy = capture.copy.clone();
+            std::thread::Builder::new()
+                .name("snapshot-copier".into())
+                .spawn(move || {
+                    let _ = copier_up.send(());
+                    match copier_started.recv() {
+                        Ok(()) => copy.run_copier(),
+                        Err(_) => Ok(()),
+                    }
+                })
+                .map_err(|source| CaptureError::Sys {
+                    op: "spawn copier",
+                    source,
+                })?
+        };
+        capture.copier = Some(copier);
+        capture.start_copier = Some(start_copier);
+        let _ = copier_running.recv();
         // The one-shot arm works inside the pause, where write-protecting
         // populated page tables costs ~16-35 ms per GiB but empty ones are
         // cheap: drop the guest mapping's page-table entries first (memfd
@@ -603,16 +630,9 @@ impl LiveCapture {
         armed?;
         capture.vcpus = paused.vcpus;
         capture.vm_state = paused.vm;
-        let copy = capture.copy.clone();
-        capture.copier = Some(
-            std::thread::Builder::new()
-                .name("snapshot-copier".into())
-                .spawn(move || copy.run_copier())
-                .map_err(|source| CaptureError::Sys {
-                    op: "spawn copier",
-                    source,
-                })?,
-        );
+        if let Some(start) = capture.start_copier.take() {
+            let _ = start.send(());
+        }
         Ok(capture)
     }
 
@@ -693,6 +713,8 @@ impl Drop for LiveCapture {
         // An unfinished capture (error or early drop) must not leave the
         // guest blocked: let the copier finish, stop the handler, and
         // unregister, which lifts every remaining protection.
+        // An unstarted copier ends once its start is dropped.
+        self.start_copier = None;
         let _ = join(self.copier.take());
         let _ = self.stop_handler();
         let copy = &self.copy;
