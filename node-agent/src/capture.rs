@@ -350,15 +350,11 @@ impl LiveCopy {
         }
         let mut reprotected = 0;
         let mut run: Option<(usize, usize)> = None;
-        let pages = self.page_states.len();
         for (index, word) in self.written.iter().enumerate() {
             let mut bits = word.swap(0, Ordering::AcqRel);
             while bits != 0 {
                 let page = index * 64 + bits.trailing_zeros() as usize;
                 bits &= bits - 1;
-                if page >= pages {
-                    break;
-                }
                 reprotected += 1;
                 run = match run {
                     Some((first, end)) if end == page => Some((first, page + 1)),
@@ -508,31 +504,16 @@ impl LiveCapture {
             stop_handler,
             tracking: Mutex::new(arm == Arm::AheadOfPause),
             written,
-
             pages_by_handler: AtomicU64::new(0),
             pages_by_copier: AtomicU64::new(0),
             write_faults: AtomicU64::new(0),
             write_error: Mutex::new(None),
         });
-        // The handler must be running before the first protected write: a
-        // thread's start-up maps memory (its signal stack), which takes the
-        // mmap lock for writing; during the early arm that waits behind it,
-        // and every guest fault waits behind that.
-        let (started, running) = std::sync::mpsc::sync_channel(0);
+        // The handler must be running before the first protected write.
         let handler = {
             let copy = copy.clone();
-            std::thread::Builder::new()
-                .name("wp-faults".into())
-                .spawn(move || {
-                    let _ = started.send(());
-                    copy.run_fault_handler()
-                })
-                .map_err(|source| CaptureError::Sys {
-                    op: "spawn fault handler",
-                    source,
-                })?
+            spawn_running("wp-faults", move || copy.run_fault_handler())?
         };
-        let _ = running.recv();
         let mut capture = Self {
             copy,
             copier: None,
@@ -550,28 +531,17 @@ impl LiveCapture {
             reprotected_pages: 0,
             resumed: Instant::now(),
         };
-        let (start_copier, copier_started) = std::sync::mpsc::sync_channel(1);
-        let (copier_up, copier_running) = std::sync::mpsc::sync_channel(0);
         // Spawned now, started after the pause: see `start_copier`.
-        let copier = {
-            let copy = capture.copy.clone();
-            std::thread::Builder::new()
-                .name("snapshot-copier".into())
-                .spawn(move || {
-                    let _ = copier_up.send(());
-                    match copier_started.recv() {
-                        Ok(()) => copy.run_copier(),
-                        Err(_) => Ok(()),
-                    }
-                })
-                .map_err(|source| CaptureError::Sys {
-                    op: "spawn copier",
-                    source,
-                })?
-        };
-        capture.copier = Some(copier);
+        let (start_copier, copier_started) = std::sync::mpsc::sync_channel(1);
+        let copy = capture.copy.clone();
+        capture.copier = Some(spawn_running(
+            "snapshot-copier",
+            move || match copier_started.recv() {
+                Ok(()) => copy.run_copier(),
+                Err(_) => Ok(()),
+            },
+        )?);
         capture.start_copier = Some(start_copier);
-        let _ = copier_running.recv();
         // The one-shot arm works inside the pause, where write-protecting
         // populated page tables costs ~16-35 ms per GiB but empty ones are
         // cheap: drop the guest mapping's page-table entries first (memfd
@@ -591,19 +561,11 @@ impl LiveCapture {
         }
         // On any error from here, dropping `capture` stops the handler and
         // closes the userfaultfd, which lifts every protection.
-        let protect_all = |copy: &LiveCopy| {
-            copy.uffd
-                .write_protect(copy.guest.as_ptr().cast(), copy.guest.len())
-                .map_err(uffd_op("UFFDIO_WRITEPROTECT"))
-        };
         if arm == Arm::AheadOfPause {
             let started = Instant::now();
             let copy = &capture.copy;
-            for (at, len) in pieces(copy.guest.len()) {
-                copy.uffd
-                    // SAFETY: `at` is inside guest memory (see `pieces`).
-                    .write_protect(unsafe { copy.guest.as_ptr().add(at) }.cast(), len)
-                    .map_err(uffd_op("UFFDIO_WRITEPROTECT"))?;
+            for (first, end) in pieces(copy.page_states.len()) {
+                copy.write_protect(first, end)?;
             }
             capture.pre_arm_ns = started.elapsed().as_nanos() as u64;
             // The guest kept writing during the arm (tens of ms per GiB
@@ -619,7 +581,9 @@ impl LiveCapture {
             Arm::AheadOfPause => capture.copy.reprotect_written(true).map(|pages| {
                 capture.reprotected_pages = pages;
             }),
-            Arm::InPause => protect_all(&capture.copy),
+            Arm::InPause => capture
+                .copy
+                .write_protect(0, capture.copy.page_states.len()),
         };
         capture.arm_ns = arm_started.elapsed().as_nanos() as u64;
         capture.vcpus_stopped_ns = paused.vcpus_stopped_ns;
@@ -718,11 +682,10 @@ impl Drop for LiveCapture {
         let _ = join(self.copier.take());
         let _ = self.stop_handler();
         let copy = &self.copy;
-        for (at, len) in pieces(copy.guest.len()) {
-            // SAFETY: `at` is inside guest memory (see `pieces`).
+        for (first, end) in pieces(copy.page_states.len()) {
             let _ = copy
                 .uffd
-                .unregister(unsafe { copy.guest.as_ptr().add(at) }.cast(), len);
+                .unregister(copy.page_addr(first), (end - first) * PAGE_SIZE);
         }
     }
 }
@@ -733,13 +696,36 @@ impl Drop for LiveCapture {
 /// behind it holds up every reader after it): about 30 ms per populated
 /// GiB here, during which any guest access that faults waits. Done in
 /// pieces of this size, each wait stays near a millisecond.
-const LOCKED_WALK_BYTES: usize = 32 << 20;
+const LOCKED_WALK_PAGES: usize = (32 << 20) / PAGE_SIZE;
 
-/// `(offset, length)` pieces of `LOCKED_WALK_BYTES` covering `0..len`.
-fn pieces(len: usize) -> impl Iterator<Item = (usize, usize)> {
-    (0..len)
-        .step_by(LOCKED_WALK_BYTES)
-        .map(move |at| (at, LOCKED_WALK_BYTES.min(len - at)))
+/// Page ranges `first..end` of `LOCKED_WALK_PAGES` covering `0..pages`.
+fn pieces(pages: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..pages)
+        .step_by(LOCKED_WALK_PAGES)
+        .map(move |first| (first, (first + LOCKED_WALK_PAGES).min(pages)))
+}
+
+/// Spawns a thread and returns once it runs: a thread's start-up maps
+/// memory (its signal stack), which takes the mmap lock for writing. Done
+/// during the early arm, that would wait behind the arm, and every guest
+/// fault would wait behind it.
+fn spawn_running(
+    name: &str,
+    body: impl FnOnce() -> Result<(), CaptureError> + Send + 'static,
+) -> Result<JoinHandle<Result<(), CaptureError>>, CaptureError> {
+    let (up, running) = std::sync::mpsc::sync_channel(0);
+    let handle = std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let _ = up.send(());
+            body()
+        })
+        .map_err(|source| CaptureError::Sys {
+            op: "spawn capture thread",
+            source,
+        })?;
+    let _ = running.recv();
+    Ok(handle)
 }
 
 fn join(handle: Option<JoinHandle<Result<(), CaptureError>>>) -> Result<(), CaptureError> {
