@@ -9,7 +9,6 @@
 //! reconcile reached.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -17,7 +16,6 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
-use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use sandfork_api::agent::v1 as pb;
@@ -30,10 +28,11 @@ use sandfork_api::{Sandbox, SandboxBranch, SandboxBranchStatus, SandboxSpec, lab
 use tonic::Code;
 
 use crate::agents::with_timeout;
-use crate::context::{Context, FIELD_MANAGER, FINALIZER, apply_status, object_key};
+use crate::context::{Context, FIELD_MANAGER, FINALIZER};
+use crate::controller::{Reconcile, StatusUpdate, give_up_or_retry};
 use crate::error::{Error, Result, agent_code_is_transient, is_already_exists, is_not_found};
 use crate::metrics::{KindLabels, ModeLabels};
-use crate::sandbox::{ErrorChain, give_up_or_retry};
+use crate::error::ErrorChain;
 
 pub const CONTROLLER: &str = "sandboxbranch";
 
@@ -56,46 +55,20 @@ pub mod reason {
     pub const COMPLETE: &str = "Complete";
 }
 
-pub async fn reconcile(branch: Arc<SandboxBranch>, ctx: Arc<Context>) -> Result<Action> {
-    let started = Instant::now();
-    let key = object_key(branch.as_ref());
-    let namespace = branch
-        .namespace()
-        .ok_or_else(|| Error::Permanent("SandboxBranch without a namespace".into()))?;
-    let api: Api<SandboxBranch> = Api::namespaced(ctx.client.clone(), &namespace);
-    let result = finalizer(&api, FINALIZER, branch, |event| async {
-        match event {
-            Finalizer::Apply(branch) => apply(&branch, &ctx).await,
-            Finalizer::Cleanup(branch) => cleanup(&branch, &ctx).await,
-        }
-    });
-    let limit = ctx.settings.reconcile_timeout;
-    let result = match tokio::time::timeout(limit, result).await {
-        Ok(result) => result.map_err(|err| Error::Finalizer(Box::new(err))),
-        Err(_) => Err(Error::Timeout(limit)),
-    };
-    ctx.metrics.reconciled(CONTROLLER, started.elapsed());
-    if result.is_ok() {
-        ctx.succeeded(&key);
-    }
-    result
-}
+impl Reconcile for SandboxBranch {
+    const CONTROLLER: &'static str = CONTROLLER;
+    type Status = SandboxBranchStatus;
 
-pub fn error_policy(branch: Arc<SandboxBranch>, err: &Error, ctx: Arc<Context>) -> Action {
-    ctx.metrics.failed(CONTROLLER, err.metric_label());
-    if err.is_conflict() {
-        tracing::debug!(sandboxbranch = %branch.name_any(), "conflict; retrying");
-        Action::requeue(crate::sandbox::CONFLICT_RETRY)
-    } else if err.is_waiting() {
-        tracing::debug!(sandboxbranch = %branch.name_any(), error = %ErrorChain(err));
-        Action::requeue(ctx.settings.poll)
-    } else if err.is_transient() {
-        let wait = ctx.backoff(object_key(branch.as_ref()));
-        tracing::warn!(sandboxbranch = %branch.name_any(), error = %ErrorChain(err), ?wait, "reconcile failed; retrying");
-        Action::requeue(wait)
-    } else {
-        tracing::error!(sandboxbranch = %branch.name_any(), error = %ErrorChain(err), "reconcile failed; waiting for a change");
-        Action::await_change()
+    fn status(&self) -> Option<&SandboxBranchStatus> {
+        self.status.as_ref()
+    }
+
+    async fn apply(&self, ctx: &Context) -> Result<Action> {
+        apply(self, ctx).await
+    }
+
+    async fn cleanup(&self, ctx: &Context) -> Result<Action> {
+        cleanup(self, ctx).await
     }
 }
 
@@ -106,60 +79,21 @@ fn mode_name(mode: CaptureMode) -> &'static str {
     }
 }
 
-/// The status being built by one reconcile.
-struct Update<'a> {
-    branch: &'a SandboxBranch,
-    status: SandboxBranchStatus,
-    now: Timestamp,
-    /// The status as last written (or read), and the object's version then.
-    written: Option<SandboxBranchStatus>,
-    resource_version: Option<String>,
-}
+type Update<'a> = StatusUpdate<'a, SandboxBranch>;
 
-impl<'a> Update<'a> {
-    fn new(branch: &'a SandboxBranch, now: Timestamp) -> Self {
-        Self {
-            branch,
-            status: branch.status.clone().unwrap_or_default(),
-            now,
-            written: branch.status.clone(),
-            resource_version: branch.metadata.resource_version.clone(),
-        }
-    }
-
+impl StatusUpdate<'_, SandboxBranch> {
+    /// Sets the three conditions to the same reason and message.
     fn set(&mut self, ready: bool, progressing: bool, failed: bool, reason: &str, message: &str) {
-        self.status.conditions = conditions::merge(
-            &self.status.conditions,
-            &[
-                Cond::new(conditions::READY, ready, reason, message),
-                Cond::new(conditions::PROGRESSING, progressing, reason, message),
-                Cond::new(conditions::FAILED, failed, reason, message),
-            ],
-            self.branch.metadata.generation,
-            &Time(self.now),
-        );
-        self.status.observed_generation = self.branch.metadata.generation;
+        self.set_conditions(&[
+            Cond::new(conditions::READY, ready, reason, message),
+            Cond::new(conditions::PROGRESSING, progressing, reason, message),
+            Cond::new(conditions::FAILED, failed, reason, message),
+        ]);
     }
 
     /// Not ready yet, working on it.
     fn progress(&mut self, reason: &str, message: &str) {
         self.set(false, true, false, reason, message);
-    }
-
-    /// Writes the status if it changed.
-    async fn write(&mut self, ctx: &Context) -> Result<()> {
-        if self.written.as_ref() == Some(&self.status) {
-            return Ok(());
-        }
-        self.resource_version = apply_status(
-            ctx,
-            self.branch,
-            self.resource_version.as_deref(),
-            &self.status,
-        )
-        .await?;
-        self.written = Some(self.status.clone());
-        Ok(())
     }
 }
 

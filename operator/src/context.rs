@@ -190,43 +190,6 @@ impl Context {
     }
 }
 
-/// Writes `status` as the whole status of `obj`, by server-side apply with
-/// the operator's field manager, on the condition that the object is still
-/// at `resource_version` (a reconcile that started from a stale cached copy
-/// gets a conflict instead of overwriting newer state). Returns the new
-/// resourceVersion.
-pub async fn apply_status<K>(
-    ctx: &Context,
-    obj: &K,
-    resource_version: Option<&str>,
-    status: &impl serde::Serialize,
-) -> kube::Result<Option<String>>
-where
-    K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
-    K: Resource<Scope = kube::core::NamespaceResourceScope>,
-{
-    let api: kube::Api<K> = kube::Api::namespaced(
-        ctx.client.clone(),
-        obj.meta().namespace.as_deref().unwrap_or_default(),
-    );
-    let mut patch = serde_json::json!({
-        "apiVersion": K::api_version(&()),
-        "kind": K::kind(&()),
-        "status": status,
-    });
-    if let Some(resource_version) = resource_version {
-        patch["metadata"] = serde_json::json!({ "resourceVersion": resource_version });
-    }
-    let written = api
-        .patch_status(
-            obj.meta().name.as_deref().unwrap_or_default(),
-            &kube::api::PatchParams::apply(FIELD_MANAGER).force(),
-            &kube::api::Patch::Apply(&patch),
-        )
-        .await?;
-    Ok(written.meta().resource_version.clone())
-}
-
 /// `kind/namespace/name`, the key of an object in backoff bookkeeping.
 pub fn object_key<K: Resource<DynamicType = ()>>(obj: &K) -> String {
     format!(

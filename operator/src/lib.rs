@@ -6,6 +6,7 @@ pub mod agents;
 pub mod branch;
 pub mod client;
 pub mod context;
+pub mod controller;
 pub mod error;
 pub mod http;
 pub mod leader;

@@ -17,10 +17,10 @@ use sandfork_api::{Sandbox, SandboxBranch, labels};
 
 use crate::agents::{AgentTlsArgs, Agents, Dial, TlsDialer};
 use crate::context::{Caches, Clock, Context, FIELD_MANAGER, Settings};
+use crate::controller::{error_policy, reconcile};
 use crate::http::{self, HttpState};
 use crate::leader::{self, LeaderArgs, LeaderElector};
 use crate::metrics::Metrics;
-use crate::{branch, sandbox};
 
 #[derive(Clone, Debug, clap::Parser)]
 #[command(
@@ -198,14 +198,14 @@ async fn controllers(
         .shutdown_on_signal();
 
     let sandboxes = sandbox_controller
-        .run(sandbox::reconcile, sandbox::error_policy, ctx.clone())
+        .run(reconcile, error_policy, ctx.clone())
         .for_each(|result| async move {
             if let Err(err) = result {
                 tracing::debug!(%err, "sandbox controller");
             }
         });
     let branches = branch_controller
-        .run(branch::reconcile, branch::error_policy, ctx)
+        .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
             if let Err(err) = result {
                 tracing::debug!(%err, "sandboxbranch controller");

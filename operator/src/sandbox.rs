@@ -11,14 +11,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use k8s_openapi::api::core::v1::Node;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
-use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::ObjectRef;
-use kube::{Resource, ResourceExt};
+use kube::ResourceExt;
 use sandfork_api::agent::v1 as pb;
 use sandfork_api::conditions::{self, Cond};
 use sandfork_api::sandbox::{BuiltinWorkload, DirtyPattern, GuestSpec, SandboxOrigin, VmStatus};
@@ -26,14 +24,12 @@ use sandfork_api::{Sandbox, SandboxBranch, SandboxStatus};
 use tonic::Code;
 
 use crate::agents::with_timeout;
-use crate::context::{Context, FINALIZER, object_key};
+use crate::context::Context;
+use crate::controller::{Reconcile, StatusUpdate, give_up_or_retry};
 use crate::error::{Error, Result, agent_code_is_transient};
 use crate::placement;
 
 pub const CONTROLLER: &str = "sandbox";
-
-/// How soon to retry after a write conflict.
-pub const CONFLICT_RETRY: std::time::Duration = std::time::Duration::from_millis(300);
 
 /// `Ready` reasons after which the Sandbox stays as it is until it is deleted.
 pub const PERMANENT_REASONS: &[&str] = &[
@@ -60,59 +56,20 @@ pub mod reason {
     pub const LOST: &str = "Lost";
 }
 
-pub async fn reconcile(sandbox: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Action> {
-    let started = Instant::now();
-    let key = object_key(sandbox.as_ref());
-    let namespace = sandbox
-        .namespace()
-        .ok_or_else(|| Error::Permanent("Sandbox without a namespace".into()))?;
-    let api: Api<Sandbox> = Api::namespaced(ctx.client.clone(), &namespace);
-    let result = finalizer(&api, FINALIZER, sandbox, |event| async {
-        match event {
-            Finalizer::Apply(sandbox) => apply(&sandbox, &ctx).await,
-            Finalizer::Cleanup(sandbox) => cleanup(&sandbox, &ctx).await,
-        }
-    });
-    let limit = ctx.settings.reconcile_timeout;
-    let result = match tokio::time::timeout(limit, result).await {
-        Ok(result) => result.map_err(|err| Error::Finalizer(Box::new(err))),
-        Err(_) => Err(Error::Timeout(limit)),
-    };
-    ctx.metrics.reconciled(CONTROLLER, started.elapsed());
-    if result.is_ok() {
-        ctx.succeeded(&key);
+impl Reconcile for Sandbox {
+    const CONTROLLER: &'static str = CONTROLLER;
+    type Status = SandboxStatus;
+
+    fn status(&self) -> Option<&SandboxStatus> {
+        self.status.as_ref()
     }
-    result
-}
 
-pub fn error_policy(sandbox: Arc<Sandbox>, err: &Error, ctx: Arc<Context>) -> Action {
-    ctx.metrics.failed(CONTROLLER, err.metric_label());
-    if err.is_conflict() {
-        // Reconciled from a stale copy: look again as soon as the cache catches up.
-        tracing::debug!(sandbox = %sandbox.name_any(), "conflict; retrying");
-        Action::requeue(CONFLICT_RETRY)
-    } else if err.is_transient() {
-        let wait = ctx.backoff(object_key(sandbox.as_ref()));
-        tracing::warn!(sandbox = %sandbox.name_any(), error = %ErrorChain(err), ?wait, "reconcile failed; retrying");
-        Action::requeue(wait)
-    } else {
-        tracing::error!(sandbox = %sandbox.name_any(), error = %ErrorChain(err), "reconcile failed; waiting for a change");
-        Action::await_change()
+    async fn apply(&self, ctx: &Context) -> Result<Action> {
+        apply(self, ctx).await
     }
-}
 
-/// Formats an error with its sources.
-pub struct ErrorChain<'a>(pub &'a dyn std::error::Error);
-
-impl std::fmt::Display for ErrorChain<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut source = self.0.source();
-        while let Some(err) = source {
-            write!(f, ": {err}")?;
-            source = err.source();
-        }
-        Ok(())
+    async fn cleanup(&self, ctx: &Context) -> Result<Action> {
+        cleanup(self, ctx).await
     }
 }
 
@@ -144,51 +101,12 @@ pub fn workload(guest: &GuestSpec) -> Result<pb::Workload, String> {
     Ok(pb::Workload { kind: Some(kind) })
 }
 
-/// The status being built by one reconcile.
-struct Update<'a> {
-    sandbox: &'a Sandbox,
-    status: SandboxStatus,
-    now: Timestamp,
-    /// The status as last written (or read), and the object's version then.
-    written: Option<SandboxStatus>,
-    resource_version: Option<String>,
-}
+type Update<'a> = StatusUpdate<'a, Sandbox>;
 
-impl<'a> Update<'a> {
-    fn new(sandbox: &'a Sandbox, now: Timestamp) -> Self {
-        Self {
-            sandbox,
-            status: sandbox.status.clone().unwrap_or_default(),
-            now,
-            written: sandbox.status.clone(),
-            resource_version: sandbox.metadata.resource_version.clone(),
-        }
-    }
-
+impl StatusUpdate<'_, Sandbox> {
+    /// Sets the `Ready` condition.
     fn ready(&mut self, ready: bool, reason: &str, message: impl Into<String>) {
-        self.status.conditions = conditions::merge(
-            &self.status.conditions,
-            &[Cond::new(conditions::READY, ready, reason, message)],
-            self.sandbox.metadata.generation,
-            &Time(self.now),
-        );
-        self.status.observed_generation = self.sandbox.metadata.generation;
-    }
-
-    /// Writes the status if it changed.
-    async fn write(&mut self, ctx: &Context) -> Result<()> {
-        if self.written.as_ref() == Some(&self.status) {
-            return Ok(());
-        }
-        self.resource_version = crate::context::apply_status(
-            ctx,
-            self.sandbox,
-            self.resource_version.as_deref(),
-            &self.status,
-        )
-        .await?;
-        self.written = Some(self.status.clone());
-        Ok(())
+        self.set_conditions(&[Cond::new(conditions::READY, ready, reason, message)]);
     }
 }
 
@@ -600,52 +518,4 @@ async fn cleanup(sandbox: &Sandbox, ctx: &Context) -> Result<Action> {
         }
         Err(err) => Err(err),
     }
-}
-
-/// For a deleted object whose agent cannot be reached: keep retrying for a
-/// while, then let the object go with a Warning (the agent, if it comes
-/// back, still holds the VM or capture; nothing else is harmed).
-pub async fn give_up_or_retry<K>(
-    obj: &K,
-    ctx: &Context,
-    node: &str,
-    reason: &str,
-    now: Timestamp,
-) -> Result<Action>
-where
-    K: Resource<DynamicType = ()>,
-{
-    let registered = ctx.agents.get(node).is_some();
-    let deleted_at = obj
-        .meta()
-        .deletion_timestamp
-        .as_ref()
-        .map(|t| t.0)
-        .unwrap_or(now);
-    let waited = now.duration_since(deleted_at);
-    let grace = k8s_openapi::jiff::SignedDuration::try_from(ctx.settings.unreachable_agent_grace)
-        .unwrap_or_default();
-    if registered && waited < grace {
-        return Err(Error::AgentUnavailable {
-            node: node.to_string(),
-            reason: reason.to_string(),
-        });
-    }
-    let why = if registered {
-        format!(
-            "the agent on node {node} stayed unreachable for {}s ({reason})",
-            waited.as_secs()
-        )
-    } else {
-        format!("no agent is registered for node {node}")
-    };
-    ctx.event(
-        obj,
-        EventType::Warning,
-        "CleanupSkipped",
-        "Delete",
-        format!("{why}; what it held there was not freed"),
-    )
-    .await;
-    Ok(Action::await_change())
 }

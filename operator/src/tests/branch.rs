@@ -438,7 +438,7 @@ async fn deletion_removes_the_branches_then_frees_the_capture() {
     let err = h.reconcile_branch("fork").await.unwrap_err();
     assert!(err.is_waiting(), "{err}");
     assert_eq!(
-        crate::branch::error_policy(Arc::new(h.branch("fork").unwrap()), &err, h.ctx.clone()),
+        crate::controller::error_policy(Arc::new(h.branch("fork").unwrap()), &err, h.ctx.clone()),
         Action::requeue(h.ctx.settings.poll)
     );
     let deletes = h

@@ -181,14 +181,14 @@ impl Harness {
         let sandbox = self
             .sandbox(name)
             .unwrap_or_else(|| panic!("Sandbox {name} exists"));
-        crate::sandbox::reconcile(Arc::new(sandbox), self.ctx.clone()).await
+        crate::controller::reconcile(Arc::new(sandbox), self.ctx.clone()).await
     }
 
     pub async fn reconcile_branch(&self, name: &str) -> Result<Action> {
         let branch = self
             .branch(name)
             .unwrap_or_else(|| panic!("SandboxBranch {name} exists"));
-        crate::branch::reconcile(Arc::new(branch), self.ctx.clone()).await
+        crate::controller::reconcile(Arc::new(branch), self.ctx.clone()).await
     }
 
     /// Reconciles a Sandbox until it has its finalizer and a first status.

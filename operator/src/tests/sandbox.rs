@@ -360,14 +360,14 @@ async fn a_stale_copy_cannot_bind_the_sandbox_elsewhere() {
         )));
     h.api.clear_requests();
 
-    let err = crate::sandbox::reconcile(std::sync::Arc::new(stale.clone()), h.ctx.clone())
+    let err = crate::controller::reconcile(std::sync::Arc::new(stale.clone()), h.ctx.clone())
         .await
         .unwrap_err();
 
     assert!(err.is_conflict(), "{err}");
     assert_eq!(
-        crate::sandbox::error_policy(std::sync::Arc::new(stale), &err, h.ctx.clone()),
-        Action::requeue(crate::sandbox::CONFLICT_RETRY)
+        crate::controller::error_policy(std::sync::Arc::new(stale), &err, h.ctx.clone()),
+        Action::requeue(crate::controller::CONFLICT_RETRY)
     );
     assert_eq!(h.agent_calls("CreateSandbox").len(), 1, "no twin on node-b");
     assert_eq!(h.sandbox("vm").unwrap().node(), Some(NODE));
