@@ -28,4 +28,9 @@ pub mod labels {
     pub const BRANCH_INDEX: &str = "sandfork.dev/branch-index";
     /// Name of the Sandbox the branch was captured from.
     pub const SOURCE: &str = "sandfork.dev/source";
+
+    /// Label selector matching the Sandboxes SandboxBranch `name` created.
+    pub fn branch_selector(name: &str) -> String {
+        format!("{BRANCH}={name}")
+    }
 }

@@ -11,6 +11,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, PostParams};
@@ -19,6 +20,7 @@ use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use sandfork_api::agent::v1 as pb;
+use sandfork_api::agent::v1::agent_client::AgentClient;
 use sandfork_api::branch::{
     BranchError, BranchStatus, CaptureFigures, CaptureMode, DeletionPolicy,
 };
@@ -26,13 +28,14 @@ use sandfork_api::conditions::{self, Cond};
 use sandfork_api::sandbox::RestoreSource;
 use sandfork_api::{Sandbox, SandboxBranch, SandboxBranchStatus, SandboxSpec, labels};
 use tonic::Code;
+use tonic::transport::Channel;
 
 use crate::agents::with_timeout;
 use crate::context::{Context, FIELD_MANAGER, FINALIZER};
-use crate::controller::{Reconcile, StatusUpdate, give_up_or_retry};
+use crate::controller::{Reconcile, StatusUpdate, Step, Stop, done, give_up_or_retry};
+use crate::error::ErrorChain;
 use crate::error::{Error, Result, agent_code_is_transient, is_already_exists, is_not_found};
 use crate::metrics::{KindLabels, ModeLabels};
-use crate::error::ErrorChain;
 
 pub const CONTROLLER: &str = "sandboxbranch";
 
@@ -104,111 +107,231 @@ fn deadline(branch: &SandboxBranch) -> Option<Timestamp> {
     created.checked_add(limit).ok()
 }
 
-async fn apply(branch: &SandboxBranch, ctx: &Context) -> Result<Action> {
-    let now = ctx.clock.now();
-    let uid = branch
-        .uid()
-        .ok_or_else(|| Error::Permanent("SandboxBranch without a UID".into()))?;
-    let name = branch.name_any();
-    let namespace = branch.namespace().unwrap_or_default();
-    let sandboxes: Api<Sandbox> = Api::namespaced(ctx.client.clone(), &namespace);
-    let source_name = branch.spec.source_ref.name.clone();
-    let mut update = Update::new(branch, now);
+/// What the pass found or made of the capture.
+struct Capture {
+    /// The node the capture is on; the branches run there.
+    node: String,
+    /// Set on the pass that captured.
+    fresh: Option<FreshCapture>,
+}
 
-    if branch.is_failed() {
-        return Ok(Action::await_change());
+struct FreshCapture {
+    /// The Event's note, published once the branches are on their way.
+    note: String,
+    /// The source's spec, which the branches copy.
+    source_spec: SandboxSpec,
+}
+
+/// The branches that exist and are ours, by index.
+type Branches = BTreeMap<u32, Sandbox>;
+
+/// One pass of `apply`: what it reads once and the status it builds.
+struct Pass<'a> {
+    branch: &'a SandboxBranch,
+    ctx: &'a Context,
+    uid: String,
+    sandboxes: Api<Sandbox>,
+    update: Update<'a>,
+    /// Whether all branches were ready once; the deadline no longer applies.
+    complete: bool,
+    /// How long until the failure deadline.
+    remaining: Duration,
+    /// How soon to look again while working, never much past the deadline.
+    poll: Duration,
+}
+
+/// Captures the source once, creates the missing branches and deletes the
+/// extra ones, then sums up how the branches are doing.
+async fn apply(branch: &SandboxBranch, ctx: &Context) -> Result<Action> {
+    let mut pass = Pass::new(branch, ctx)?;
+    pass.run().await.or_else(Stop::into_result)
+}
+
+impl<'a> Pass<'a> {
+    fn new(branch: &'a SandboxBranch, ctx: &'a Context) -> Result<Self> {
+        let now = ctx.clock.now();
+        let uid = branch
+            .uid()
+            .ok_or_else(|| Error::Permanent("SandboxBranch without a UID".into()))?;
+        let update = Update::new(branch, now);
+        // How long until the deadline, for requeues and the capture timeout.
+        let remaining = deadline(branch)
+            .map(|deadline| Duration::try_from(deadline.duration_since(now)).unwrap_or_default())
+            .unwrap_or(ctx.settings.capture_timeout);
+        Ok(Self {
+            branch,
+            ctx,
+            uid,
+            sandboxes: Api::namespaced(ctx.client.clone(), &branch.namespace().unwrap_or_default()),
+            complete: update.status.completion_time.is_some(),
+            update,
+            remaining,
+            poll: ctx
+                .settings
+                .poll
+                .min(remaining + Duration::from_millis(100)),
+        })
     }
-    let complete = update.status.completion_time.is_some();
-    let deadline = deadline(branch);
-    if !complete && deadline.is_some_and(|deadline| now > deadline) {
-        let last = conditions::find(&update.status.conditions, conditions::PROGRESSING)
+
+    async fn run(&mut self) -> Step<Action> {
+        if self.branch.is_failed() {
+            return Ok(Action::await_change());
+        }
+        self.check_deadline().await?;
+        let capture = self.ensure_capture().await?;
+        let mut branches = self.list_branches(&capture).await?;
+        self.create_missing(&mut branches, &capture).await?;
+        self.trim_extra(&mut branches).await?;
+        self.summarize(&branches, &capture.node).await
+    }
+
+    /// Marks the SandboxBranch `Failed` for good and releases what it holds
+    /// that is of no use any more: the capture, and the branches not ready.
+    async fn fail<T>(&mut self, reason: &str, message: String) -> Step<T> {
+        let (branch, ctx) = (self.branch, self.ctx);
+        self.update.set(false, false, true, reason, &message);
+        self.update.status.error = Some(BranchError {
+            time: Time(self.update.now),
+            message: message.clone(),
+        });
+        self.update.write(ctx).await?;
+        ctx.event(branch, EventType::Warning, reason, "Fail", message)
+            .await;
+        if let Err(err) = release(branch, ctx, &self.update.status).await {
+            // The finalizer's cleanup tries again when the object is deleted.
+            tracing::warn!(error = %ErrorChain(&err), "could not release a failed SandboxBranch's resources");
+        }
+        done(Action::await_change())
+    }
+
+    /// Says what the pass waits for, and looks again soon.
+    async fn wait<T>(&mut self, reason: &str, message: &str) -> Step<T> {
+        self.update.progress(reason, message);
+        self.update.write(self.ctx).await?;
+        done(Action::requeue(self.poll))
+    }
+
+    /// Fails the SandboxBranch once its failure deadline has passed, unless
+    /// all its branches were ready by then.
+    async fn check_deadline(&mut self) -> Step {
+        let now = self.update.now;
+        if self.complete || !deadline(self.branch).is_some_and(|deadline| now > deadline) {
+            return Ok(());
+        }
+        let last = conditions::find(&self.update.status.conditions, conditions::PROGRESSING)
             .map(|c| format!(" (last: {}: {})", c.reason, c.message))
             .unwrap_or_default();
         let message = format!(
             "the capture and branches were not done within failureDeadline {}{last}",
-            branch.spec.failure_deadline
+            self.branch.spec.failure_deadline
         );
-        return fail(branch, ctx, update, reason::DEADLINE_EXCEEDED, message).await;
+        self.fail(reason::DEADLINE_EXCEEDED, message).await
     }
-    // How long until the deadline, for requeues and the capture timeout.
-    let remaining = deadline
-        .map(|deadline| Duration::try_from(deadline.duration_since(now)).unwrap_or_default())
-        .unwrap_or(ctx.settings.capture_timeout);
-    let poll = ctx
-        .settings
-        .poll
-        .min(remaining + Duration::from_millis(100));
 
-    // Capture once.
-    let mut captured_note = None;
-    let mut source_spec = None;
-    if update.status.capture.is_none() {
+    /// Captures the source once, on its node; later passes find the
+    /// capture in the status.
+    async fn ensure_capture(&mut self) -> Step<Capture> {
+        if self.update.status.capture.is_some() {
+            return Ok(Capture {
+                node: self.update.status.source_node.clone().unwrap_or_default(),
+                fresh: None,
+            });
+        }
+        let source = self.ready_source().await?;
+        let node = source.node().unwrap_or_default().to_string();
+        let client = self.reach_agent(&node).await?;
+        let note = self.capture(&source, &node, client).await?;
+        Ok(Capture {
+            node,
+            fresh: Some(FreshCapture {
+                note,
+                source_spec: source.spec,
+            }),
+        })
+    }
+
+    /// The source Sandbox once it runs on a node; waits for it until then,
+    /// and fails if it failed for good.
+    async fn ready_source(&mut self) -> Step<Sandbox> {
+        let (branch, ctx) = (self.branch, self.ctx);
+        let source_name = &branch.spec.source_ref.name;
+        let namespace = branch.namespace().unwrap_or_default();
         // A source the Sandbox controller's cache shows running is taken
         // from there; anything else is looked up before it is waited for.
         let cached = ctx
             .caches
             .sandboxes
-            .get(&ObjectRef::new(&source_name).within(&namespace))
+            .get(&ObjectRef::new(source_name).within(&namespace))
             .filter(|source| source.is_ready() && source.node().is_some());
         let source = match cached {
             Some(source) => Some(Sandbox::clone(&source)),
-            None => sandboxes.get_opt(&source_name).await?,
+            None => self.sandboxes.get_opt(source_name).await?,
         };
         let Some(source) = source else {
             let message =
                 format!("Sandbox {source_name:?} does not exist in namespace {namespace}");
-            update.progress(reason::SOURCE_NOT_FOUND, &message);
-            update.write(ctx).await?;
-            return Ok(Action::requeue(poll));
+            return self.wait(reason::SOURCE_NOT_FOUND, &message).await;
         };
-        if !source.is_ready() || source.node().is_none() {
-            let ready = source
-                .status
-                .as_ref()
-                .and_then(|s| conditions::find(&s.conditions, conditions::READY).cloned());
-            if let Some(ready) = &ready
-                && crate::sandbox::PERMANENT_REASONS.contains(&ready.reason.as_str())
-            {
-                let message = format!(
-                    "source Sandbox {source_name:?} failed: {}: {}",
-                    ready.reason, ready.message
-                );
-                return fail(branch, ctx, update, reason::SOURCE_FAILED, message).await;
-            }
-            let why = ready
-                .map(|c| format!(" ({}: {})", c.reason, c.message))
-                .unwrap_or_default();
-            let message = format!("waiting for Sandbox {source_name:?} to be Ready{why}");
-            update.progress(reason::WAITING_FOR_SOURCE, &message);
-            update.write(ctx).await?;
-            return Ok(Action::requeue(poll));
+        if source.is_ready() && source.node().is_some() {
+            return Ok(source);
         }
-        let node = source.node().unwrap_or_default().to_string();
-        let source_uid = source.uid().unwrap_or_default();
-        let mut client = match ctx.agents.client(&node, now) {
-            Ok(client) => client,
+        let ready = source
+            .status
+            .as_ref()
+            .and_then(|s| conditions::find(&s.conditions, conditions::READY).cloned());
+        if let Some(ready) = &ready
+            && crate::sandbox::PERMANENT_REASONS.contains(&ready.reason.as_str())
+        {
+            let message = format!(
+                "source Sandbox {source_name:?} failed: {}: {}",
+                ready.reason, ready.message
+            );
+            return self.fail(reason::SOURCE_FAILED, message).await;
+        }
+        let why = ready
+            .map(|c| format!(" ({}: {})", c.reason, c.message))
+            .unwrap_or_default();
+        let message = format!("waiting for Sandbox {source_name:?} to be Ready{why}");
+        self.wait(reason::WAITING_FOR_SOURCE, &message).await
+    }
+
+    /// A client for the agent of `node`; waits while there is none ready.
+    async fn reach_agent(&mut self, node: &str) -> Step<AgentClient<Channel>> {
+        match self.ctx.agents.client(node, self.update.now) {
+            Ok(client) => Ok(client),
             Err(Error::AgentUnavailable { reason, .. }) => {
                 let message = format!("the agent on node {node} is not available: {reason}");
-                update.progress(reason::AGENT_UNAVAILABLE, &message);
-                update.write(ctx).await?;
-                return Ok(Action::requeue(poll));
+                self.wait(reason::AGENT_UNAVAILABLE, &message).await
             }
-            Err(err) => return Err(err),
-        };
-        if update.status.source_node.as_deref() != Some(node.as_str()) {
-            update.status.source_node = Some(node.clone());
+            Err(err) => Err(err.into()),
+        }
+    }
+
+    /// Has the agent of `node` capture `source`, keyed by this
+    /// SandboxBranch's UID, and records the capture in the status. Returns
+    /// the note of the `Captured` Event.
+    async fn capture(
+        &mut self,
+        source: &Sandbox,
+        node: &str,
+        mut client: AgentClient<Channel>,
+    ) -> Step<String> {
+        let (branch, ctx) = (self.branch, self.ctx);
+        let source_name = &branch.spec.source_ref.name;
+        if self.update.status.source_node.as_deref() != Some(node) {
+            self.update.status.source_node = Some(node.to_string());
         }
         let message = format!(
             "capturing Sandbox {source_name:?} on node {node} ({})",
             mode_name(branch.spec.mode)
         );
-        let first_try = !conditions::find(&update.status.conditions, conditions::PROGRESSING)
+        let first_try = !conditions::find(&self.update.status.conditions, conditions::PROGRESSING)
             .is_some_and(|c| c.reason == reason::CAPTURING || c.reason == reason::CAPTURE_FAILED);
-        update.progress(reason::CAPTURING, &message);
+        self.update.progress(reason::CAPTURING, &message);
         let started = Instant::now();
         let request = pb::CaptureSandboxRequest {
-            sandbox_uid: source_uid,
-            capture_uid: uid.clone(),
+            sandbox_uid: source.uid().unwrap_or_default(),
+            capture_uid: self.uid.clone(),
             mode: match branch.spec.mode {
                 CaptureMode::Live => pb::CaptureMode::Live,
                 CaptureMode::StopAndCopy => pb::CaptureMode::StopAndCopy,
@@ -217,10 +340,11 @@ async fn apply(branch: &SandboxBranch, ctx: &Context) -> Result<Action> {
         let timeout = ctx
             .settings
             .capture_timeout
-            .min(remaining.max(Duration::from_secs(1)));
+            .min(self.remaining.max(Duration::from_secs(1)));
         // The status and the Event go out while the agent captures, not
         // before: the capture is keyed by this SandboxBranch's UID, so a
         // pass that fails to write the status captures nothing twice.
+        let update = &mut self.update;
         let announce = async {
             update.write(ctx).await?;
             if first_try {
@@ -240,18 +364,22 @@ async fn apply(branch: &SandboxBranch, ctx: &Context) -> Result<Action> {
             announce
         );
         announced?;
-        let capture = match captured {
-            Ok(capture) => capture.into_inner(),
+        match captured {
+            Ok(capture) => {
+                self.record_capture(capture.into_inner(), node, started)
+                    .await
+            }
             Err(status) => {
                 let message = format!(
                     "the agent on node {node} could not capture: {}",
                     status.message()
                 );
                 if !agent_code_is_transient(status.code()) {
-                    return fail(branch, ctx, update, reason::CAPTURE_FAILED, message).await;
+                    return self.fail(reason::CAPTURE_FAILED, message).await;
                 }
-                update.progress(reason::CAPTURE_FAILED, &format!("{message}; retrying"));
-                update.write(ctx).await?;
+                self.update
+                    .progress(reason::CAPTURE_FAILED, &format!("{message}; retrying"));
+                self.update.write(ctx).await?;
                 ctx.event(
                     branch,
                     EventType::Warning,
@@ -260,9 +388,26 @@ async fn apply(branch: &SandboxBranch, ctx: &Context) -> Result<Action> {
                     message,
                 )
                 .await;
-                return Err(Error::Agent { node, status });
+                Err(Error::Agent {
+                    node: node.to_string(),
+                    status,
+                }
+                .into())
             }
-        };
+        }
+    }
+
+    /// Writes the capture's time and figures into the status (branches are
+    /// created only once it is written: the Sandbox controller reads their
+    /// origin from it) and into the metrics. Returns the `Captured` note.
+    async fn record_capture(
+        &mut self,
+        capture: pb::Capture,
+        node: &str,
+        started: Instant,
+    ) -> Step<String> {
+        let branch = self.branch;
+        let metrics = &self.ctx.metrics;
         let stats = capture.stats.unwrap_or_default();
         let figures = CaptureFigures {
             pause_micros: stats.pause_ns / 1_000,
@@ -273,19 +418,19 @@ async fn apply(branch: &SandboxBranch, ctx: &Context) -> Result<Action> {
         let captured_at = Timestamp::from_microsecond(capture.captured_at_unix_micros)
             .ok()
             .filter(|_| capture.captured_at_unix_micros > 0)
-            .unwrap_or(now);
-        update.status.capture_time = Some(Time(captured_at));
-        update.status.capture = Some(figures.clone());
+            .unwrap_or(self.update.now);
+        self.update.status.capture_time = Some(Time(captured_at));
+        self.update.status.capture = Some(figures.clone());
         let mode = ModeLabels {
             mode: mode_name(branch.spec.mode),
         };
-        ctx.metrics
+        metrics
             .capture_pause
             .get_or_create(&mode)
             .observe(stats.pause_ns as f64 / 1e9);
         // A live capture answers at the pause; its copy goes on meanwhile.
         let copy = if capture.memory_complete {
-            ctx.metrics
+            metrics
                 .capture_duration
                 .get_or_create(&mode)
                 .observe(stats.copy_ns as f64 / 1e9);
@@ -294,66 +439,107 @@ async fn apply(branch: &SandboxBranch, ctx: &Context) -> Result<Action> {
             "memory copy going on in the background".to_string()
         };
         let note = format!(
-            "captured Sandbox {source_name:?} on node {node}: paused {} us, {copy}; call took {:.0} ms",
+            "captured Sandbox {:?} on node {node}: paused {} us, {copy}; call took {:.0} ms",
+            branch.spec.source_ref.name,
             figures.pause_micros,
             started.elapsed().as_secs_f64() * 1e3,
         );
-        update.progress(
+        self.update.progress(
             reason::RESTORING,
             &format!("captured; starting {} branches", branch.spec.branches),
         );
-        // Branches are created only once this is written: the Sandbox
-        // controller reads their origin (the capture time) from it.
-        update.write(ctx).await?;
-        // Published once the branches exist: they need not wait for it.
-        captured_note = Some(note);
-        source_spec = Some(source.spec);
+        self.update.write(self.ctx).await?;
+        Ok(note)
     }
-    let node = update.status.source_node.clone().unwrap_or_default();
 
-    // The branches that exist: ours are those restoring from this UID. A
-    // pass that has just captured knows there are none: branches are made
-    // only once the status holds the capture (and a create that finds its
-    // name taken checks whose the object is).
-    //
-    // Read from the API server's watch cache as it is: a consistent list
-    // waits until that cache has caught up with etcd, up to the next
-    // progress request (kube-apiserver asks every 100 ms), whenever
-    // anything else was written since the last Sandbox event. The passes
-    // here are started by that cache's own watch events; if it lags (another
-    // API server), counting a branch short only means another pass.
-    let selector = format!("{}={}", labels::BRANCH, name);
-    let mut existing: BTreeMap<u32, Sandbox> = BTreeMap::new();
-    if source_spec.is_none() {
-        for sandbox in sandboxes
-            .list(&ListParams::default().labels(&selector).match_any())
-            .await?
-            .items
-        {
-            if is_ours(&sandbox, &uid)
-                && let Some(index) = branch_index(&sandbox)
-            {
-                existing.insert(index, sandbox);
-            }
+    /// The branches that exist: ours are those restoring from this UID. A
+    /// pass that has just captured knows there are none: branches are made
+    /// only once the status holds the capture (and a create that finds its
+    /// name taken checks whose the object is).
+    ///
+    /// Read from the API server's watch cache as it is: a consistent list
+    /// waits until that cache has caught up with etcd, up to the next
+    /// progress request (kube-apiserver asks every 100 ms), whenever
+    /// anything else was written since the last Sandbox event. The passes
+    /// here are started by that cache's own watch events; if it lags
+    /// (another API server), counting a branch short only means another pass.
+    async fn list_branches(&self, capture: &Capture) -> Result<Branches> {
+        if capture.fresh.is_some() {
+            return Ok(Branches::new());
+        }
+        Ok(our_branches(
+            &self.sandboxes,
+            self.branch,
+            ListParams::default().match_any(),
+        )
+        .await?
+        .filter_map(|sandbox| Some((branch_index(&sandbox)?, sandbox)))
+        .collect())
+    }
+
+    /// Creates the branches not in `branches`, then publishes this pass's
+    /// Events (the capture's, each created branch's).
+    async fn create_missing(&mut self, branches: &mut Branches, capture: &Capture) -> Step {
+        let mut created = Vec::new();
+        let halted = self.create_branches(branches, capture, &mut created).await;
+        let (branch, ctx) = (self.branch, self.ctx);
+        if let Some(fresh) = &capture.fresh {
+            ctx.event(
+                branch,
+                EventType::Normal,
+                "Captured",
+                "Capture",
+                fresh.note.clone(),
+            )
+            .await;
+        }
+        for created in created {
+            let note = format!(
+                "created Sandbox {:?} on node {}",
+                created.name.as_deref().unwrap_or_default(),
+                capture.node
+            );
+            ctx.event_about(
+                branch,
+                Some(created),
+                EventType::Normal,
+                "BranchCreated",
+                "Restore",
+                note,
+            )
+            .await;
+        }
+        match halted? {
+            None => Ok(()),
+            Some(Halt::Fail(reason, message)) => self.fail(reason, message).await,
+            Some(Halt::Retry) => done(Action::requeue(self.poll)),
         }
     }
 
-    let wanted = branch.spec.branches;
-    let missing: Vec<u32> = (0..wanted)
-        .filter(|index| !existing.contains_key(index))
-        .collect();
-    let mut created_now = Vec::new();
-    let halted = async {
+    /// Creates the missing branches, recording each in `branches` and in
+    /// `created`; stops at the first that cannot be made.
+    async fn create_branches(
+        &self,
+        branches: &mut Branches,
+        capture: &Capture,
+        created: &mut Vec<ObjectReference>,
+    ) -> Result<Option<Halt>> {
+        let branch = self.branch;
+        let missing: Vec<u32> = (0..branch.spec.branches)
+            .filter(|index| !branches.contains_key(index))
+            .collect();
         if missing.is_empty() {
             return Ok(None);
         }
         // Branches copy the source's spec; a branch made earlier has it too,
         // so the source may be gone by now.
-        let template = match (existing.values().next(), source_spec) {
+        let source_name = &branch.spec.source_ref.name;
+        let template = match (branches.values().next(), &capture.fresh) {
             (Some(sandbox), _) => Some(sandbox.spec.clone()),
-            (None, Some(spec)) => Some(spec),
-            (None, None) => sandboxes
-                .get_opt(&source_name)
+            (None, Some(fresh)) => Some(fresh.source_spec.clone()),
+            (None, None) => self
+                .sandboxes
+                .get_opt(source_name)
                 .await?
                 .map(|source| source.spec),
         };
@@ -364,138 +550,97 @@ async fn apply(branch: &SandboxBranch, ctx: &Context) -> Result<Action> {
             return Ok(Some(Halt::Fail(reason::SOURCE_NOT_FOUND, message)));
         };
         for index in missing {
-            let object = branch_object(branch, index, &template, &node, &uid);
-            let branch_name = object.name_any();
-            match sandboxes
-                .create(
-                    &PostParams {
-                        dry_run: false,
-                        field_manager: Some(FIELD_MANAGER.into()),
-                    },
-                    &object,
-                )
-                .await
-            {
-                Ok(created) => {
-                    created_now.push(created.object_ref(&()));
-                    existing.insert(index, created);
+            let object = branch_object(branch, index, &template, &capture.node, &self.uid);
+            let name = object.name_any();
+            let params = PostParams {
+                dry_run: false,
+                field_manager: Some(FIELD_MANAGER.into()),
+            };
+            match self.sandboxes.create(&params, &object).await {
+                Ok(sandbox) => {
+                    created.push(sandbox.object_ref(&()));
+                    branches.insert(index, sandbox);
                 }
-                Err(err) if is_already_exists(&err) => match sandboxes.get_opt(&branch_name).await?
-                {
-                    Some(found) if is_ours(&found, &uid) => {
-                        existing.insert(index, found);
+                Err(err) if is_already_exists(&err) => match self.sandboxes.get_opt(&name).await? {
+                    Some(found) if is_ours(&found, &self.uid) => {
+                        branches.insert(index, found);
                     }
                     Some(_) => {
                         let message = format!(
-                            "a Sandbox named {branch_name:?} already exists and was not made by this SandboxBranch"
+                            "a Sandbox named {name:?} already exists and was not made by this SandboxBranch"
                         );
                         return Ok(Some(Halt::Fail(reason::NAME_CONFLICT, message)));
                     }
                     // Deleted in between: create it on the next pass.
                     None => return Ok(Some(Halt::Retry)),
                 },
-                Err(err) => return Err(Error::from(err)),
+                Err(err) => return Err(err.into()),
             }
         }
         Ok(None)
     }
-    .await;
 
-    // This pass's Events, now that the branches are on their way.
-    if let Some(note) = captured_note {
-        ctx.event(branch, EventType::Normal, "Captured", "Capture", note)
-            .await;
-    }
-    for created in created_now {
-        let note = format!(
-            "created Sandbox {:?} on node {node}",
-            created.name.as_deref().unwrap_or_default()
-        );
-        ctx.event_about(
-            branch,
-            Some(created),
-            EventType::Normal,
-            "BranchCreated",
-            "Restore",
-            note,
-        )
-        .await;
-    }
-    match halted? {
-        None => {}
-        Some(Halt::Fail(reason, message)) => {
-            return fail(branch, ctx, update, reason, message).await;
+    /// Fewer branches wanted than exist: deletes the extra ones we own.
+    async fn trim_extra(&self, branches: &mut Branches) -> Result<()> {
+        if self.branch.spec.deletion_policy != DeletionPolicy::Delete {
+            return Ok(());
         }
-        Some(Halt::Retry) => return Ok(Action::requeue(poll)),
-    }
-
-    // Fewer branches wanted than exist: remove the extra ones we own.
-    if branch.spec.deletion_policy == DeletionPolicy::Delete {
-        let extra: Vec<u32> = existing.range(wanted..).map(|(index, _)| *index).collect();
-        for index in extra {
-            if let Some(sandbox) = existing.remove(&index)
-                && sandbox.metadata.deletion_timestamp.is_none()
-            {
-                delete_sandbox(&sandboxes, &sandbox.name_any()).await?;
+        for (_, sandbox) in branches.split_off(&self.branch.spec.branches) {
+            if sandbox.metadata.deletion_timestamp.is_none() {
+                delete_sandbox(&self.sandboxes, &sandbox.name_any()).await?;
             }
         }
+        Ok(())
     }
 
-    // Asked only once Ready is written, to keep the call off that path.
-    let copy_pending = if complete {
-        record_finished_copy(branch, ctx, &mut update, &node, &uid).await
-    } else {
-        update
-            .status
-            .capture
-            .as_ref()
-            .is_some_and(|figures| figures.copy_duration_millis.is_none())
-    };
-
-    let mut ready = 0;
-    update.status.branches = (0..wanted)
-        .filter_map(|index| existing.get(&index).map(|sandbox| (index, sandbox)))
-        .map(|(index, sandbox)| {
-            ready += u32::from(sandbox.is_ready());
-            BranchStatus {
+    /// Sums up the branches in the status: all ready, some still restoring,
+    /// or one failed (which fails the SandboxBranch, until it is complete).
+    async fn summarize(&mut self, branches: &Branches, node: &str) -> Step<Action> {
+        let (branch, ctx) = (self.branch, self.ctx);
+        let now = self.update.now;
+        // Asked only once Ready is written, to keep the call off that path.
+        let copy_pending = if self.complete {
+            self.record_finished_copy(node).await
+        } else {
+            copy_pending(&self.update.status)
+        };
+        let wanted = branch.spec.branches;
+        self.update.status.branches = branches
+            .range(..wanted)
+            .map(|(index, sandbox)| BranchStatus {
                 name: sandbox.name_any(),
-                index,
+                index: *index,
                 ready: sandbox.is_ready(),
-            }
-        })
-        .collect();
-    update.status.branches_ready = Some(format!("{ready}/{wanted}"));
+            })
+            .collect();
+        let ready = self
+            .update
+            .status
+            .branches
+            .iter()
+            .filter(|b| b.ready)
+            .count();
+        self.update.status.branches_ready = Some(format!("{ready}/{wanted}"));
 
-    if !complete {
-        for sandbox in existing.values() {
-            let failed = sandbox
-                .status
-                .as_ref()
-                .and_then(|s| conditions::find(&s.conditions, conditions::READY))
-                .filter(|c| {
-                    c.status == conditions::FALSE
-                        && crate::sandbox::PERMANENT_REASONS.contains(&c.reason.as_str())
-                });
-            if let Some(condition) = failed {
-                let message = format!(
-                    "branch {:?} failed: {}: {}",
-                    sandbox.name_any(),
-                    condition.reason,
-                    condition.message
-                );
-                return fail(branch, ctx, update, reason::BRANCH_FAILED, message).await;
-            }
+        if !self.complete
+            && let Some(message) = branches.values().find_map(failed_branch)
+        {
+            return self.fail(reason::BRANCH_FAILED, message).await;
         }
-    }
 
-    if ready == wanted {
         let message = format!("{ready}/{wanted} branches ready on node {node}");
-        update.set(true, false, false, reason::BRANCHES_READY, &message);
-        let first = update.status.completion_time.is_none();
-        if first {
-            update.status.completion_time = Some(Time(now));
+        if ready < wanted as usize {
+            self.update.progress(reason::RESTORING, &message);
+            self.update.write(ctx).await?;
+            return Ok(Action::requeue(self.poll));
         }
-        update.write(ctx).await?;
+        self.update
+            .set(true, false, false, reason::BRANCHES_READY, &message);
+        let first = self.update.status.completion_time.is_none();
+        if first {
+            self.update.status.completion_time = Some(Time(now));
+        }
+        self.update.write(ctx).await?;
         if first {
             if let Some(created) = &branch.metadata.creation_timestamp {
                 ctx.metrics
@@ -510,18 +655,99 @@ async fn apply(branch: &SandboxBranch, ctx: &Context) -> Result<Action> {
         }
         // A copy still going on is looked at again soon, for its figures.
         Ok(Action::requeue(if copy_pending {
-            poll
+            self.poll
         } else {
             ctx.settings.resync
         }))
-    } else {
-        update.progress(
-            reason::RESTORING,
-            &format!("{ready}/{wanted} branches ready on node {node}"),
-        );
-        update.write(ctx).await?;
-        Ok(Action::requeue(poll))
     }
+
+    /// A live capture's copy goes on after its branches start. Once the agent
+    /// reports it complete, its final figures go into the status (and the
+    /// capture-duration metric). Returns whether the copy is still going on.
+    /// Failing to ask costs only figures: it is logged and tried again later.
+    async fn record_finished_copy(&mut self, node: &str) -> bool {
+        let (branch, ctx) = (self.branch, self.ctx);
+        if !copy_pending(&self.update.status) {
+            return false;
+        }
+        let answer = match ctx.agents.client(node, ctx.clock.now()) {
+            Ok(mut client) => client
+                .get_capture(with_timeout(
+                    pb::GetCaptureRequest {
+                        uid: self.uid.clone(),
+                    },
+                    ctx.settings.call_timeout,
+                ))
+                .await
+                .map(tonic::Response::into_inner)
+                .map_err(|status| Error::Agent {
+                    node: node.to_string(),
+                    status,
+                }),
+            Err(err) => Err(err),
+        };
+        let capture = match answer {
+            Ok(capture) => capture,
+            // Gone (the agent lost it): its figures will never come.
+            Err(Error::Agent { status, .. }) if status.code() == Code::NotFound => {
+                tracing::debug!("the capture is gone; its copy figures stay unknown");
+                return false;
+            }
+            Err(err) => {
+                tracing::debug!(error = %ErrorChain(&err), "could not read the capture's copy figures");
+                return true;
+            }
+        };
+        if !capture.memory_complete {
+            return true;
+        }
+        let stats = capture.stats.unwrap_or_default();
+        if let Some(figures) = self.update.status.capture.as_mut() {
+            figures.copy_duration_millis = Some(stats.copy_ns / 1_000_000);
+            figures.pages_copied_by_fault_handler = stats.pages_copied_by_fault_handler;
+        }
+        ctx.metrics
+            .capture_duration
+            .get_or_create(&ModeLabels {
+                mode: mode_name(branch.spec.mode),
+            })
+            .observe(stats.copy_ns as f64 / 1e9);
+        ctx.event(
+            branch,
+            EventType::Normal,
+            "CopyComplete",
+            "Capture",
+            format!("capture's memory complete: {}", copy_summary(&stats)),
+        )
+        .await;
+        false
+    }
+}
+
+/// Whether the status holds a capture whose copy has not finished.
+fn copy_pending(status: &SandboxBranchStatus) -> bool {
+    status
+        .capture
+        .as_ref()
+        .is_some_and(|figures| figures.copy_duration_millis.is_none())
+}
+
+/// Why `sandbox`, a branch, failed for good, if it did.
+fn failed_branch(sandbox: &Sandbox) -> Option<String> {
+    let condition = sandbox
+        .status
+        .as_ref()
+        .and_then(|s| conditions::find(&s.conditions, conditions::READY))
+        .filter(|c| {
+            c.status == conditions::FALSE
+                && crate::sandbox::PERMANENT_REASONS.contains(&c.reason.as_str())
+        })?;
+    Some(format!(
+        "branch {:?} failed: {}: {}",
+        sandbox.name_any(),
+        condition.reason,
+        condition.message
+    ))
 }
 
 /// What a complete capture's copy did, for Events.
@@ -535,78 +761,6 @@ fn copy_summary(stats: &pb::CaptureStats) -> String {
     )
 }
 
-/// A live capture's copy goes on after its branches start. Once the agent
-/// reports it complete, its final figures go into the status (and the
-/// capture-duration metric). Returns whether the copy is still going on.
-/// Failing to ask costs only figures: it is logged and tried again later.
-async fn record_finished_copy(
-    branch: &SandboxBranch,
-    ctx: &Context,
-    update: &mut Update<'_>,
-    node: &str,
-    uid: &str,
-) -> bool {
-    let pending = update
-        .status
-        .capture
-        .as_ref()
-        .is_some_and(|figures| figures.copy_duration_millis.is_none());
-    if !pending {
-        return false;
-    }
-    let answer = match ctx.agents.client(node, ctx.clock.now()) {
-        Ok(mut client) => client
-            .get_capture(with_timeout(
-                pb::GetCaptureRequest {
-                    uid: uid.to_string(),
-                },
-                ctx.settings.call_timeout,
-            ))
-            .await
-            .map(tonic::Response::into_inner)
-            .map_err(|status| Error::Agent {
-                node: node.to_string(),
-                status,
-            }),
-        Err(err) => Err(err),
-    };
-    let capture = match answer {
-        Ok(capture) => capture,
-        // Gone (the agent lost it): its figures will never come.
-        Err(Error::Agent { status, .. }) if status.code() == Code::NotFound => {
-            tracing::debug!(sandboxbranch = %branch.name_any(), "the capture is gone; its copy figures stay unknown");
-            return false;
-        }
-        Err(err) => {
-            tracing::debug!(sandboxbranch = %branch.name_any(), error = %ErrorChain(&err), "could not read the capture's copy figures");
-            return true;
-        }
-    };
-    if !capture.memory_complete {
-        return true;
-    }
-    let stats = capture.stats.unwrap_or_default();
-    if let Some(figures) = update.status.capture.as_mut() {
-        figures.copy_duration_millis = Some(stats.copy_ns / 1_000_000);
-        figures.pages_copied_by_fault_handler = stats.pages_copied_by_fault_handler;
-    }
-    ctx.metrics
-        .capture_duration
-        .get_or_create(&ModeLabels {
-            mode: mode_name(branch.spec.mode),
-        })
-        .observe(stats.copy_ns as f64 / 1e9);
-    ctx.event(
-        branch,
-        EventType::Normal,
-        "CopyComplete",
-        "Capture",
-        format!("capture's memory complete: {}", copy_summary(&stats)),
-    )
-    .await;
-    false
-}
-
 /// Why a pass stopped creating branches.
 enum Halt {
     /// For good, with this reason and message.
@@ -615,56 +769,37 @@ enum Halt {
     Retry,
 }
 
-/// Marks the SandboxBranch `Failed` for good and releases what it holds
-/// that is of no use any more: the capture, and the branches not ready.
-async fn fail(
-    branch: &SandboxBranch,
-    ctx: &Context,
-    mut update: Update<'_>,
-    reason: &str,
-    message: String,
-) -> Result<Action> {
-    update.set(false, false, true, reason, &message);
-    update.status.error = Some(BranchError {
-        time: Time(update.now),
-        message: message.clone(),
-    });
-    update.write(ctx).await?;
-    ctx.event(branch, EventType::Warning, reason, "Fail", message)
-        .await;
-
-    if let Err(err) = release(branch, ctx, &update.status).await {
-        // The finalizer's cleanup tries again when the object is deleted.
-        tracing::warn!(sandboxbranch = %branch.name_any(), error = %ErrorChain(&err), "could not release a failed SandboxBranch's resources");
-    }
-    Ok(Action::await_change())
-}
-
 async fn release(
     branch: &SandboxBranch,
     ctx: &Context,
     status: &SandboxBranchStatus,
 ) -> Result<()> {
-    let uid = branch.uid().unwrap_or_default();
     let sandboxes: Api<Sandbox> =
         Api::namespaced(ctx.client.clone(), &branch.namespace().unwrap_or_default());
-    let selector = format!("{}={}", labels::BRANCH, branch.name_any());
-    for sandbox in sandboxes
-        .list(&ListParams::default().labels(&selector))
-        .await?
-        .items
-    {
-        if is_ours(&sandbox, &uid)
-            && !sandbox.is_ready()
-            && sandbox.metadata.deletion_timestamp.is_none()
-        {
+    for sandbox in our_branches(&sandboxes, branch, ListParams::default()).await? {
+        if !sandbox.is_ready() && sandbox.metadata.deletion_timestamp.is_none() {
             delete_sandbox(&sandboxes, &sandbox.name_any()).await?;
         }
     }
     if let Some(node) = &status.source_node {
-        delete_capture(ctx, node, &uid).await?;
+        delete_capture(ctx, node, &branch.uid().unwrap_or_default()).await?;
     }
     Ok(())
+}
+
+/// The Sandboxes restored from this SandboxBranch's capture.
+async fn our_branches(
+    sandboxes: &Api<Sandbox>,
+    branch: &SandboxBranch,
+    params: ListParams,
+) -> Result<impl Iterator<Item = Sandbox>> {
+    let uid = branch.uid().unwrap_or_default();
+    let selector = labels::branch_selector(&branch.name_any());
+    let list = sandboxes.list(&params.labels(&selector)).await?;
+    Ok(list
+        .items
+        .into_iter()
+        .filter(move |sandbox| is_ours(sandbox, &uid)))
 }
 
 async fn delete_capture(ctx: &Context, node: &str, uid: &str) -> Result<()> {
@@ -699,20 +834,11 @@ async fn delete_sandbox(api: &Api<Sandbox>, name: &str) -> Result<()> {
 /// be gone (their own finalizers stop the VMs); then frees the capture.
 /// Tolerates a SandboxBranch that never captured anything.
 async fn cleanup(branch: &SandboxBranch, ctx: &Context) -> Result<Action> {
-    let uid = branch.uid().unwrap_or_default();
     if branch.spec.deletion_policy == DeletionPolicy::Delete {
         let sandboxes: Api<Sandbox> =
             Api::namespaced(ctx.client.clone(), &branch.namespace().unwrap_or_default());
-        let selector = format!("{}={}", labels::BRANCH, branch.name_any());
         let mut remaining = 0;
-        for sandbox in sandboxes
-            .list(&ListParams::default().labels(&selector))
-            .await?
-            .items
-        {
-            if !is_ours(&sandbox, &uid) {
-                continue;
-            }
+        for sandbox in our_branches(&sandboxes, branch, ListParams::default()).await? {
             remaining += 1;
             if sandbox.metadata.deletion_timestamp.is_none() {
                 delete_sandbox(&sandboxes, &sandbox.name_any()).await?;
@@ -727,7 +853,7 @@ async fn cleanup(branch: &SandboxBranch, ctx: &Context) -> Result<Action> {
     let Some(node) = branch.status.as_ref().and_then(|s| s.source_node.clone()) else {
         return Ok(Action::await_change());
     };
-    match delete_capture(ctx, &node, &uid).await {
+    match delete_capture(ctx, &node, &branch.uid().unwrap_or_default()).await {
         Ok(()) => Ok(Action::await_change()),
         Err(Error::AgentUnavailable { reason, .. }) => {
             give_up_or_retry(branch, ctx, &node, &reason, ctx.clock.now()).await

@@ -85,6 +85,44 @@ impl ObjectStatus for sandfork_api::SandboxBranchStatus {
     }
 }
 
+/// Why a pass ends before its last phase.
+#[derive(Debug)]
+pub enum Stop {
+    /// It did what it could for now; this says when to look again.
+    Done(Action),
+    Failed(Error),
+}
+
+impl Stop {
+    /// The reconcile's result.
+    pub fn into_result(self) -> Result<Action> {
+        match self {
+            Stop::Done(action) => Ok(action),
+            Stop::Failed(err) => Err(err),
+        }
+    }
+}
+
+impl From<Error> for Stop {
+    fn from(err: Error) -> Self {
+        Stop::Failed(err)
+    }
+}
+
+impl From<kube::Error> for Stop {
+    fn from(err: kube::Error) -> Self {
+        Stop::Failed(err.into())
+    }
+}
+
+/// The outcome of one phase of a pass: go on with a `T`, or [`Stop`].
+pub type Step<T = ()> = std::result::Result<T, Stop>;
+
+/// Ends the pass here, to look again as `action` says.
+pub fn done<T>(action: Action) -> Step<T> {
+    Err(Stop::Done(action))
+}
+
 /// The span of everything done for `obj`: its kind, namespace and name.
 fn span<K: Reconcile>(obj: &K) -> tracing::Span {
     tracing::info_span!(

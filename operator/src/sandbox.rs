@@ -12,20 +12,22 @@ use std::time::Instant;
 
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
 use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
-use kube::ResourceExt;
 use sandfork_api::agent::v1 as pb;
+use sandfork_api::agent::v1::agent_client::AgentClient;
 use sandfork_api::conditions::{self, Cond};
 use sandfork_api::sandbox::{BuiltinWorkload, DirtyPattern, GuestSpec, SandboxOrigin, VmStatus};
 use sandfork_api::{Sandbox, SandboxBranch, SandboxStatus};
 use tonic::Code;
+use tonic::transport::Channel;
 
 use crate::agents::with_timeout;
 use crate::context::Context;
-use crate::controller::{Reconcile, StatusUpdate, give_up_or_retry};
+use crate::controller::{Reconcile, StatusUpdate, Step, Stop, done, give_up_or_retry};
 use crate::error::{Error, Result, agent_code_is_transient};
 use crate::placement;
 
@@ -110,45 +112,101 @@ impl StatusUpdate<'_, Sandbox> {
     }
 }
 
-async fn apply(sandbox: &Sandbox, ctx: &Context) -> Result<Action> {
-    let now = ctx.clock.now();
-    let uid = sandbox
-        .uid()
-        .ok_or_else(|| Error::Permanent("Sandbox without a UID".into()))?;
-    let mut update = Update::new(sandbox, now);
+/// The Event about a VM this pass started, (reason, note): published after
+/// the status write that reports it.
+type StartEvent = Option<(&'static str, String)>;
 
-    if let Some(ready) = conditions::find(&update.status.conditions, conditions::READY)
-        && ready.status == conditions::FALSE
-        && PERMANENT_REASONS.contains(&ready.reason.as_str())
-    {
-        // Nothing will change that; the spec is immutable.
-        return Ok(Action::await_change());
+/// One pass of `apply`: what it reads once and the status it builds.
+struct Pass<'a> {
+    sandbox: &'a Sandbox,
+    ctx: &'a Context,
+    uid: String,
+    update: Update<'a>,
+}
+
+/// Checks the guest and, for a branch, its origin; binds the Sandbox to a
+/// node; has that node's agent start the VM if it never ran; reports it.
+async fn apply(sandbox: &Sandbox, ctx: &Context) -> Result<Action> {
+    let mut pass = Pass::new(sandbox, ctx)?;
+    pass.run().await.or_else(Stop::into_result)
+}
+
+impl<'a> Pass<'a> {
+    fn new(sandbox: &'a Sandbox, ctx: &'a Context) -> Result<Self> {
+        let uid = sandbox
+            .uid()
+            .ok_or_else(|| Error::Permanent("Sandbox without a UID".into()))?;
+        Ok(Self {
+            sandbox,
+            ctx,
+            uid,
+            update: Update::new(sandbox, ctx.clock.now()),
+        })
     }
 
-    let workload = match workload(&sandbox.spec.guest) {
-        Ok(workload) => workload,
-        Err(message) => {
-            let reason = if sandbox.spec.guest.image.is_some() {
-                reason::IMAGE_UNSUPPORTED
-            } else {
-                reason::INVALID_SPEC
-            };
-            update.ready(false, reason, message.clone());
-            update.write(ctx).await?;
-            ctx.event(sandbox, EventType::Warning, reason, "Start", message)
-                .await;
-            return Ok(Action::await_change());
-        }
-    };
+    async fn run(&mut self) -> Step<Action> {
+        self.check_not_failed()?;
+        let workload = self.check_guest().await?;
+        self.check_origin().await?;
+        let node = self.bind().await?;
+        let mut client = self.reach_agent(&node).await?;
+        let (vm, start_event) = self.observe_or_start(&mut client, &node, workload).await?;
+        self.report(&node, vm, start_event).await
+    }
 
-    // A branch: check that its SandboxBranch (and so its capture) is the one named.
-    if let Some(restore) = &sandbox.spec.restore_from
-        && update.status.vm.is_none()
-    {
-        let namespace = sandbox.namespace().unwrap_or_default();
+    /// A Sandbox that failed for good stays as it is: its spec is immutable.
+    fn check_not_failed(&self) -> Step {
+        match conditions::find(&self.update.status.conditions, conditions::READY) {
+            Some(ready)
+                if ready.status == conditions::FALSE
+                    && PERMANENT_REASONS.contains(&ready.reason.as_str()) =>
+            {
+                done(Action::await_change())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Marks the Sandbox failed for good, with a Warning about `action`.
+    async fn fail<T>(&mut self, reason: &str, action: &str, message: String) -> Step<T> {
+        self.update.ready(false, reason, message.clone());
+        self.update.write(self.ctx).await?;
+        self.ctx
+            .event(self.sandbox, EventType::Warning, reason, action, message)
+            .await;
+        done(Action::await_change())
+    }
+
+    /// The agent's description of the guest; a guest it cannot run fails the Sandbox.
+    async fn check_guest(&mut self) -> Step<pb::Workload> {
+        let guest = &self.sandbox.spec.guest;
+        match workload(guest) {
+            Ok(workload) => Ok(workload),
+            Err(message) => {
+                let reason = if guest.image.is_some() {
+                    reason::IMAGE_UNSUPPORTED
+                } else {
+                    reason::INVALID_SPEC
+                };
+                self.fail(reason, "Start", message).await
+            }
+        }
+    }
+
+    /// A branch not yet started: checks that its SandboxBranch (and so its
+    /// capture) is the one named, and records where the branch came from.
+    async fn check_origin(&mut self) -> Step {
+        let Some(restore) = &self.sandbox.spec.restore_from else {
+            return Ok(());
+        };
+        if self.update.status.vm.is_some() {
+            return Ok(());
+        }
+        let namespace = self.sandbox.namespace().unwrap_or_default();
         // The SandboxBranch controller's cache has it once it has captured
         // (it creates its branches only then); anything less is looked up.
-        let cached = ctx
+        let cached = self
+            .ctx
             .caches
             .branches
             .get(&ObjectRef::new(&restore.sandbox_branch).within(&namespace))
@@ -161,287 +219,297 @@ async fn apply(sandbox: &Sandbox, ctx: &Context) -> Result<Action> {
             });
         let origin = match cached {
             Some(branch) => Some(branch),
-            None => Api::<SandboxBranch>::namespaced(ctx.client.clone(), &namespace)
+            None => Api::<SandboxBranch>::namespaced(self.ctx.client.clone(), &namespace)
                 .get_opt(&restore.sandbox_branch)
                 .await?
                 .map(Arc::new),
         };
         match origin {
             Some(branch) if branch.uid().as_deref() == Some(restore.uid.as_str()) => {
-                update.status.origin = Some(SandboxOrigin {
+                self.update.status.origin = Some(SandboxOrigin {
                     source_sandbox: branch.spec.source_ref.name.clone(),
                     sandbox_branch: restore.sandbox_branch.clone(),
                     capture_time: branch.status.as_ref().and_then(|s| s.capture_time.clone()),
                 });
+                Ok(())
             }
             _ => {
                 let message = format!(
                     "SandboxBranch {:?} with UID {} does not exist, so there is no capture to start from",
                     restore.sandbox_branch, restore.uid
                 );
-                update.ready(false, reason::CAPTURE_NOT_FOUND, message.clone());
-                update.write(ctx).await?;
+                self.fail(reason::CAPTURE_NOT_FOUND, "Start", message).await
+            }
+        }
+    }
+
+    /// The Sandbox's node: its spec's, the one its status is bound to, or
+    /// one chosen now and bound by a status write before anything starts
+    /// there, so that no later pass places it elsewhere.
+    async fn bind(&mut self) -> Step<String> {
+        let (sandbox, ctx) = (self.sandbox, self.ctx);
+        let bound = self.update.status.node.clone();
+        let node = match bound.or_else(|| sandbox.spec.node_name.clone()) {
+            Some(node) => node,
+            None => match place(sandbox, &self.uid, ctx, self.update.now).await? {
+                Ok(node) => node,
+                Err(why) => {
+                    self.update.ready(false, reason::UNSCHEDULABLE, why);
+                    self.update.write(ctx).await?;
+                    return done(Action::requeue(ctx.settings.poll * 5));
+                }
+            },
+        };
+        if self.update.status.node.as_deref() != Some(node.as_str()) {
+            self.update.status.node = Some(node.clone());
+            // One whose spec names its node (a branch) is bound by its spec:
+            // the node goes into the status with the next write.
+            if sandbox.spec.node_name.is_none() {
+                self.update
+                    .ready(false, reason::SCHEDULED, format!("bound to node {node}"));
+                if let Err(err) = self.update.write(ctx).await {
+                    ctx.reservations.release(&self.uid);
+                    return Err(err.into());
+                }
                 ctx.event(
                     sandbox,
-                    EventType::Warning,
-                    reason::CAPTURE_NOT_FOUND,
-                    "Start",
-                    message,
+                    EventType::Normal,
+                    reason::SCHEDULED,
+                    "Bind",
+                    format!("bound to node {node}"),
                 )
                 .await;
-                return Ok(Action::await_change());
             }
+        }
+        Ok(node)
+    }
+
+    /// A client for the agent of `node`; waits while there is none ready.
+    async fn reach_agent(&mut self, node: &str) -> Step<AgentClient<Channel>> {
+        match self.ctx.agents.client(node, self.update.now) {
+            Ok(client) => Ok(client),
+            Err(Error::AgentUnavailable { reason, .. }) => {
+                self.update.ready(
+                    false,
+                    reason::AGENT_UNAVAILABLE,
+                    format!("the agent on node {node} is not available: {reason}"),
+                );
+                self.update.write(self.ctx).await?;
+                done(Action::requeue(self.ctx.settings.poll * 5))
+            }
+            Err(err) => Err(err.into()),
         }
     }
 
-    // Bind to a node before starting anything there.
-    let node = match update
-        .status
-        .node
-        .clone()
-        .or_else(|| sandbox.spec.node_name.clone())
-    {
-        Some(node) => node,
-        None => match place(sandbox, &uid, ctx, now).await? {
-            Ok(node) => node,
-            Err(why) => {
-                update.ready(false, reason::UNSCHEDULABLE, why);
-                update.write(ctx).await?;
-                return Ok(Action::requeue(ctx.settings.poll * 5));
+    /// The VM as the agent knows it. One that never ran is started now (a
+    /// branch: restored); one that ran and is gone is lost, not recreated.
+    async fn observe_or_start(
+        &mut self,
+        client: &mut AgentClient<Channel>,
+        node: &str,
+        workload: pb::Workload,
+    ) -> Step<(pb::Sandbox, StartEvent)> {
+        let observed = match client
+            .get_sandbox(with_timeout(
+                pb::GetSandboxRequest {
+                    uid: self.uid.clone(),
+                },
+                self.ctx.settings.call_timeout,
+            ))
+            .await
+        {
+            Ok(vm) => Some(vm.into_inner()),
+            Err(status) if status.code() == Code::NotFound => None,
+            Err(status) => return Err(agent_error(node, status).into()),
+        };
+        match observed {
+            Some(vm) => Ok((vm, None)),
+            None if self.update.status.vm.is_some() => {
+                let message = format!(
+                    "the VM is gone from node {node}: its agent no longer knows it (node rebooted or agent state lost)"
+                );
+                self.update.status.vm = None;
+                self.fail(reason::LOST, "Observe", message).await
             }
-        },
-    };
-    if update.status.node.as_deref() != Some(node.as_str()) {
-        update.status.node = Some(node.clone());
-        // A Sandbox placed here is bound by this write before anything
-        // starts on the node, so that no later pass places it elsewhere. One
-        // whose spec names its node (a branch) is bound by its spec: the
-        // node goes into the status with the next write.
-        if sandbox.spec.node_name.is_none() {
-            update.ready(false, reason::SCHEDULED, format!("bound to node {node}"));
-            if let Err(err) = update.write(ctx).await {
-                ctx.reservations.release(&uid);
-                return Err(err);
-            }
-            ctx.event(
-                sandbox,
-                EventType::Normal,
-                reason::SCHEDULED,
-                "Bind",
-                format!("bound to node {node}"),
-            )
-            .await;
+            None => self.start(client, node, workload).await,
         }
     }
 
-    let mut client = match ctx.agents.client(&node, now) {
-        Ok(client) => client,
-        Err(Error::AgentUnavailable { reason, .. }) => {
-            update.ready(
-                false,
-                reason::AGENT_UNAVAILABLE,
-                format!("the agent on node {node} is not available: {reason}"),
-            );
-            update.write(ctx).await?;
-            return Ok(Action::requeue(ctx.settings.poll * 5));
-        }
-        Err(err) => return Err(err),
-    };
-    let agent_err = |status: tonic::Status| Error::Agent {
-        node: node.clone(),
-        status,
-    };
-
-    let observed = match client
-        .get_sandbox(with_timeout(
-            pb::GetSandboxRequest { uid: uid.clone() },
-            ctx.settings.call_timeout,
-        ))
-        .await
-    {
-        Ok(vm) => Some(vm.into_inner()),
-        Err(status) if status.code() == Code::NotFound => None,
-        Err(status) => return Err(agent_err(status)),
-    };
-
-    // The Event about a start follows the status write that reports it.
-    let mut start_event = None;
-    let vm = match observed {
-        Some(vm) => vm,
-        None if update.status.vm.is_some() => {
-            let message = format!(
-                "the VM is gone from node {node}: its agent no longer knows it (node rebooted or agent state lost)"
-            );
-            update.ready(false, reason::LOST, message.clone());
-            update.status.vm = None;
-            update.write(ctx).await?;
-            ctx.event(
-                sandbox,
-                EventType::Warning,
-                reason::LOST,
-                "Observe",
-                message,
-            )
-            .await;
-            return Ok(Action::await_change());
-        }
-        None => {
-            let started = Instant::now();
-            let result = match &sandbox.spec.restore_from {
-                Some(restore) => client
-                    .restore_branch(with_timeout(
-                        pb::RestoreBranchRequest {
-                            uid: uid.clone(),
-                            capture_uid: restore.uid.clone(),
+    /// Has the agent create the VM, or restore it from its capture.
+    async fn start(
+        &mut self,
+        client: &mut AgentClient<Channel>,
+        node: &str,
+        workload: pb::Workload,
+    ) -> Step<(pb::Sandbox, StartEvent)> {
+        let (sandbox, ctx) = (self.sandbox, self.ctx);
+        let started = Instant::now();
+        let result = match &sandbox.spec.restore_from {
+            Some(restore) => client
+                .restore_branch(with_timeout(
+                    pb::RestoreBranchRequest {
+                        uid: self.uid.clone(),
+                        capture_uid: restore.uid.clone(),
+                    },
+                    ctx.settings.start_timeout,
+                ))
+                .await
+                .inspect(|_| {
+                    ctx.metrics
+                        .restore_duration
+                        .observe(started.elapsed().as_secs_f64())
+                }),
+            None => {
+                client
+                    .create_sandbox(with_timeout(
+                        pb::CreateSandboxRequest {
+                            uid: self.uid.clone(),
+                            memory_mib: sandbox.spec.memory_mib,
+                            vcpus: sandbox.spec.vcpus,
+                            workload: Some(workload),
                         },
                         ctx.settings.start_timeout,
                     ))
                     .await
-                    .inspect(|_| {
-                        ctx.metrics
-                            .restore_duration
-                            .observe(started.elapsed().as_secs_f64())
-                    }),
-                None => {
-                    client
-                        .create_sandbox(with_timeout(
-                            pb::CreateSandboxRequest {
-                                uid: uid.clone(),
-                                memory_mib: sandbox.spec.memory_mib,
-                                vcpus: sandbox.spec.vcpus,
-                                workload: Some(workload),
-                            },
-                            ctx.settings.start_timeout,
-                        ))
-                        .await
-                }
-            };
-            match result {
-                Ok(vm) => {
-                    start_event = Some(match &sandbox.spec.restore_from {
-                        Some(restore) => (
-                            "Restored",
-                            format!(
-                                "restored on node {node} from SandboxBranch {} in {:.1} ms",
-                                restore.sandbox_branch,
-                                started.elapsed().as_secs_f64() * 1e3
-                            ),
-                        ),
-                        None => ("Started", format!("started on node {node}")),
-                    });
-                    vm.into_inner()
-                }
-                Err(status) => return start_failed(sandbox, ctx, update, &node, status).await,
             }
-        }
-    };
-
-    let state = pb::SandboxState::try_from(vm.state).unwrap_or(pb::SandboxState::Unspecified);
-    if state == pb::SandboxState::Unknown {
-        // The agent cannot look right now (a capture is running): keep what
-        // the status says and look again soon.
-        update.write(ctx).await?;
-        publish_start(sandbox, ctx, start_event).await;
-        return Ok(Action::requeue(ctx.settings.poll));
+        };
+        let vm = match result {
+            Ok(vm) => vm.into_inner(),
+            Err(status) => return self.start_failed(node, status).await,
+        };
+        let event = match &sandbox.spec.restore_from {
+            Some(restore) => (
+                "Restored",
+                format!(
+                    "restored on node {node} from SandboxBranch {} in {:.1} ms",
+                    restore.sandbox_branch,
+                    started.elapsed().as_secs_f64() * 1e3
+                ),
+            ),
+            None => ("Started", format!("started on node {node}")),
+        };
+        Ok((vm, Some(event)))
     }
-    let state_name = match state {
-        pb::SandboxState::Running => "Running",
-        pb::SandboxState::Stopped => "Stopped",
-        pb::SandboxState::Failed => "Failed",
-        pb::SandboxState::Unspecified | pb::SandboxState::Unknown => "Unknown",
-    };
-    update.status.vm = Some(VmStatus {
-        pid: vm.pid,
-        state: state_name.into(),
-    });
-    let was_ready = conditions::is_true(&update.status.conditions, conditions::READY);
-    let action = match state {
-        pb::SandboxState::Running => {
-            update.ready(true, reason::RUNNING, format!("running on node {node}"));
-            Action::requeue(ctx.settings.resync)
+
+    /// Records why the agent refused to start the VM: for good, or to be retried.
+    async fn start_failed<T>(&mut self, node: &str, status: tonic::Status) -> Step<T> {
+        let (reason, permanent) = match status.code() {
+            Code::InvalidArgument | Code::AlreadyExists => (reason::INVALID_SPEC, true),
+            Code::NotFound if self.sandbox.spec.restore_from.is_some() => {
+                (reason::CAPTURE_NOT_FOUND, true)
+            }
+            Code::ResourceExhausted => (reason::INSUFFICIENT_MEMORY, false),
+            Code::FailedPrecondition | Code::Unavailable => (reason::AGENT_UNAVAILABLE, false),
+            _ => (
+                reason::START_FAILED,
+                !agent_code_is_transient(status.code()),
+            ),
+        };
+        let message = format!(
+            "the agent on node {node} could not start the VM: {}",
+            status.message()
+        );
+        if permanent {
+            return self.fail(reason, "Start", message).await;
         }
-        pb::SandboxState::Failed => {
-            let message = format!("the VM failed on node {node}: {}", vm.failure_reason);
-            update.ready(false, reason::VM_FAILED, message.clone());
-            ctx.event(
-                sandbox,
-                EventType::Warning,
-                reason::VM_FAILED,
-                "Observe",
-                message,
-            )
+        self.update.ready(false, reason, message.clone());
+        self.update.write(self.ctx).await?;
+        self.ctx
+            .event(self.sandbox, EventType::Warning, reason, "Start", message)
             .await;
-            Action::await_change()
+        Err(agent_error(node, status).into())
+    }
+
+    /// Reports the VM's state in `Ready`, then the Event about its start;
+    /// says when to look again.
+    async fn report(
+        &mut self,
+        node: &str,
+        vm: pb::Sandbox,
+        start_event: StartEvent,
+    ) -> Step<Action> {
+        let (sandbox, ctx) = (self.sandbox, self.ctx);
+        let state = pb::SandboxState::try_from(vm.state).unwrap_or(pb::SandboxState::Unspecified);
+        if state == pb::SandboxState::Unknown {
+            // The agent cannot look right now (a capture is running): keep
+            // what the status says and look again soon.
+            self.update.write(ctx).await?;
+            publish_start(sandbox, ctx, start_event).await;
+            return Ok(Action::requeue(ctx.settings.poll));
         }
-        pb::SandboxState::Stopped | pb::SandboxState::Unspecified | pb::SandboxState::Unknown => {
-            update.ready(
-                false,
-                reason::VM_STOPPED,
-                format!("the VM on node {node} is {state_name}"),
-            );
-            Action::requeue(ctx.settings.resync)
-        }
-    };
-    update.write(ctx).await?;
-    publish_start(sandbox, ctx, start_event).await;
-    if !was_ready && conditions::is_true(&update.status.conditions, conditions::READY) {
-        let ever_ready_before = sandbox
-            .status
-            .as_ref()
-            .and_then(|s| s.vm.as_ref())
-            .is_some();
-        if !ever_ready_before && let Some(created) = &sandbox.metadata.creation_timestamp {
-            let seconds = now.duration_since(created.0).as_secs_f64();
+        let state_name = match state {
+            pb::SandboxState::Running => "Running",
+            pb::SandboxState::Stopped => "Stopped",
+            pb::SandboxState::Failed => "Failed",
+            pb::SandboxState::Unspecified | pb::SandboxState::Unknown => "Unknown",
+        };
+        self.update.status.vm = Some(VmStatus {
+            pid: vm.pid,
+            state: state_name.into(),
+        });
+        let was_ready = conditions::is_true(&self.update.status.conditions, conditions::READY);
+        let action = match state {
+            pb::SandboxState::Running => {
+                self.update
+                    .ready(true, reason::RUNNING, format!("running on node {node}"));
+                Action::requeue(ctx.settings.resync)
+            }
+            pb::SandboxState::Failed => {
+                let message = format!("the VM failed on node {node}: {}", vm.failure_reason);
+                self.update.ready(false, reason::VM_FAILED, message.clone());
+                ctx.event(
+                    sandbox,
+                    EventType::Warning,
+                    reason::VM_FAILED,
+                    "Observe",
+                    message,
+                )
+                .await;
+                Action::await_change()
+            }
+            pb::SandboxState::Stopped
+            | pb::SandboxState::Unspecified
+            | pb::SandboxState::Unknown => {
+                self.update.ready(
+                    false,
+                    reason::VM_STOPPED,
+                    format!("the VM on node {node} is {state_name}"),
+                );
+                Action::requeue(ctx.settings.resync)
+            }
+        };
+        self.update.write(ctx).await?;
+        publish_start(sandbox, ctx, start_event).await;
+        let first_ready = !was_ready
+            && conditions::is_true(&self.update.status.conditions, conditions::READY)
+            && sandbox
+                .status
+                .as_ref()
+                .and_then(|s| s.vm.as_ref())
+                .is_none();
+        if first_ready && let Some(created) = &sandbox.metadata.creation_timestamp {
+            let seconds = self.update.now.duration_since(created.0).as_secs_f64();
             ctx.metrics
                 .apply_to_ready
                 .get_or_create(&crate::metrics::KindLabels { kind: "Sandbox" })
                 .observe(seconds.max(0.0));
         }
+        Ok(action)
     }
-    Ok(action)
 }
 
-/// Publishes the Event about a VM this pass started: (reason, note).
-async fn publish_start(sandbox: &Sandbox, ctx: &Context, started: Option<(&str, String)>) {
+/// Publishes the Event about a VM this pass started.
+async fn publish_start(sandbox: &Sandbox, ctx: &Context, started: StartEvent) {
     if let Some((reason, note)) = started {
         ctx.event(sandbox, EventType::Normal, reason, "Start", note)
             .await;
     }
 }
 
-/// Records why the agent refused to start the VM; returns what to do next.
-async fn start_failed(
-    sandbox: &Sandbox,
-    ctx: &Context,
-    mut update: Update<'_>,
-    node: &str,
-    status: tonic::Status,
-) -> Result<Action> {
-    let (reason, permanent) = match status.code() {
-        Code::InvalidArgument | Code::AlreadyExists => (reason::INVALID_SPEC, true),
-        Code::NotFound if sandbox.spec.restore_from.is_some() => (reason::CAPTURE_NOT_FOUND, true),
-        Code::ResourceExhausted => (reason::INSUFFICIENT_MEMORY, false),
-        Code::FailedPrecondition | Code::Unavailable => (reason::AGENT_UNAVAILABLE, false),
-        _ => (
-            reason::START_FAILED,
-            !agent_code_is_transient(status.code()),
-        ),
-    };
-    let message = format!(
-        "the agent on node {node} could not start the VM: {}",
-        status.message()
-    );
-    update.ready(false, reason, message.clone());
-    update.write(ctx).await?;
-    ctx.event(sandbox, EventType::Warning, reason, "Start", message)
-        .await;
-    if permanent {
-        Ok(Action::await_change())
-    } else {
-        Err(Error::Agent {
-            node: node.to_string(),
-            status,
-        })
+fn agent_error(node: &str, status: tonic::Status) -> Error {
+    Error::Agent {
+        node: node.to_string(),
+        status,
     }
 }
 
