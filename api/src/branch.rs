@@ -49,7 +49,7 @@ pub struct SandboxBranchSpec {
     /// branches from the same capture; lowering it deletes the highest
     /// indexes (when `deletionPolicy` is `Delete`).
     #[serde(default = "default_branches")]
-    #[schemars(range(min = 1, max = 64))]
+    #[schemars(range(min = 1, max = MAX_BRANCHES))]
     pub branches: u32,
 
     /// How to capture: `Live` (the source keeps running while its memory is

@@ -67,12 +67,12 @@ pub struct SandboxSpec {
 
     /// Guest memory in MiB: 64 to 262144, a multiple of 2.
     #[serde(rename = "memoryMiB")]
-    #[schemars(range(min = 64, max = 262_144), extend("multipleOf" = 2))]
+    #[schemars(range(min = MIN_MEMORY_MIB, max = MAX_MEMORY_MIB), extend("multipleOf" = 2))]
     pub memory_mib: u64,
 
     /// Number of vCPUs: 1 to 64.
     #[serde(default = "default_vcpus")]
-    #[schemars(range(min = 1, max = 64))]
+    #[schemars(range(min = 1, max = MAX_VCPUS))]
     pub vcpus: u32,
 
     /// Run only on a node whose labels contain all of these.

@@ -246,45 +246,17 @@ pub fn with_timeout<T>(message: T, timeout: Duration) -> tonic::Request<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::api::coordination::v1::LeaseSpec;
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
-    use kube::api::ObjectMeta;
-
-    pub fn lease(node: &str, renewed: Timestamp) -> Lease {
-        Lease {
-            metadata: ObjectMeta {
-                name: Some(keys::name(node)),
-                namespace: Some("sandfork-system".into()),
-                labels: Some(BTreeMap::from([
-                    (keys::COMPONENT_LABEL.into(), keys::COMPONENT_VALUE.into()),
-                    (keys::NODE_LABEL.into(), node.into()),
-                ])),
-                annotations: Some(BTreeMap::from([
-                    (keys::ENDPOINT.into(), "127.0.0.1:7443".into()),
-                    (keys::MEMORY_MIB.into(), "4096".into()),
-                    (keys::MAX_SANDBOXES.into(), "8".into()),
-                    (keys::KVM.into(), "true".into()),
-                    (keys::USERFAULTFD.into(), "true".into()),
-                ])),
-                ..Default::default()
-            },
-            spec: Some(LeaseSpec {
-                holder_identity: Some(node.into()),
-                lease_duration_seconds: Some(30),
-                renew_time: Some(MicroTime(renewed)),
-                ..Default::default()
-            }),
-        }
-    }
+    use crate::tests::agent_lease;
 
     #[test]
     fn reads_an_agent_lease() {
         let now = Timestamp::from_second(1_000_000).unwrap();
-        let record = AgentRecord::from_lease(&lease("node-a", now)).unwrap();
+        let record =
+            AgentRecord::from_lease(&agent_lease("node-a", "127.0.0.1:7443", 4096, now)).unwrap();
         assert_eq!(record.node, "node-a");
         assert_eq!(record.endpoint, "127.0.0.1:7443");
         assert_eq!(record.memory_mib, 4096);
-        assert_eq!(record.max_sandboxes, 8);
+        assert_eq!(record.max_sandboxes, 16);
         assert!(record.is_ready(now));
         assert!(record.is_ready(now + SignedDuration::from_secs(30)));
         let later = now + SignedDuration::from_secs(31);
@@ -298,7 +270,7 @@ mod tests {
 
     #[test]
     fn ignores_other_leases() {
-        let mut other = lease("node-a", Timestamp::UNIX_EPOCH);
+        let mut other = agent_lease("node-a", "127.0.0.1:7443", 4096, Timestamp::UNIX_EPOCH);
         other.metadata.labels = None;
         assert!(AgentRecord::from_lease(&other).is_none());
     }

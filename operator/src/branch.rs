@@ -16,7 +16,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, PostParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::EventType;
+use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use sandfork_api::agent::v1 as pb;
@@ -299,9 +299,8 @@ impl<'a> Pass<'a> {
     async fn reach_agent(&mut self, node: &str) -> Step<AgentClient<Channel>> {
         match self.ctx.agents.client(node, self.update.now) {
             Ok(client) => Ok(client),
-            Err(Error::AgentUnavailable { reason, .. }) => {
-                let message = format!("the agent on node {node} is not available: {reason}");
-                self.wait(reason::AGENT_UNAVAILABLE, &message).await
+            Err(err @ Error::AgentUnavailable { .. }) => {
+                self.wait(reason::AGENT_UNAVAILABLE, &err.to_string()).await
             }
             Err(err) => Err(err.into()),
         }
@@ -388,11 +387,7 @@ impl<'a> Pass<'a> {
                     message,
                 )
                 .await;
-                Err(Error::Agent {
-                    node: node.to_string(),
-                    status,
-                }
-                .into())
+                Err(Error::agent(node, status).into())
             }
         }
     }
@@ -499,15 +494,15 @@ impl<'a> Pass<'a> {
                 created.name.as_deref().unwrap_or_default(),
                 capture.node
             );
-            ctx.event_about(
-                branch,
-                Some(created),
-                EventType::Normal,
-                "BranchCreated",
-                "Restore",
-                note,
-            )
-            .await;
+            // Naming the branch, so that these Events are not merged into one series.
+            let event = Event {
+                type_: EventType::Normal,
+                reason: "BranchCreated".into(),
+                note: Some(note),
+                action: "Restore".into(),
+                secondary: Some(created),
+            };
+            ctx.publish(branch, event).await;
         }
         match halted? {
             None => Ok(()),
@@ -680,10 +675,7 @@ impl<'a> Pass<'a> {
                 ))
                 .await
                 .map(tonic::Response::into_inner)
-                .map_err(|status| Error::Agent {
-                    node: node.to_string(),
-                    status,
-                }),
+                .map_err(|status| Error::agent(node, status)),
             Err(err) => Err(err),
         };
         let capture = match answer {
@@ -815,10 +807,7 @@ async fn delete_capture(ctx: &Context, node: &str, uid: &str) -> Result<()> {
     {
         Ok(_) => Ok(()),
         Err(status) if status.code() == Code::NotFound => Ok(()),
-        Err(status) => Err(Error::Agent {
-            node: node.to_string(),
-            status,
-        }),
+        Err(status) => Err(Error::agent(node, status)),
     }
 }
 

@@ -143,33 +143,23 @@ impl Context {
     ) where
         K: Resource<DynamicType = ()>,
     {
-        self.event_about(obj, None, type_, reason, action, note)
-            .await;
-    }
-
-    /// Like [`Context::event`], naming a related object (events with the
-    /// same reason about different related objects are not merged into one
-    /// series).
-    pub async fn event_about<K>(
-        &self,
-        obj: &K,
-        related: Option<k8s_openapi::api::core::v1::ObjectReference>,
-        type_: EventType,
-        reason: &str,
-        action: &str,
-        note: String,
-    ) where
-        K: Resource<DynamicType = ()>,
-    {
         let event = Event {
             type_,
             reason: reason.into(),
             note: Some(note),
             action: action.into(),
-            secondary: related,
+            secondary: None,
         };
+        self.publish(obj, event).await;
+    }
+
+    /// Publishes `event` about `obj`; failing to publish is only logged.
+    pub async fn publish<K>(&self, obj: &K, event: Event)
+    where
+        K: Resource<DynamicType = ()>,
+    {
         if let Err(err) = self.recorder.publish(&event, &obj.object_ref(&())).await {
-            tracing::warn!(object = %obj.name_any(), reason, %err, "could not publish event");
+            tracing::warn!(object = %obj.name_any(), reason = event.reason, %err, "could not publish event");
         }
     }
 

@@ -65,6 +65,14 @@ impl std::fmt::Display for ErrorChain<'_> {
 }
 
 impl Error {
+    /// The agent on `node` answered `status`.
+    pub fn agent(node: &str, status: tonic::Status) -> Self {
+        Error::Agent {
+            node: node.to_string(),
+            status,
+        }
+    }
+
     /// Whether retrying the same reconcile later may succeed.
     pub fn is_transient(&self) -> bool {
         match self {

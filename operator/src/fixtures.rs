@@ -18,7 +18,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::Client;
 use sandfork_api::agent::v1 as pb;
 use serde_json::{Value, json};
-use tonic::{Code, Status};
+use tonic::Status;
 
 use crate::context::Clock;
 
@@ -640,12 +640,7 @@ impl pb::agent_server::Agent for MockAgent {
     ) -> Result<tonic::Response<pb::Sandbox>, Status> {
         let request = request.into_inner();
         let mut state = self.enter("RestoreBranch", &request.uid)?;
-        let Some(capture) = state.captures.get(&request.capture_uid).cloned() else {
-            return Err(Status::not_found(format!(
-                "capture {:?} not found",
-                request.capture_uid
-            )));
-        };
+        let capture = found(&state.captures, "capture", &request.capture_uid)?;
         let start_state = state.start_state.unwrap_or(pb::SandboxState::Running);
         let sandbox = state
             .sandboxes
@@ -675,13 +670,7 @@ impl pb::agent_server::Agent for MockAgent {
                 ..Default::default()
             }));
         }
-        match state.sandboxes.get(&request.uid) {
-            Some(sandbox) => Ok(tonic::Response::new(sandbox.clone())),
-            None => Err(Status::not_found(format!(
-                "sandbox {:?} not found",
-                request.uid
-            ))),
-        }
+        found(&state.sandboxes, "sandbox", &request.uid).map(tonic::Response::new)
     }
 
     async fn list_sandboxes(
@@ -713,12 +702,7 @@ impl pb::agent_server::Agent for MockAgent {
         if let Some(capture) = state.captures.get(&request.capture_uid) {
             return Ok(tonic::Response::new(capture.clone()));
         }
-        let Some(source) = state.sandboxes.get(&request.sandbox_uid).cloned() else {
-            return Err(Status::new(
-                Code::NotFound,
-                format!("sandbox {:?} not found", request.sandbox_uid),
-            ));
-        };
+        let source = found(&state.sandboxes, "sandbox", &request.sandbox_uid)?;
         let capture = pb::Capture {
             uid: request.capture_uid.clone(),
             sandbox_uid: request.sandbox_uid.clone(),
@@ -761,13 +745,7 @@ impl pb::agent_server::Agent for MockAgent {
     ) -> Result<tonic::Response<pb::Capture>, Status> {
         let request = request.into_inner();
         let state = self.enter("GetCapture", &request.uid)?;
-        match state.captures.get(&request.uid) {
-            Some(capture) => Ok(tonic::Response::new(capture.clone())),
-            None => Err(Status::not_found(format!(
-                "capture {:?} not found",
-                request.uid
-            ))),
-        }
+        found(&state.captures, "capture", &request.uid).map(tonic::Response::new)
     }
 
     async fn list_captures(
@@ -789,6 +767,13 @@ impl pb::agent_server::Agent for MockAgent {
         let existed = state.captures.remove(&request.uid).is_some();
         Ok(tonic::Response::new(pb::DeleteCaptureResponse { existed }))
     }
+}
+
+/// The `what` keyed `uid`, or the agent's NotFound.
+fn found<T: Clone>(map: &BTreeMap<String, T>, what: &str, uid: &str) -> Result<T, Status> {
+    map.get(uid)
+        .cloned()
+        .ok_or_else(|| Status::not_found(format!("{what} {uid:?} not found")))
 }
 
 /// Serves `agent` on a loopback port in plain text; returns `host:port`.

@@ -288,12 +288,9 @@ impl<'a> Pass<'a> {
     async fn reach_agent(&mut self, node: &str) -> Step<AgentClient<Channel>> {
         match self.ctx.agents.client(node, self.update.now) {
             Ok(client) => Ok(client),
-            Err(Error::AgentUnavailable { reason, .. }) => {
-                self.update.ready(
-                    false,
-                    reason::AGENT_UNAVAILABLE,
-                    format!("the agent on node {node} is not available: {reason}"),
-                );
+            Err(err @ Error::AgentUnavailable { .. }) => {
+                self.update
+                    .ready(false, reason::AGENT_UNAVAILABLE, err.to_string());
                 self.update.write(self.ctx).await?;
                 done(Action::requeue(self.ctx.settings.poll * 5))
             }
@@ -320,7 +317,7 @@ impl<'a> Pass<'a> {
         {
             Ok(vm) => Some(vm.into_inner()),
             Err(status) if status.code() == Code::NotFound => None,
-            Err(status) => return Err(agent_error(node, status).into()),
+            Err(status) => return Err(Error::agent(node, status).into()),
         };
         match observed {
             Some(vm) => Ok((vm, None)),
@@ -417,7 +414,7 @@ impl<'a> Pass<'a> {
         self.ctx
             .event(self.sandbox, EventType::Warning, reason, "Start", message)
             .await;
-        Err(agent_error(node, status).into())
+        Err(Error::agent(node, status).into())
     }
 
     /// Reports the VM's state in `Ready`, then the Event about its start;
@@ -506,13 +503,6 @@ async fn publish_start(sandbox: &Sandbox, ctx: &Context, started: StartEvent) {
     }
 }
 
-fn agent_error(node: &str, status: tonic::Status) -> Error {
-    Error::Agent {
-        node: node.to_string(),
-        status,
-    }
-}
-
 /// Chooses a node; the outer error is a failed API call, the inner one why
 /// no node fits.
 async fn place(
@@ -573,10 +563,7 @@ async fn cleanup(sandbox: &Sandbox, ctx: &Context) -> Result<Action> {
                 Ok(_) => {}
                 Err(status) if status.code() == Code::NotFound => {}
                 Err(status) => {
-                    return Err(Error::Agent {
-                        node: node.to_string(),
-                        status,
-                    });
+                    return Err(Error::agent(node, status));
                 }
             }
             Ok(Action::await_change())

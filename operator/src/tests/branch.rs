@@ -5,7 +5,7 @@ use kube::runtime::controller::Action;
 use kube::runtime::watcher;
 use sandfork_api::branch::{DeletionPolicy, SourceRef, TemplateMetadata};
 use sandfork_api::conditions::{FAILED, PROGRESSING, READY};
-use sandfork_api::{SandboxBranch, SandboxBranchSpec, labels};
+use sandfork_api::{SandboxBranch, SandboxBranchSpec, SandboxBranchStatus, labels};
 use tonic::Status;
 
 use super::*;
@@ -47,6 +47,19 @@ async fn setup(branches: u32, policy: DeletionPolicy) -> Harness {
     );
     h.api.clear_requests();
     h
+}
+
+/// The SandboxBranch's status, checked to be `Failed` for `why`, and the
+/// condition's message.
+fn failed_status(h: &Harness, why: &str) -> (SandboxBranchStatus, String) {
+    let status = h.branch("fork").unwrap().status.unwrap();
+    let (failed, reason, message) = condition(&status.conditions, FAILED);
+    assert_eq!(
+        (failed.as_str(), reason.as_str()),
+        ("True", why),
+        "{message}"
+    );
+    (status, message)
 }
 
 fn created_sandboxes(h: &Harness) -> Vec<Recorded> {
@@ -270,12 +283,7 @@ async fn a_sandbox_that_is_not_ours_under_a_branch_name_fails_the_branch() {
         Action::await_change()
     );
 
-    let status = h.branch("fork").unwrap().status.unwrap();
-    let (failed, why, message) = condition(&status.conditions, FAILED);
-    assert_eq!(
-        (failed.as_str(), why.as_str()),
-        ("True", reason::NAME_CONFLICT)
-    );
+    let (status, message) = failed_status(&h, reason::NAME_CONFLICT);
     assert!(message.contains("\"fork-1\""), "{message}");
     assert_eq!(status.error.unwrap().message, message);
     // The foreign Sandbox is untouched; the capture is released.
@@ -307,12 +315,7 @@ async fn a_missing_source_waits_then_fails_at_the_deadline_harming_nothing() {
         Action::await_change()
     );
 
-    let status = h.branch("fork").unwrap().status.unwrap();
-    let (failed, why, message) = condition(&status.conditions, FAILED);
-    assert_eq!(
-        (failed.as_str(), why.as_str()),
-        ("True", reason::DEADLINE_EXCEEDED)
-    );
+    let (status, message) = failed_status(&h, reason::DEADLINE_EXCEEDED);
     assert!(message.contains("failureDeadline 60s"), "{message}");
     assert!(message.contains("does not exist"), "{message}");
     assert_eq!(condition(&status.conditions, READY).0, "False");
@@ -360,11 +363,7 @@ async fn a_stuck_restore_fails_at_the_deadline_and_releases_the_capture() {
     h.api.clear_requests();
     h.reconcile_branch("fork").await.unwrap();
 
-    let status = h.branch("fork").unwrap().status.unwrap();
-    assert_eq!(
-        condition(&status.conditions, FAILED).1,
-        reason::DEADLINE_EXCEEDED
-    );
+    failed_status(&h, reason::DEADLINE_EXCEEDED);
     let uid = h.branch("fork").unwrap().metadata.uid.unwrap();
     assert_eq!(
         h.agent_calls("DeleteCapture"),
@@ -395,12 +394,7 @@ async fn a_failed_source_fails_the_branch_at_once() {
 
     h.reconcile_branch("fork").await.unwrap();
 
-    let status = h.branch("fork").unwrap().status.unwrap();
-    let (failed, why, message) = condition(&status.conditions, FAILED);
-    assert_eq!(
-        (failed.as_str(), why.as_str()),
-        ("True", reason::SOURCE_FAILED)
-    );
+    let (_, message) = failed_status(&h, reason::SOURCE_FAILED);
     assert!(message.contains("VmFailed"), "{message}");
 }
 
@@ -429,9 +423,7 @@ async fn deletion_removes_the_branches_then_frees_the_capture() {
         h.settle_sandbox(&format!("fork-{index}")).await;
     }
     let uid = h.branch("fork").unwrap().metadata.uid.unwrap();
-    h.api.edit::<SandboxBranch>(Some(NS), "fork", |o| {
-        o["metadata"]["deletionTimestamp"] = serde_json::json!("2026-03-01T12:00:00Z")
-    });
+    h.mark_deleted::<SandboxBranch>("fork");
     h.api.clear_requests();
 
     // First pass: the branches are asked to go; the capture stays while they run.
@@ -470,9 +462,7 @@ async fn retained_branches_outlive_the_branch_object() {
     let h = setup(1, DeletionPolicy::Retain).await;
     h.reconcile_branch("fork").await.unwrap();
     h.settle_sandbox("fork-0").await;
-    h.api.edit::<SandboxBranch>(Some(NS), "fork", |o| {
-        o["metadata"]["deletionTimestamp"] = serde_json::json!("2026-03-01T12:00:00Z")
-    });
+    h.mark_deleted::<SandboxBranch>("fork");
 
     h.reconcile_branch("fork").await.unwrap();
 
@@ -488,9 +478,7 @@ async fn deleting_a_branch_that_never_captured_needs_no_agent() {
     h.api
         .insert(&branch_object("fork", "nope", 1, DeletionPolicy::Delete));
     h.reconcile_branch("fork").await.unwrap();
-    h.api.edit::<SandboxBranch>(Some(NS), "fork", |o| {
-        o["metadata"]["deletionTimestamp"] = serde_json::json!("2026-03-01T12:00:00Z")
-    });
+    h.mark_deleted::<SandboxBranch>("fork");
 
     h.reconcile_branch("fork").await.unwrap();
 

@@ -164,9 +164,30 @@ impl Harness {
 
     /// The agent renews its Lease now.
     pub fn renew_agent_lease(&mut self) {
-        let lease = agent_lease(NODE, &self.endpoint, 8192, self.clock.now());
+        let now = self.clock.now();
+        self.add_agent_lease(NODE, 8192, now);
+    }
+
+    /// An agent (served by the same mock) registers for `node`.
+    pub fn add_agent_lease(&mut self, node: &str, memory_mib: u64, renewed: Timestamp) {
+        let lease = agent_lease(node, &self.endpoint, memory_mib, renewed);
         self.leases
             .apply_watcher_event(&watcher::Event::Apply(lease));
+    }
+
+    /// node-a's agent Lease is gone: no agent is registered there.
+    pub fn remove_agent_lease(&mut self) {
+        let lease = agent_lease(NODE, &self.endpoint, 8192, start_time());
+        self.leases
+            .apply_watcher_event(&watcher::Event::Delete(lease));
+    }
+
+    /// Marks a stored object deleted, as the API server does for one with
+    /// finalizers.
+    pub fn mark_deleted<K: kube::Resource<DynamicType = ()>>(&self, name: &str) {
+        self.api.edit::<K>(Some(NS), name, |o| {
+            o["metadata"]["deletionTimestamp"] = serde_json::json!("2026-03-01T12:00:00Z")
+        });
     }
 
     pub fn sandbox(&self, name: &str) -> Option<Sandbox> {

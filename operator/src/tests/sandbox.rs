@@ -143,13 +143,7 @@ async fn a_restart_after_the_vm_started_makes_no_twin() {
 #[tokio::test]
 async fn no_agent_means_unschedulable_with_a_reason() {
     let mut h = Harness::new().await;
-    h.leases
-        .apply_watcher_event(&watcher::Event::Delete(agent_lease(
-            NODE,
-            &h.endpoint,
-            8192,
-            start_time(),
-        )));
+    h.remove_agent_lease();
     h.api.insert(&sandbox_object("vm", 256));
     h.reconcile_sandbox("vm").await.unwrap();
 
@@ -169,21 +163,9 @@ async fn no_agent_means_unschedulable_with_a_reason() {
 #[tokio::test]
 async fn placement_skips_a_full_node_and_a_stale_agent() {
     let mut h = Harness::new().await;
-    h.leases
-        .apply_watcher_event(&watcher::Event::Apply(agent_lease(
-            "node-b",
-            &h.endpoint,
-            8192,
-            start_time(),
-        )));
+    h.add_agent_lease("node-b", 8192, start_time());
     let stale = start_time() - k8s_openapi::jiff::SignedDuration::from_secs(300);
-    h.leases
-        .apply_watcher_event(&watcher::Event::Apply(agent_lease(
-            "node-c",
-            &h.endpoint,
-            65536,
-            stale,
-        )));
+    h.add_agent_lease("node-c", 65536, stale);
     // node-a already holds 8000 MiB of sandboxes.
     let mut big = sandbox_object("big", 8000);
     big.metadata.uid = Some("uid-big".into());
@@ -264,9 +246,7 @@ async fn deletion_stops_the_vm_and_releases_the_finalizer() {
     h.api.insert(&sandbox_object("vm", 256));
     h.settle_sandbox("vm").await;
     let uid = h.sandbox("vm").unwrap().metadata.uid.unwrap();
-    h.api.edit::<Sandbox>(Some(NS), "vm", |o| {
-        o["metadata"]["deletionTimestamp"] = serde_json::json!("2026-03-01T12:00:00Z")
-    });
+    h.mark_deleted::<Sandbox>("vm");
 
     h.reconcile_sandbox("vm").await.unwrap();
 
@@ -281,18 +261,10 @@ async fn deletion_stops_the_vm_and_releases_the_finalizer() {
 #[tokio::test]
 async fn deleting_a_never_started_sandbox_needs_no_agent() {
     let mut h = Harness::new().await;
-    h.leases
-        .apply_watcher_event(&watcher::Event::Delete(agent_lease(
-            NODE,
-            &h.endpoint,
-            8192,
-            start_time(),
-        )));
+    h.remove_agent_lease();
     h.api.insert(&sandbox_object("vm", 256));
     h.reconcile_sandbox("vm").await.unwrap();
-    h.api.edit::<Sandbox>(Some(NS), "vm", |o| {
-        o["metadata"]["deletionTimestamp"] = serde_json::json!("2026-03-01T12:00:00Z")
-    });
+    h.mark_deleted::<Sandbox>("vm");
 
     h.reconcile_sandbox("vm").await.unwrap();
 
@@ -305,9 +277,7 @@ async fn a_dead_agent_delays_deletion_then_lets_go_with_a_warning() {
     let h = Harness::new().await;
     h.api.insert(&sandbox_object("vm", 256));
     h.settle_sandbox("vm").await;
-    h.api.edit::<Sandbox>(Some(NS), "vm", |o| {
-        o["metadata"]["deletionTimestamp"] = serde_json::json!("2026-03-01T12:00:00Z")
-    });
+    h.mark_deleted::<Sandbox>("vm");
     // The agent stops renewing its lease.
     h.clock.advance(Duration::from_secs(60));
     h.api.clear_requests();
@@ -351,13 +321,7 @@ async fn a_stale_copy_cannot_bind_the_sandbox_elsewhere() {
     assert_eq!(h.sandbox("vm").unwrap().node(), Some(NODE));
     // A roomier node appears; a reconcile that starts from the copy read
     // before the binding would place the Sandbox there.
-    h.leases
-        .apply_watcher_event(&watcher::Event::Apply(agent_lease(
-            "node-b",
-            &h.endpoint,
-            65536,
-            start_time(),
-        )));
+    h.add_agent_lease("node-b", 65536, start_time());
     h.api.clear_requests();
 
     let err = crate::controller::reconcile(std::sync::Arc::new(stale.clone()), h.ctx.clone())
@@ -376,13 +340,7 @@ async fn a_stale_copy_cannot_bind_the_sandbox_elsewhere() {
 #[tokio::test]
 async fn back_to_back_placements_spread_before_the_cache_catches_up() {
     let mut h = Harness::new().await;
-    h.leases
-        .apply_watcher_event(&watcher::Event::Apply(agent_lease(
-            "node-b",
-            &h.endpoint,
-            8192,
-            start_time(),
-        )));
+    h.add_agent_lease("node-b", 8192, start_time());
     // The harness's Sandbox cache stays empty: neither binding is visible.
     for name in ["one", "two"] {
         h.api.insert(&sandbox_object(name, 4096));
