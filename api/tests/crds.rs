@@ -21,6 +21,20 @@ fn committed_crds_are_current() {
     );
 }
 
+#[test]
+fn the_chart_carries_the_committed_crds() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    for (name, _) in sandfork_api::crdgen::render() {
+        let committed = std::fs::read_to_string(root.join("crds").join(name)).unwrap();
+        let charted = std::fs::read_to_string(root.join("charts/sandfork/crds").join(name))
+            .unwrap_or_default();
+        assert!(
+            committed == charted,
+            "charts/sandfork/crds/{name} differs from crds/{name}; copy it over"
+        );
+    }
+}
+
 fn branch(yaml: &str) -> SandboxBranch {
     serde_yaml_ng::from_str(yaml).unwrap()
 }
