@@ -215,7 +215,7 @@ impl<'a> Pass<'a> {
     /// all its branches were ready by then.
     async fn check_deadline(&mut self) -> Step {
         let now = self.update.now;
-        if self.complete || !deadline(self.branch).is_some_and(|deadline| now > deadline) {
+        if self.complete || deadline(self.branch).is_none_or(|deadline| now <= deadline) {
             return Ok(());
         }
         let last = conditions::find(&self.update.status.conditions, conditions::PROGRESSING)

@@ -1,6 +1,7 @@
 //! The Sandfork operator: a Sandbox controller that places sandboxes on
 //! nodes and has the node agents run them, and a SandboxBranch controller
 //! that captures a running Sandbox and starts branches from the capture.
+#![forbid(unsafe_code)]
 
 pub mod agents;
 pub mod branch;
