@@ -14,7 +14,7 @@ use sandfork_api::agent::lease as keys;
 use sandfork_api::agent::v1::agent_client::AgentClient;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, RunError};
 
 /// What an agent's Lease says about it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -194,10 +194,12 @@ impl TlsDialer {
         }
     }
 
-    pub fn from_args(args: &AgentTlsArgs) -> anyhow::Result<Self> {
+    pub fn from_args(args: &AgentTlsArgs) -> Result<Self, RunError> {
         let read = |path: &PathBuf| {
-            std::fs::read_to_string(path)
-                .map_err(|err| anyhow::anyhow!("reading {}: {err}", path.display()))
+            std::fs::read_to_string(path).map_err(|source| RunError::ReadFile {
+                path: path.clone(),
+                source,
+            })
         };
         Ok(Self::from_pem(
             &read(&args.agent_ca)?,

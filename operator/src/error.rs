@@ -49,6 +49,39 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// Why the operator process could not start, or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("reading {}", path.display())]
+    ReadFile {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("finding the Kubernetes client configuration")]
+    KubeConfig(#[from] kube::config::InferConfigError),
+
+    #[error("Kubernetes API request failed")]
+    Kube(#[from] kube::Error),
+
+    #[error("serving HTTP on {addr}")]
+    Http {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("the HTTP endpoint stopped")]
+    HttpStopped(#[source] Option<tokio::task::JoinError>),
+
+    #[error("the watch of the agent Leases stopped before it had read them")]
+    LeaseWatch(#[from] kube::runtime::reflector::store::WriterDropped),
+
+    #[error("lost the leader Lease")]
+    LostLeadership,
+}
+
 /// Formats an error with its sources, `outer: inner: innermost`.
 pub struct ErrorChain<'a>(pub &'a dyn std::error::Error);
 

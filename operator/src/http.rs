@@ -12,6 +12,7 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 
+use crate::error::RunError;
 use crate::metrics::Metrics;
 
 #[derive(Clone)]
@@ -29,11 +30,11 @@ pub fn router(state: HttpState) -> Router {
         .with_state(state)
 }
 
-pub async fn serve(addr: SocketAddr, state: HttpState) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
+pub async fn serve(addr: SocketAddr, state: HttpState) -> Result<(), RunError> {
+    let failed = |source| RunError::Http { addr, source };
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(failed)?;
     tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
-    axum::serve(listener, router(state)).await?;
-    Ok(())
+    axum::serve(listener, router(state)).await.map_err(failed)
 }
 
 async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {

@@ -10,5 +10,6 @@ async fn main() -> anyhow::Result<()> {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .init();
-    sandfork_operator::run::run(sandfork_operator::run::Args::parse()).await
+    sandfork_operator::run::run(sandfork_operator::run::Args::parse()).await?;
+    Ok(())
 }

@@ -18,6 +18,7 @@ use sandfork_api::{Sandbox, SandboxBranch, labels};
 use crate::agents::{AgentTlsArgs, Agents, Dial, TlsDialer};
 use crate::context::{Caches, Clock, Context, FIELD_MANAGER, Settings};
 use crate::controller::{error_policy, reconcile};
+use crate::error::RunError;
 use crate::http::{self, HttpState};
 use crate::leader::{self, LeaderArgs, LeaderElector};
 use crate::metrics::Metrics;
@@ -50,7 +51,7 @@ pub struct Args {
     pub leader: LeaderArgs,
 }
 
-pub async fn run(args: Args) -> anyhow::Result<()> {
+pub async fn run(args: Args) -> Result<(), RunError> {
     let mut config = kube::Config::infer().await?;
     // Watches time out server-side after 290 s; nothing else may hang longer.
     config.read_timeout = Some(Duration::from_secs(295));
@@ -102,9 +103,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         result = controllers => result?,
         () = hold => {
             // Another replica may act now: stop at once, as client-go does.
-            anyhow::bail!("lost the leader Lease");
+            return Err(RunError::LostLeadership);
         }
-        result = http => anyhow::bail!("the HTTP endpoint stopped: {:?}", result),
+        result = http => {
+            return Err(match result {
+                Ok(Err(err)) => err,
+                Ok(Ok(())) => RunError::HttpStopped(None),
+                Err(err) => RunError::HttpStopped(Some(err)),
+            });
+        }
     }
     if let Some(elector) = &elector
         && let Err(err) = elector.release().await
@@ -135,7 +142,7 @@ async fn controllers(
     metrics: Arc<Metrics>,
     args: &Args,
     identity: &str,
-) -> anyhow::Result<()> {
+) -> Result<(), RunError> {
     let agent_namespace = args
         .agent_namespace
         .clone()
