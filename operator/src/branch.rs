@@ -66,8 +66,10 @@ impl Reconcile for SandboxBranch {
         self.status.as_ref()
     }
 
+    /// Captures the source once, creates the missing branches and deletes the
+    /// extra ones, then sums up how the branches are doing.
     async fn apply(&self, ctx: &Context) -> Result<Action> {
-        apply(self, ctx).await
+        Pass::new(self, ctx)?.run().await.or_else(Stop::into_result)
     }
 
     async fn cleanup(&self, ctx: &Context) -> Result<Action> {
@@ -138,13 +140,6 @@ struct Pass<'a> {
     remaining: Duration,
     /// How soon to look again while working, never much past the deadline.
     poll: Duration,
-}
-
-/// Captures the source once, creates the missing branches and deletes the
-/// extra ones, then sums up how the branches are doing.
-async fn apply(branch: &SandboxBranch, ctx: &Context) -> Result<Action> {
-    let mut pass = Pass::new(branch, ctx)?;
-    pass.run().await.or_else(Stop::into_result)
 }
 
 impl<'a> Pass<'a> {

@@ -66,8 +66,10 @@ impl Reconcile for Sandbox {
         self.status.as_ref()
     }
 
+    /// Checks the guest and, for a branch, its origin; binds the Sandbox to a
+    /// node; has that node's agent start the VM if it never ran; reports it.
     async fn apply(&self, ctx: &Context) -> Result<Action> {
-        apply(self, ctx).await
+        Pass::new(self, ctx)?.run().await.or_else(Stop::into_result)
     }
 
     async fn cleanup(&self, ctx: &Context) -> Result<Action> {
@@ -122,13 +124,6 @@ struct Pass<'a> {
     ctx: &'a Context,
     uid: String,
     update: Update<'a>,
-}
-
-/// Checks the guest and, for a branch, its origin; binds the Sandbox to a
-/// node; has that node's agent start the VM if it never ran; reports it.
-async fn apply(sandbox: &Sandbox, ctx: &Context) -> Result<Action> {
-    let mut pass = Pass::new(sandbox, ctx)?;
-    pass.run().await.or_else(Stop::into_result)
 }
 
 impl<'a> Pass<'a> {
