@@ -155,7 +155,7 @@ async fn finalized_pass<K: Reconcile>(obj: Arc<K>, ctx: Arc<Context>) -> Result<
     });
     let limit = ctx.settings.reconcile_timeout;
     let result = match tokio::time::timeout(limit, pass).await {
-        Ok(result) => result.map_err(|err| Error::Finalizer(Box::new(err))),
+        Ok(result) => result.map_err(Error::from_finalizer),
         Err(_) => Err(Error::Timeout(limit)),
     };
     ctx.metrics.reconciled(K::CONTROLLER, started.elapsed());

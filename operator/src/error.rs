@@ -14,8 +14,13 @@ pub enum Error {
     #[error("Kubernetes API request failed")]
     Kube(#[from] kube::Error),
 
-    #[error("finalizer")]
-    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    /// Adding or removing the finalizer failed.
+    #[error("could not {action} the finalizer")]
+    Finalizer {
+        action: &'static str,
+        #[source]
+        source: kube::Error,
+    },
 
     #[error("agent on node {node}")]
     Agent {
@@ -98,6 +103,25 @@ impl std::fmt::Display for ErrorChain<'_> {
 }
 
 impl Error {
+    /// The error of a reconcile inside the finalizer helper: what `apply` or
+    /// `cleanup` returned as it is (kube's wrapper would repeat its message),
+    /// or what the helper itself ran into.
+    pub fn from_finalizer(err: kube::runtime::finalizer::Error<Error>) -> Self {
+        use kube::runtime::finalizer::Error as Finalizer;
+        match err {
+            Finalizer::ApplyFailed(err) | Finalizer::CleanupFailed(err) => err,
+            Finalizer::AddFinalizer(source) => Error::Finalizer {
+                action: "add",
+                source,
+            },
+            Finalizer::RemoveFinalizer(source) => Error::Finalizer {
+                action: "remove",
+                source,
+            },
+            other => Error::Permanent(other.to_string()),
+        }
+    }
+
     /// The agent on `node` answered `status`.
     pub fn agent(node: &str, status: tonic::Status) -> Self {
         Error::Agent {
@@ -109,14 +133,7 @@ impl Error {
     /// Whether retrying the same reconcile later may succeed.
     pub fn is_transient(&self) -> bool {
         match self {
-            Error::Kube(err) => kube_is_transient(err),
-            Error::Finalizer(err) => match err.as_ref() {
-                kube::runtime::finalizer::Error::ApplyFailed(inner)
-                | kube::runtime::finalizer::Error::CleanupFailed(inner) => inner.is_transient(),
-                kube::runtime::finalizer::Error::AddFinalizer(err)
-                | kube::runtime::finalizer::Error::RemoveFinalizer(err) => kube_is_transient(err),
-                _ => false,
-            },
+            Error::Kube(err) | Error::Finalizer { source: err, .. } => kube_is_transient(err),
             Error::Agent { status, .. } => agent_code_is_transient(status.code()),
             Error::Dial { .. }
             | Error::AgentUnavailable { .. }
@@ -130,11 +147,7 @@ impl Error {
     pub fn metric_label(&self) -> &'static str {
         match self {
             Error::Kube(_) => "kube",
-            Error::Finalizer(err) => match err.as_ref() {
-                kube::runtime::finalizer::Error::ApplyFailed(inner)
-                | kube::runtime::finalizer::Error::CleanupFailed(inner) => inner.metric_label(),
-                _ => "finalizer",
-            },
+            Error::Finalizer { .. } => "finalizer",
             Error::Agent { .. } => "agent",
             Error::Dial { .. } => "dial",
             Error::AgentUnavailable { .. } => "agent_unavailable",
@@ -146,30 +159,17 @@ impl Error {
 
     /// Whether this is only [`Error::Waiting`], not worth a warning.
     pub fn is_waiting(&self) -> bool {
-        match self {
-            Error::Waiting(_) => true,
-            Error::Finalizer(err) => matches!(
-                err.as_ref(),
-                kube::runtime::finalizer::Error::CleanupFailed(Error::Waiting(_))
-            ),
-            _ => false,
-        }
+        matches!(self, Error::Waiting(_))
     }
 
     /// Whether the API server refused a write made from a stale copy (409).
     pub fn is_conflict(&self) -> bool {
-        let kube_err = match self {
-            Error::Kube(err) => Some(err),
-            Error::Finalizer(err) => match err.as_ref() {
-                kube::runtime::finalizer::Error::ApplyFailed(Error::Kube(err))
-                | kube::runtime::finalizer::Error::CleanupFailed(Error::Kube(err))
-                | kube::runtime::finalizer::Error::AddFinalizer(err)
-                | kube::runtime::finalizer::Error::RemoveFinalizer(err) => Some(err),
-                _ => None,
-            },
-            _ => None,
-        };
-        kube_err.is_some_and(|err| matches!(err, kube::Error::Api(status) if status.code == 409))
+        match self {
+            Error::Kube(err) | Error::Finalizer { source: err, .. } => {
+                matches!(err, kube::Error::Api(status) if status.code == 409)
+            }
+            _ => false,
+        }
     }
 
     /// The gRPC status, when the error came from an agent.
@@ -212,4 +212,25 @@ pub fn is_not_found(err: &kube::Error) -> bool {
 /// Whether `err` is the API server's 409 for a create of an existing name.
 pub fn is_already_exists(err: &kube::Error) -> bool {
     matches!(err, kube::Error::Api(status) if status.code == 409 && status.reason == "AlreadyExists")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_from_inside_the_finalizer_reads_once() {
+        let waiting = Error::Waiting("2 branches are being deleted".into());
+        let err = Error::from_finalizer(kube::runtime::finalizer::Error::CleanupFailed(waiting));
+        assert!(err.is_waiting());
+        assert_eq!(
+            ErrorChain(&err).to_string(),
+            "waiting: 2 branches are being deleted"
+        );
+
+        let agent = Error::agent("node-a", tonic::Status::unavailable("agent restarting"));
+        let chain = ErrorChain(&agent).to_string();
+        assert!(chain.starts_with("agent on node node-a: "), "{chain}");
+        assert_eq!(chain.matches("agent restarting").count(), 1, "{chain}");
+    }
 }
