@@ -13,6 +13,7 @@ use kube::{Resource, ResourceExt};
 use sandfork_api::{Sandbox, SandboxBranch};
 
 use crate::agents::Agents;
+use crate::error::ErrorChain;
 use crate::metrics::Metrics;
 
 /// The field manager of every write the operator makes.
@@ -159,7 +160,7 @@ impl Context {
         K: Resource<DynamicType = ()>,
     {
         if let Err(err) = self.recorder.publish(&event, &obj.object_ref(&())).await {
-            tracing::warn!(object = %obj.name_any(), reason = event.reason, %err, "could not publish event");
+            tracing::warn!(object = %obj.name_any(), reason = event.reason, error = %ErrorChain(&err), "could not publish event");
         }
     }
 

@@ -13,6 +13,7 @@ use k8s_openapi::jiff::SignedDuration;
 use kube::api::{Api, ObjectMeta, PostParams};
 
 use crate::context::{Clock, FIELD_MANAGER};
+use crate::error::ErrorChain;
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct LeaderArgs {
@@ -182,7 +183,9 @@ pub async fn acquire(elector: &LeaderElector, retry: Duration) {
                     announced = true;
                 }
             }
-            Err(err) => tracing::warn!(%err, "leader election: could not read or write the Lease"),
+            Err(err) => {
+                tracing::warn!(error = %ErrorChain(&err), "leader election: could not read or write the Lease")
+            }
         }
         tokio::time::sleep(retry).await;
     }
@@ -201,7 +204,7 @@ pub async fn hold(elector: &LeaderElector, retry: Duration, renew_deadline: Dura
                 return;
             }
             Err(err) => {
-                tracing::warn!(%err, "could not renew the leader Lease");
+                tracing::warn!(error = %ErrorChain(&err), "could not renew the leader Lease");
                 if last_renewal.elapsed() > renew_deadline {
                     tracing::error!("leader Lease not renewed within the renew deadline");
                     return;

@@ -18,7 +18,7 @@ use sandfork_api::{Sandbox, SandboxBranch, labels};
 use crate::agents::{AgentTlsArgs, Agents, Dial, TlsDialer};
 use crate::context::{Caches, Clock, Context, FIELD_MANAGER, Settings};
 use crate::controller::{error_policy, reconcile};
-use crate::error::RunError;
+use crate::error::{ErrorChain, RunError};
 use crate::http::{self, HttpState};
 use crate::leader::{self, LeaderArgs, LeaderElector};
 use crate::metrics::Metrics;
@@ -116,7 +116,7 @@ pub async fn run(args: Args) -> Result<(), RunError> {
     if let Some(elector) = &elector
         && let Err(err) = elector.release().await
     {
-        tracing::warn!(%err, "could not release the leader Lease");
+        tracing::warn!(error = %ErrorChain(&err), "could not release the leader Lease");
     }
     Ok(())
 }
@@ -156,7 +156,7 @@ async fn controllers(
     .reflect(lease_writer)
     .for_each(|event| async move {
         if let Err(err) = event {
-            tracing::warn!(%err, "watching agent Leases");
+            tracing::warn!(error = %ErrorChain(&err), "watching agent Leases");
         }
     });
     tokio::spawn(lease_watch);
@@ -208,14 +208,14 @@ async fn controllers(
         .run(reconcile, error_policy, ctx.clone())
         .for_each(|result| async move {
             if let Err(err) = result {
-                tracing::debug!(%err, "sandbox controller");
+                tracing::debug!(error = %ErrorChain(&err), "sandbox controller");
             }
         });
     let branches = branch_controller
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
             if let Err(err) = result {
-                tracing::debug!(%err, "sandboxbranch controller");
+                tracing::debug!(error = %ErrorChain(&err), "sandboxbranch controller");
             }
         });
     tracing::info!("controllers running");
