@@ -8,7 +8,11 @@
 #   e2e/tools/build-tools.sh --env      same as --check but print the export lines
 #
 # Cache layout (keyed by version; a directory only appears once complete):
-#   $SANDFORK_TOOLS_DIR/k8s-v1.37.2/bin/{kube-apiserver,kube-controller-manager,kubectl}
+#   $SANDFORK_TOOLS_DIR/k8s-v1.37.2/bin/{kube-apiserver,kube-controller-manager,kube-scheduler,
+#                                        kube-proxy,kubelet,kubectl}
+#   $SANDFORK_TOOLS_DIR/containerd-v2.2.9/bin/{containerd,containerd-shim-runc-v2,ctr}
+#   $SANDFORK_TOOLS_DIR/pause-v1.37.2/bin/pause  the pause container's binary (static, from
+#                                        Kubernetes' own build/pause/linux/pause.c)
 #   $SANDFORK_TOOLS_DIR/etcd-v3.7.3/bin/etcd
 #   $SANDFORK_TOOLS_DIR/helm-v3.22.0/bin/helm
 #   $SANDFORK_TOOLS_DIR/env.sh           the export lines printed on stdout
@@ -21,6 +25,7 @@
 #   SANDFORK_K8S_VERSION   default v1.37.2
 #   SANDFORK_ETCD_VERSION  default v3.7.3
 #   SANDFORK_HELM_VERSION  default v3.22.0
+#   SANDFORK_CONTAINERD_VERSION default v2.2.9
 #   SANDFORK_BUILD_JOBS    go build -p value (default 2)
 #   SANDFORK_BUILD_ETCDCTL set to 1 to also build etcdctl
 #   GO                     path of the go binary (default: `go` on PATH,
@@ -30,6 +35,7 @@ set -euo pipefail
 K8S_VERSION="${SANDFORK_K8S_VERSION:-v1.37.2}"
 ETCD_VERSION="${SANDFORK_ETCD_VERSION:-v3.7.3}"
 HELM_VERSION="${SANDFORK_HELM_VERSION:-v3.22.0}"
+CONTAINERD_VERSION="${SANDFORK_CONTAINERD_VERSION:-v2.2.9}"
 TOOLS_DIR="${SANDFORK_TOOLS_DIR:-${HOME:-/root}/.cache/sandfork/tools}"
 JOBS="${SANDFORK_BUILD_JOBS:-2}"
 
@@ -38,7 +44,7 @@ case "${1:-}" in
   "") ;;
   --check) MODE=check ;;
   --env) MODE="env" ;;
-  -h|--help) sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  -h|--help) sed -n '2,32p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
   *) echo "build-tools.sh: unknown argument: $1 (try --help)" >&2; exit 2 ;;
 esac
 
@@ -48,10 +54,14 @@ die() { echo "build-tools: ERROR: $*" >&2; exit 1; }
 K8S_DIR="$TOOLS_DIR/k8s-$K8S_VERSION"
 ETCD_DIR="$TOOLS_DIR/etcd-$ETCD_VERSION"
 HELM_DIR="$TOOLS_DIR/helm-$HELM_VERSION"
-K8S_BINS=(kube-apiserver kube-controller-manager kubectl)
+CONTAINERD_DIR="$TOOLS_DIR/containerd-$CONTAINERD_VERSION"
+PAUSE_DIR="$TOOLS_DIR/pause-$K8S_VERSION"
+K8S_BINS=(kube-apiserver kube-controller-manager kube-scheduler kube-proxy kubelet kubectl)
 ETCD_BINS=(etcd)
 if [[ "${SANDFORK_BUILD_ETCDCTL:-0}" == 1 ]]; then ETCD_BINS+=(etcdctl); fi
 HELM_BINS=(helm)
+CONTAINERD_BINS=(containerd containerd-shim-runc-v2 ctr)
+PAUSE_BINS=(pause)
 
 # complete DIR BIN... : true when every BIN is an executable file in DIR/bin.
 complete() {
@@ -66,6 +76,8 @@ export SANDFORK_TOOLS_DIR='$TOOLS_DIR'
 export SANDFORK_K8S_BIN='$K8S_DIR/bin'
 export SANDFORK_ETCD_BIN='$ETCD_DIR/bin'
 export SANDFORK_HELM_BIN='$HELM_DIR/bin'
+export SANDFORK_CONTAINERD_BIN='$CONTAINERD_DIR/bin'
+export SANDFORK_PAUSE_BIN='$PAUSE_DIR/bin'
 export PATH='$K8S_DIR/bin:$ETCD_DIR/bin:$HELM_DIR/bin':"\$PATH"
 EOF
 }
@@ -73,7 +85,9 @@ EOF
 all_complete() {
   complete "$K8S_DIR" "${K8S_BINS[@]}" &&
     complete "$ETCD_DIR" "${ETCD_BINS[@]}" &&
-    complete "$HELM_DIR" "${HELM_BINS[@]}"
+    complete "$HELM_DIR" "${HELM_BINS[@]}" &&
+    complete "$CONTAINERD_DIR" "${CONTAINERD_BINS[@]}" &&
+    complete "$PAUSE_DIR" "${PAUSE_BINS[@]}"
 }
 
 if [[ $MODE != build ]]; then
@@ -84,6 +98,8 @@ if [[ $MODE != build ]]; then
   complete "$K8S_DIR" "${K8S_BINS[@]}" || log "missing: $K8S_DIR/bin/{${K8S_BINS[*]}}"
   complete "$ETCD_DIR" "${ETCD_BINS[@]}" || log "missing: $ETCD_DIR/bin/{${ETCD_BINS[*]}}"
   complete "$HELM_DIR" "${HELM_BINS[@]}" || log "missing: $HELM_DIR/bin/{${HELM_BINS[*]}}"
+  complete "$CONTAINERD_DIR" "${CONTAINERD_BINS[@]}" || log "missing: $CONTAINERD_DIR/bin/{${CONTAINERD_BINS[*]}}"
+  complete "$PAUSE_DIR" "${PAUSE_BINS[@]}" || log "missing: $PAUSE_DIR/bin/pause"
   log "run e2e/tools/build-tools.sh (without arguments) to build them"
   exit 1
 fi
@@ -238,12 +254,45 @@ build_helm() {
   install_dir "$HELM_DIR" "$out"
 }
 
+build_containerd() {
+  local out="$WORK/containerd-out"
+  mkdir -p "$out/bin"
+  local m=github.com/containerd/containerd/v2
+  local v=$m/version
+  local ldflags="-s -w -X $v.Version=$CONTAINERD_VERSION -X $v.Revision=sandfork-build -X $v.Package=$m"
+  log "containerd $CONTAINERD_VERSION: go install $m/cmd/{${CONTAINERD_BINS[*]}}"
+  # No btrfs, devmapper or zfs snapshotters: they need C headers, and the
+  # nodes use overlayfs.
+  (cd "$WORK" && GOFLAGS="" GOBIN="$out/bin" "$GO_BIN" install -p "$JOBS" -trimpath \
+    -tags "no_btrfs no_devmapper no_zfs" -ldflags "$ldflags" \
+    "$m/cmd/containerd@$CONTAINERD_VERSION" "$m/cmd/containerd-shim-runc-v2@$CONTAINERD_VERSION" \
+    "$m/cmd/ctr@$CONTAINERD_VERSION") >&2 || die "containerd build failed"
+  "$out/bin/containerd" --version >&2
+  install_dir "$CONTAINERD_DIR" "$out"
+}
+
+# The pause container: Kubernetes' own pause.c, from the module that the
+# other binaries are built from, linked statically (no registry to pull from).
+build_pause() {
+  local out="$WORK/pause-out" src
+  mkdir -p "$out/bin"
+  src="$("$GO_BIN" mod download -json "k8s.io/kubernetes@$K8S_VERSION" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",\{0,1\}$/\1/p')/build/pause/linux/pause.c"
+  [[ -f "$src" ]] || die "no pause.c in k8s.io/kubernetes@$K8S_VERSION"
+  command -v gcc >/dev/null || die "gcc not found (Debian: build-essential)"
+  log "pause: gcc -static $src"
+  gcc -Os -static -DVERSION="sandfork-$K8S_VERSION" -o "$out/bin/pause" "$src" >&2 || die "pause build failed"
+  strip "$out/bin/pause"
+  install_dir "$PAUSE_DIR" "$out"
+}
+
 start=$SECONDS
 # Re-check after taking the lock: another builder may have finished meanwhile.
 # (`if` rather than `||`, so that `set -e` stays in force inside the builders.)
 if ! complete "$ETCD_DIR" "${ETCD_BINS[@]}"; then build_etcd; fi
 if ! complete "$HELM_DIR" "${HELM_BINS[@]}"; then build_helm; fi
 if ! complete "$K8S_DIR" "${K8S_BINS[@]}"; then build_k8s; fi
+if ! complete "$CONTAINERD_DIR" "${CONTAINERD_BINS[@]}"; then build_containerd; fi
+if ! complete "$PAUSE_DIR" "${PAUSE_BINS[@]}"; then build_pause; fi
 log "done in $((SECONDS - start))s; cache: $TOOLS_DIR"
 
 env_lines | tee "$TOOLS_DIR/env.sh.tmp.$$"
