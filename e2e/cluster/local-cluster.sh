@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# A real, local Kubernetes control plane (etcd + kube-apiserver +
-# kube-controller-manager) for Sandfork's e2e tests and demo. No nodes, no
-# containers: it serves the API, runs the controllers (garbage collector,
-# namespace deletion, service accounts and tokens, ...) and binds to 127.0.0.1 only.
+# A real, local Kubernetes cluster for Sandfork's e2e tests and demo: etcd,
+# kube-apiserver, kube-controller-manager and kube-scheduler on this host, and
+# nodes (default node-a and node-b), each a kubelet, a kube-proxy and a
+# containerd with runc and the CNI plugins in network and mount namespaces of
+# their own (see nodes.sh). Every address is on loopback or on the bridge and
+# namespaces the cluster creates; nothing routes off the machine. No registry:
+# images are imported into the nodes (`image`).
 #
 # Usage:
 #   e2e/cluster/local-cluster.sh up DIR      start (or reuse) a cluster whose state lives in DIR;
@@ -11,10 +14,15 @@
 #   e2e/cluster/local-cluster.sh down DIR    stop it (TERM, then KILL); safe to repeat, or after
 #                                            a failed `up`; keeps DIR (logs, data) in place
 #   e2e/cluster/local-cluster.sh env DIR     print `export KUBECONFIG=...` and PATH lines
-#   e2e/cluster/local-cluster.sh status DIR  exit 0 when all components run and /readyz is ok
+#   e2e/cluster/local-cluster.sh status DIR  exit 0 when all components run, /readyz is ok
+#                                            and every node is Ready
+#   e2e/cluster/local-cluster.sh image DIR NAME PROGRAM
+#                                            pack PROGRAM as image NAME (oci-image.sh) and
+#                                            import it into every node's runtime
 #
 # Files in DIR: kubeconfig (admin, group system:masters), pki/, etcd/ (data),
-# *.pid, *.log (etcd.log, kube-apiserver.log, kube-controller-manager.log), ports.env.
+# *.pid, *.log (etcd, kube-apiserver, kube-controller-manager, kube-scheduler, and per
+# node NODE-containerd, NODE-kubelet, NODE-kube-proxy), ports.env, nodes/NODE/.
 #
 # Environment:
 #   SANDFORK_TOOLS_DIR, SANDFORK_*_VERSION  passed to e2e/tools/build-tools.sh, which `up`
@@ -27,16 +35,20 @@
 #   SANDFORK_CLUSTER_STOP_TIMEOUT seconds `down` waits after TERM before KILL (default 15)
 #   SANDFORK_CLUSTER_KEEP_ON_FAILURE=1  leave processes running when `up` fails
 #   SANDFORK_APISERVER_EXTRA_ARGS, SANDFORK_KCM_EXTRA_ARGS  extra flags (word-split)
+#   SANDFORK_CLUSTER_NODES        node names (default "node-a node-b"; "" for none)
+#   SANDFORK_CLUSTER_KVM_NODES    nodes labelled sandfork.dev/kvm=true (default: all of them
+#                                 when /dev/kvm and /dev/userfaultfd exist, else none)
+#   SANDFORK_CLUSTER_SUBNET_PREFIX  first two octets of the cluster's addresses (default 10.213)
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 BUILD_TOOLS="$HERE/../tools/build-tools.sh"
-COMPONENTS=(etcd kube-apiserver kube-controller-manager)
+CONTROL_PLANE=(etcd kube-apiserver kube-controller-manager kube-scheduler)
 
 log() { echo "local-cluster: $*" >&2; }
 die() { echo "local-cluster: ERROR: $*" >&2; exit 1; }
 
-usage() { sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '2,45p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 
 [[ $# -ge 2 ]] || usage
 CMD=$1
@@ -48,6 +60,13 @@ if [[ ! -d "$2" ]]; then
   esac
 fi
 DIR="$(cd "$2" && pwd)"
+# shellcheck source=nodes.sh
+. "$HERE/nodes.sh"
+# Every process of the cluster, in start order.
+COMPONENTS=("${CONTROL_PLANE[@]}")
+for n in "${NODES[@]}"; do
+  COMPONENTS+=("$n-ns" "$n-containerd" "$n-kubelet" "$n-kube-proxy")
+done
 
 # --- helpers ----------------------------------------------------------------
 
@@ -103,6 +122,22 @@ find_tools() {
   APISERVER="$SANDFORK_K8S_BIN/kube-apiserver"
   KCM="$SANDFORK_K8S_BIN/kube-controller-manager"
   KUBECTL="$SANDFORK_K8S_BIN/kubectl"
+  SCHEDULER="$SANDFORK_K8S_BIN/kube-scheduler"
+  KUBELET="$SANDFORK_K8S_BIN/kubelet"
+  KUBE_PROXY="$SANDFORK_K8S_BIN/kube-proxy"
+  CONTAINERD_BIN="$SANDFORK_CONTAINERD_BIN"
+  PAUSE_PROGRAM="$SANDFORK_PAUSE_BIN/pause"
+}
+
+# The pause image, built here from the pause binary (no registry to pull it from).
+PAUSE_IMAGE=sandfork.local/pause:local
+PAUSE_ARCHIVE=""
+pause_archive() {
+  PAUSE_ARCHIVE="$DIR/images/pause.tar"
+  mkdir -p "$DIR/images"
+  if [[ ! -f $PAUSE_ARCHIVE || $PAUSE_PROGRAM -nt $PAUSE_ARCHIVE ]]; then
+    "$HERE/oci-image.sh" "$PAUSE_ARCHIVE" "$PAUSE_IMAGE" "$PAUSE_PROGRAM"
+  fi
 }
 
 kubectl_() { "$KUBECTL" --kubeconfig "$DIR/kubeconfig" --request-timeout=5s "$@"; }
@@ -115,11 +150,27 @@ print_env() {
   if [[ -f "$DIR/ports.env" ]]; then
     # shellcheck disable=SC1091
     . "$DIR/ports.env"
-    echo "export SANDFORK_APISERVER_URL='https://127.0.0.1:$APISERVER_PORT'"
+    echo "export SANDFORK_APISERVER_URL='https://$BRIDGE_IP:$APISERVER_PORT'"
   fi
 }
 
 # --- certificates -------------------------------------------------------------
+
+# sign_with_ca PKI NAME SUBJECT EXTENSIONS: NAME.key and NAME.crt in the current
+# directory, signed by PKI/ca.
+sign_with_ca() {
+  openssl ecparam -name prime256v1 -genkey -noout -out "$2.key"
+  openssl req -new -key "$2.key" -subj "$3" -out "$2.csr"
+  printf '%s\n' "$4" >"$2.ext"
+  openssl x509 -req -in "$2.csr" -CA "$1/ca.crt" -CAkey "$1/ca.key" -CAcreateserial -sha256 \
+    -days 3650 -extfile "$2.ext" -out "$2.crt"
+  rm -f "$2.csr" "$2.ext"
+  chmod 600 "$2.key"
+}
+
+CLIENT_EXT="basicConstraints=CA:FALSE
+keyUsage=critical,digitalSignature,keyEncipherment
+extendedKeyUsage=clientAuth"
 
 gen_pki() {
   local pki="$DIR/pki"
@@ -136,23 +187,16 @@ gen_pki() {
     openssl req -x509 -new -key ca.key -sha256 -days 3650 -subj "/CN=sandfork-local-ca" \
       -addext "basicConstraints=critical,CA:TRUE" \
       -addext "keyUsage=critical,keyCertSign,cRLSign,digitalSignature" -out ca.crt
-    # sign NAME SUBJECT EXTFILE-CONTENT
-    sign() {
-      openssl ecparam -name prime256v1 -genkey -noout -out "$1.key"
-      openssl req -new -key "$1.key" -subj "$2" -out "$1.csr"
-      printf '%s\n' "$3" >"$1.ext"
-      openssl x509 -req -in "$1.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -sha256 \
-        -days 3650 -extfile "$1.ext" -out "$1.crt"
-      rm -f "$1.csr" "$1.ext"
-    }
-    sign apiserver "/CN=kube-apiserver" "basicConstraints=CA:FALSE
+    sign_with_ca . apiserver "/CN=kube-apiserver" "basicConstraints=CA:FALSE
 keyUsage=critical,digitalSignature,keyEncipherment
 extendedKeyUsage=serverAuth
-subjectAltName=IP:127.0.0.1,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
-    sign admin "/O=system:masters/CN=sandfork-admin" "basicConstraints=CA:FALSE
-keyUsage=critical,digitalSignature,keyEncipherment
-extendedKeyUsage=clientAuth"
-    # The apiserver's client cert towards kubelets is unused here (no nodes).
+subjectAltName=IP:127.0.0.1,IP:$BRIDGE_IP,IP:$SERVICE_IP,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
+    sign_with_ca . admin "/O=system:masters/CN=sandfork-admin" "$CLIENT_EXT"
+    # The API server towards the kubelets (logs, exec, port-forward).
+    sign_with_ca . apiserver-kubelet-client "/O=system:masters/CN=kube-apiserver-kubelet-client" "$CLIENT_EXT"
+    # The identities the bootstrap RBAC policy knows.
+    sign_with_ca . kube-scheduler "/CN=system:kube-scheduler" "$CLIENT_EXT"
+    sign_with_ca . kube-proxy "/CN=system:kube-proxy" "$CLIENT_EXT"
     # Service-account token signing key pair.
     openssl genrsa -out sa.key 2048
     openssl rsa -in sa.key -pubout -out sa.pub
@@ -162,31 +206,39 @@ extendedKeyUsage=clientAuth"
   touch "$pki/.complete"
 }
 
-write_kubeconfig() {
+# write_kubeconfig_file FILE CERT KEY: a kubeconfig for that client certificate.
+write_kubeconfig_file() {
   b64() { base64 -w0 <"$1"; }
-  umask 077
-  cat >"$DIR/kubeconfig.tmp" <<EOF
+  (
+    umask 077
+    cat >"$1.tmp" <<EOF
 apiVersion: v1
 kind: Config
 clusters:
 - name: sandfork-local
   cluster:
-    server: https://127.0.0.1:$APISERVER_PORT
+    server: https://$BRIDGE_IP:$APISERVER_PORT
     certificate-authority-data: $(b64 "$DIR/pki/ca.crt")
 users:
-- name: sandfork-admin
+- name: user
   user:
-    client-certificate-data: $(b64 "$DIR/pki/admin.crt")
-    client-key-data: $(b64 "$DIR/pki/admin.key")
+    client-certificate-data: $(b64 "$2")
+    client-key-data: $(b64 "$3")
 contexts:
 - name: sandfork-local
   context:
     cluster: sandfork-local
-    user: sandfork-admin
+    user: user
 current-context: sandfork-local
 EOF
-  mv -f "$DIR/kubeconfig.tmp" "$DIR/kubeconfig"
-  umask 022
+    mv -f "$1.tmp" "$1"
+  )
+}
+
+write_kubeconfigs() {
+  write_kubeconfig_file "$DIR/kubeconfig" "$DIR/pki/admin.crt" "$DIR/pki/admin.key"
+  write_kubeconfig_file "$DIR/kube-scheduler.kubeconfig" "$DIR/pki/kube-scheduler.crt" "$DIR/pki/kube-scheduler.key"
+  write_kubeconfig_file "$DIR/kube-proxy.kubeconfig" "$DIR/pki/kube-proxy.crt" "$DIR/pki/kube-proxy.key"
 }
 
 # --- process control ----------------------------------------------------------
@@ -235,29 +287,38 @@ wait_for() {
   done
 }
 
-do_down() {
-  local c pid deadline stopped=0 pids=()
+# stop_component NAME: TERM, then KILL after the stop timeout.
+STOPPED=()
+stop_component() {
+  local c=$1 pid deadline
   local timeout="${SANDFORK_CLUSTER_STOP_TIMEOUT:-15}"
-  # Reverse start order: controller manager, apiserver, then etcd.
-  for c in kube-controller-manager kube-apiserver etcd; do
-    pid="$(pid_of "$c")"
-    if [[ -n "$pid" ]]; then
-      kill -TERM "$pid" 2>/dev/null || true
-      deadline=$((SECONDS + timeout))
-      while [[ -n "$(pid_of "$c")" ]] && ((SECONDS < deadline)); do sleep 0.2; done
-      if [[ -n "$(pid_of "$c")" ]]; then
-        log "$c (pid $pid) ignored TERM for ${timeout}s: sending KILL"
-        kill -KILL "$pid" 2>/dev/null || true
-        while [[ -n "$(pid_of "$c")" ]]; do sleep 0.1; done
-      fi
-      stopped=$((stopped + 1))
-      pids+=("$pid")
+  pid="$(pid_of "$c")"
+  if [[ -n "$pid" ]]; then
+    kill -TERM "$pid" 2>/dev/null || true
+    deadline=$((SECONDS + timeout))
+    while [[ -n "$(pid_of "$c")" ]] && ((SECONDS < deadline)); do sleep 0.2; done
+    if [[ -n "$(pid_of "$c")" ]]; then
+      log "$c (pid $pid) ignored TERM for ${timeout}s: sending KILL"
+      kill -KILL "$pid" 2>/dev/null || true
+      while [[ -n "$(pid_of "$c")" ]]; do sleep 0.1; done
     fi
-    rm -f "$DIR/$c.pid"
-  done
+    STOPPED+=("$pid")
+  fi
+  rm -f "$DIR/$c.pid"
+}
+
+# Everything `up` made, also after a failed `up` or a killed test: the nodes
+# (their processes, containers, mounts, network namespaces, cgroups), the
+# control plane, the bridge.
+do_down() {
+  local c n pid
+  for n in "${NODES[@]}"; do node_down "$n"; done
+  for c in kube-scheduler kube-controller-manager kube-apiserver etcd; do stop_component "$c"; done
+  network_down
+  host_paths_down
   # Reap, if these were our own children (up failing in this same shell).
-  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
-  log "stopped $stopped process(es) of $DIR"
+  for pid in "${STOPPED[@]}"; do wait "$pid" 2>/dev/null || true; done
+  log "stopped ${#STOPPED[@]} process(es) of $DIR"
 }
 
 all_running() {
@@ -282,7 +343,7 @@ do_up() {
   local t0=$SECONDS t0ns
   t0ns=$(date +%s%N)
   # Ports: env > DIR/ports.env (restart of the same DIR) > random free ports.
-  local ETCD_PORT='' ETCD_PEER_PORT='' APISERVER_PORT='' KCM_PORT=''
+  local ETCD_PORT='' ETCD_PEER_PORT='' APISERVER_PORT='' KCM_PORT='' SCHEDULER_PORT=''
   # Ports picked at random now are forgotten again if this `up` fails, so a
   # retry on the same DIR picks new ones.
   FORGET_PORTS_ON_FAILURE=1
@@ -295,22 +356,27 @@ do_up() {
   ETCD_PEER_PORT="${SANDFORK_ETCD_PEER_PORT:-${ETCD_PEER_PORT:-$(free_port "$ETCD_PORT")}}"
   APISERVER_PORT="${SANDFORK_APISERVER_PORT:-${APISERVER_PORT:-$(free_port "$ETCD_PORT" "$ETCD_PEER_PORT")}}"
   KCM_PORT="${SANDFORK_KCM_PORT:-${KCM_PORT:-$(free_port "$ETCD_PORT" "$ETCD_PEER_PORT" "$APISERVER_PORT")}}"
+  SCHEDULER_PORT="${SCHEDULER_PORT:-$(free_port "$ETCD_PORT" "$ETCD_PEER_PORT" "$APISERVER_PORT" "$KCM_PORT")}"
   cat >"$DIR/ports.env" <<EOF
 ETCD_PORT=$ETCD_PORT
 ETCD_PEER_PORT=$ETCD_PEER_PORT
 APISERVER_PORT=$APISERVER_PORT
 KCM_PORT=$KCM_PORT
+SCHEDULER_PORT=$SCHEDULER_PORT
 EOF
   local p
-  for p in "$ETCD_PORT" "$ETCD_PEER_PORT" "$APISERVER_PORT" "$KCM_PORT"; do
+  for p in "$ETCD_PORT" "$ETCD_PEER_PORT" "$APISERVER_PORT" "$KCM_PORT" "$SCHEDULER_PORT"; do
     if listening_ports | grep -qx "$p"; then
       if [[ $FORGET_PORTS_ON_FAILURE == 1 ]]; then rm -f "$DIR/ports.env"; fi
       die "port $p is already in use (set SANDFORK_*_PORT or remove $DIR/ports.env)"
     fi
   done
 
+  save_cluster_env
+  network_up
   gen_pki
-  write_kubeconfig
+  write_kubeconfigs
+  pause_archive
   mkdir -p "$DIR/etcd" "$DIR/apiserver-certs" "$DIR/kcm-certs"
   chmod 700 "$DIR/etcd"
 
@@ -329,7 +395,7 @@ EOF
   etcd_ready() { (: <>"/dev/tcp/127.0.0.1/$ETCD_PORT") 2>/dev/null; }
   wait_for "etcd to listen" 30 etcd etcd_ready
 
-  log "starting kube-apiserver on https://127.0.0.1:$APISERVER_PORT"
+  log "starting kube-apiserver on https://$BRIDGE_IP:$APISERVER_PORT"
   # shellcheck disable=SC2086
   start kube-apiserver "$APISERVER" \
     --etcd-servers="http://127.0.0.1:$ETCD_PORT" \
@@ -338,11 +404,15 @@ EOF
     --tls-private-key-file="$DIR/pki/apiserver.key" \
     --client-ca-file="$DIR/pki/ca.crt" \
     --secure-port="$APISERVER_PORT" \
-    --bind-address=127.0.0.1 \
-    --advertise-address=127.0.0.1 \
-    --endpoint-reconciler-type=none \
-    --service-cluster-ip-range=10.0.0.0/24 \
+    --bind-address="$BRIDGE_IP" \
+    --advertise-address="$BRIDGE_IP" \
+    --service-cluster-ip-range="$SERVICE_CIDR" \
     --authorization-mode=Node,RBAC \
+    --enable-admission-plugins=NodeRestriction \
+    --kubelet-client-certificate="$DIR/pki/apiserver-kubelet-client.crt" \
+    --kubelet-client-key="$DIR/pki/apiserver-kubelet-client.key" \
+    --kubelet-certificate-authority="$DIR/pki/ca.crt" \
+    --kubelet-preferred-address-types=InternalIP \
     --service-account-issuer=https://kubernetes.default.svc.cluster.local \
     --service-account-key-file="$DIR/pki/sa.pub" \
     --service-account-signing-key-file="$DIR/pki/sa.key" \
@@ -368,17 +438,37 @@ EOF
     --use-service-account-credentials=true \
     --controllers='*' \
     --leader-elect=false \
-    --service-cluster-ip-range=10.0.0.0/24 \
+    --service-cluster-ip-range="$SERVICE_CIDR" \
     --profiling=false \
     ${SANDFORK_KCM_EXTRA_ARGS:-}
 
+  log "starting kube-scheduler"
+  start kube-scheduler "$SCHEDULER" \
+    --kubeconfig="$DIR/kube-scheduler.kubeconfig" \
+    --authentication-kubeconfig="$DIR/kube-scheduler.kubeconfig" \
+    --authorization-kubeconfig="$DIR/kube-scheduler.kubeconfig" \
+    --bind-address=127.0.0.1 \
+    --secure-port="$SCHEDULER_PORT" \
+    --leader-elect=false \
+    --profiling=false
+
   local left=$((timeout - (SECONDS - t0))); ((left > 5)) || left=5
-  wait_for "the default namespace" "$left" "${COMPONENTS[*]}" kubectl_ get namespace default
+  wait_for "the default namespace" "$left" "${CONTROL_PLANE[*]}" kubectl_ get namespace default
   left=$((timeout - (SECONDS - t0))); ((left > 5)) || left=5
-  wait_for "the default ServiceAccount" "$left" "${COMPONENTS[*]}" \
+  wait_for "the default ServiceAccount" "$left" "${CONTROL_PLANE[*]}" \
     kubectl_ -n default get serviceaccount default
+  local cp_ms=$((($(date +%s%N) - t0ns) / 1000000)) n
+  for n in "${NODES[@]}"; do
+    log "starting node $n ($(node_ip "$n"))"
+    node_up "$n"
+  done
+  if ((${#NODES[@]})); then
+    left=$((timeout - (SECONDS - t0))); ((left > 5)) || left=5
+    wait_for "the nodes to be Ready" "$left" "${COMPONENTS[*]}" nodes_ready
+    log "nodes ${NODES[*]} Ready $(( ($(date +%s%N) - t0ns) / 1000000 - cp_ms )) ms after the control plane"
+  fi
   local ms=$((($(date +%s%N) - t0ns) / 1000000))
-  log "up in $((ms / 1000)).$(printf %03d $((ms % 1000)))s: KUBECONFIG=$DIR/kubeconfig (https://127.0.0.1:$APISERVER_PORT)"
+  log "up in $((ms / 1000)).$(printf %03d $((ms % 1000)))s: KUBECONFIG=$DIR/kubeconfig (https://$BRIDGE_IP:$APISERVER_PORT)"
   print_env
 }
 
@@ -393,8 +483,23 @@ do_status() {
     eval "$envlines"
     KUBECTL="$SANDFORK_K8S_BIN/kubectl"
     if kubectl_ get --raw /readyz >/dev/null 2>&1; then echo "readyz: ok"; else echo "readyz: not ok"; rc=1; fi
+    if ((${#NODES[@]})); then
+      if nodes_ready; then echo "nodes: ${NODES[*]} Ready"; else echo "nodes: not all Ready"; rc=1; fi
+    fi
   fi
   return $rc
+}
+
+# do_image NAME PROGRAM: PROGRAM as image NAME in every node's runtime.
+do_image() {
+  [[ $# -eq 2 ]] || usage
+  find_tools
+  mkdir -p "$DIR/images"
+  local archive n
+  archive="$DIR/images/$(printf '%s' "$1" | tr '/:' '__').tar"
+  "$HERE/oci-image.sh" "$archive" "$1" "$2"
+  for n in "${NODES[@]}"; do import_image_into "$n" "$archive"; done
+  log "image $1 imported into ${NODES[*]}"
 }
 
 case "$CMD" in
@@ -402,5 +507,6 @@ case "$CMD" in
   down) do_down ;;
   env) print_env ;;
   status) do_status ;;
+  image) shift 2; do_image "$@" ;;
   *) usage ;;
 esac

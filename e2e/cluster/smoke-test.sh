@@ -1,8 +1,14 @@
 #!/usr/bin/env bash
-# Smoke test of the local control plane: up, a few real API checks (versions,
+# Smoke test of the local cluster: up, a few real API checks (versions,
 # namespaces, RBAC identity, garbage collection of an owned object, namespace
-# deletion, a service-account token), helm, then down and a check that no
-# process is left. Prints "N passed, N failed" at the end; exit 1 on failure.
+# deletion, a service-account token), helm, the nodes (Ready, each kubelet
+# with its own system:node identity, a Pod scheduled and run on each, kubectl
+# logs and exec, a ClusterIP Service reached from a Pod), then down and a
+# check that nothing is left on this host: no process, mount, network
+# namespace, interface, route, iptables rule, sysctl change or cgroup. The
+# same check follows a killed cluster (every process SIGKILLed, as when a
+# test run dies) and a failed `up`. Prints "N passed, N failed" at the end;
+# exit 1 on failure.
 #
 #   e2e/cluster/smoke-test.sh [DIR]     (default: a new temp dir, removed afterwards)
 set -uo pipefail
@@ -22,6 +28,28 @@ finish() {
   [[ $KEEP == 1 ]] || rm -rf "$DIR"
 }
 trap finish EXIT
+
+# What a cluster could leave on this host, to compare before and after.
+host_state() {
+  local f
+  echo "== processes naming $DIR"
+  for f in /proc/[0-9]*; do
+    [[ ${f#/proc/} == "$$" || ${f#/proc/} == "$BASHPID" ]] && continue
+    grep -q '^State:.*Z' "$f/status" 2>/dev/null && continue
+    tr '\0' ' ' <"$f/cmdline" 2>/dev/null | grep -qF -- "$DIR" && tr '\0' ' ' <"$f/cmdline" && echo
+  done
+  echo "== mounts naming $DIR"; grep -F -- "$DIR" /proc/self/mountinfo
+  echo "== network namespaces"; ip netns list
+  echo "== interfaces"; ip -o link show | awk -F': ' '{print $2}' | sed 's/@.*//'
+  echo "== routes"; ip route show
+  echo "== iptables"; iptables -S; iptables -t nat -S
+  echo "== sysctls"; sysctl -n net.ipv4.ip_forward net.ipv4.conf.all.route_localnet
+  echo "== cgroups"; ls -d /sys/fs/cgroup/*/sandfork-* 2>/dev/null
+  echo "== paths"; ls -d /var/lib/kubelet /var/log/pods /var/log/containers /var/lib/cni /run/containerd /run/nri 2>/dev/null
+  return 0
+}
+before="$(host_state)"
+same_as_before() { diff <(echo "$before") <(host_state); }
 
 t0=$(date +%s%N)
 if ! envlines="$("$CLUSTER" up "$DIR")"; then
@@ -85,23 +113,76 @@ check "helm install (kubeVersion >=1.30 check passes)" helm install smoke "$char
 check "helm-installed ConfigMap records kube v1.37.2" bash -c '[ "$(kubectl -n default get cm smoke-cm -o jsonpath={.data.kube})" = v1.37.2 ]'
 check "helm uninstall" helm uninstall smoke -n default --wait
 
+# --- the nodes -------------------------------------------------------------------
+pause=sandfork.local/pause:local
+check "both nodes are Ready" bash -c 'kubectl get nodes --no-headers | awk "\$2 == \"Ready\"" | wc -l | grep -qx 2'
+check "each kubelet is its own system:node identity (Node authorizer)" bash -c '
+  for n in node-a node-b; do
+    kubectl auth can-i get nodes/$n --as=system:node:$n --as-group=system:nodes | grep -qx yes || exit 1
+  done
+  kubectl auth can-i get secrets/other -n default --as=system:node:node-a --as-group=system:nodes | grep -q "^no"'
+check "NodeRestriction: a kubelet cannot label another node" bash -c '
+  ! kubectl label node node-b smoke=1 --as=system:node:node-a --as-group=system:nodes 2>/dev/null'
+ns=smoke-nodes-$$
+k create namespace "$ns" >/dev/null
+for n in node-a node-b; do
+  cat <<EOF | k -n "$ns" apply -f - >/dev/null
+apiVersion: v1
+kind: Pod
+metadata: {name: on-$n, labels: {app: smoke}}
+spec:
+  nodeSelector: {kubernetes.io/hostname: $n}
+  containers: [{name: pause, image: $pause, imagePullPolicy: Never}]
+EOF
+done
+check "a Pod runs on each node (scheduler, kubelet, containerd, runc, CNI)" \
+  k -n "$ns" wait --for=condition=Ready pod/on-node-a pod/on-node-b --timeout=120s
+check "Pods get addresses from their node's range" bash -c "
+  kubectl -n $ns get pod on-node-a -o jsonpath={.status.podIP} | grep -q '^10\.213\.1\.' &&
+  kubectl -n $ns get pod on-node-b -o jsonpath={.status.podIP} | grep -q '^10\.213\.2\.'"
+check "kubectl exec (API server to kubelet, client certificates)" bash -c \
+  "kubectl -n $ns exec on-node-a -- /pause -v | grep -q pause"
+check "kubectl logs" k -n "$ns" logs on-node-b
+check "the kubernetes Service reaches the API server from a node (kube-proxy)" bash -c "
+  holder=\$(sed -n 's/^NODE_HOLDER_PID=//p' $DIR/nodes/node-a/node.env)
+  timeout 5 nsenter --net=/run/netns/\$(sed -n 's/^NODE_NETNS=//p' $DIR/nodes/node-a/node.env) \
+    bash -c ': </dev/tcp/10.213.128.1/443'"
+check "delete the Pods" k delete namespace "$ns" --timeout=90s
+
 pids="$(cat "$DIR"/*.pid 2>/dev/null | tr '\n' ' ')"
 check "local-cluster.sh down" "$CLUSTER" down "$DIR"
-# Any etcd / kube-* process whose command line names DIR?
-leftovers() {
-  local f exe
-  for f in /proc/[0-9]*; do
-    exe="$(readlink "$f/exe" 2>/dev/null)" || continue
-    case "${exe##*/}" in etcd | kube-apiserver | kube-controller-manager) ;; *) continue ;; esac
-    if tr '\0' ' ' <"$f/cmdline" 2>/dev/null | grep -qF -- "$DIR"; then echo "left: ${f#/proc/} $exe"; fi
-  done
-  for f in $pids; do
-    if [[ -d /proc/$f ]] && ! grep -q '^State:.*Z' "/proc/$f/status" 2>/dev/null; then echo "left: recorded pid $f"; fi
-  done
-}
-check "no process left (were: $pids)" bash -c "[ -z \"\$1\" ]" _ "$(leftovers)"
-leftovers
+check "nothing left on the host after down (were: $pids)" same_as_before
 check "down is idempotent" "$CLUSTER" down "$DIR"
+
+# --- a killed cluster ---------------------------------------------------------------
+if "$CLUSTER" up "$DIR" >/dev/null 2>&1; then
+  cat <<EOF | k -n default apply -f - >/dev/null
+apiVersion: v1
+kind: Pod
+metadata: {name: killed}
+spec:
+  containers: [{name: pause, image: $pause, imagePullPolicy: Never}]
+EOF
+  k -n default wait --for=condition=Ready pod/killed --timeout=120s >/dev/null 2>&1
+  # Every process of the cluster, its containers included, killed at once.
+  for f in /proc/[0-9]*; do
+    tr '\0' ' ' <"$f/cmdline" 2>/dev/null | grep -qF -- "$DIR" && kill -KILL "${f#/proc/}" 2>/dev/null
+  done
+  sleep 1
+  check "down after every process was killed" "$CLUSTER" down "$DIR"
+  check "nothing left on the host after a killed cluster" same_as_before
+else
+  bad "local-cluster.sh up again"
+fi
+
+# --- a failed up ----------------------------------------------------------------------
+rm -rf "$DIR/ports.env"
+if SANDFORK_APISERVER_EXTRA_ARGS=--no-such-flag SANDFORK_CLUSTER_TIMEOUT=20 "$CLUSTER" up "$DIR" >/dev/null 2>&1; then
+  bad "up with a broken API server flag fails"
+else
+  ok "up with a broken API server flag fails"
+fi
+check "nothing left on the host after a failed up" same_as_before
 
 echo "$pass passed, $fail failed"
 [[ $fail == 0 ]]
