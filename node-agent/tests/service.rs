@@ -221,6 +221,7 @@ async fn start_server(
     let server = pki.ca.server(&[DEFAULT_TLS_SERVER_NAME]);
     let config = ServeConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
+        health_listen: None,
         advertise: None,
         node_name: "node-a".into(),
         tls_cert: pki.write("tls.crt", &server.cert),
@@ -235,6 +236,8 @@ async fn start_server(
         reserved_memory_mib: 0,
         max_sandboxes,
         pod_ip: None,
+        pod_name: None,
+        pod_uid: None,
         agent_binary: Some(AGENT.into()),
         state_dir: PathBuf::new(),
     }

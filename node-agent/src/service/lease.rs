@@ -9,19 +9,22 @@
 //! manager `sandfork-agent`, so it creates the Lease when missing and needs
 //! no read-modify-write. On shutdown the Lease is left to expire: the VMs
 //! outlive the agent, and a missing Lease would tell the operator that the
-//! node has no agent at all.
+//! node has no agent at all. In a Pod, the Lease is owned by that Pod, so
+//! it goes when the agent's Pod is deleted for good (`helm uninstall`); a
+//! replacement Pod takes it over at its first renewal.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, OwnerReference};
 use k8s_openapi::jiff::Timestamp;
 use kube::Api;
 use kube::api::{ObjectMeta, Patch, PatchParams};
 use sandfork_api::agent::lease as keys;
 
 use super::health::{self, Capacity};
+use super::probes::Readiness;
 
 pub const FIELD_MANAGER: &str = "sandfork-agent";
 
@@ -35,6 +38,8 @@ pub struct Registration {
     pub endpoint: String,
     pub capacity: Capacity,
     pub lease_duration: Duration,
+    /// The agent's Pod (name, UID), which owns the Lease.
+    pub pod: Option<(String, String)>,
 }
 
 impl Registration {
@@ -79,6 +84,16 @@ impl Registration {
                     (keys::NODE_LABEL.to_string(), self.node_name.clone()),
                 ])),
                 annotations: Some(annotations),
+                owner_references: self.pod.as_ref().map(|(name, uid)| {
+                    vec![OwnerReference {
+                        api_version: "v1".into(),
+                        kind: "Pod".into(),
+                        name: name.clone(),
+                        uid: uid.clone(),
+                        block_owner_deletion: Some(false),
+                        controller: Some(false),
+                    }]
+                }),
                 ..ObjectMeta::default()
             },
             spec: Some(LeaseSpec {
@@ -94,12 +109,12 @@ impl Registration {
     }
 }
 
-/// Writes the Lease once.
+/// Writes the Lease once; returns the devices as it found them.
 pub async fn renew(
     api: &Api<Lease>,
     registration: &Registration,
     acquired: Timestamp,
-) -> kube::Result<()> {
+) -> kube::Result<health::Devices> {
     let devices = tokio::task::spawn_blocking(health::check)
         .await
         .unwrap_or_else(|err| health::Devices {
@@ -118,17 +133,18 @@ pub async fn renew(
         &Patch::Apply(&value),
     )
     .await?;
-    Ok(())
+    Ok(devices)
 }
 
 /// Renews the Lease every `interval` until the future is dropped. Errors are
 /// logged and retried at the next tick. `acquired` is when this agent
-/// process first wrote it.
+/// process first wrote it. Each renewal is recorded in `readiness`.
 pub async fn heartbeat(
     api: Api<Lease>,
     registration: Registration,
     interval: Duration,
     acquired: Timestamp,
+    readiness: std::sync::Arc<Readiness>,
 ) {
     let mut failing = false;
     let mut ticker = tokio::time::interval(interval);
@@ -143,7 +159,8 @@ pub async fn heartbeat(
         let result = attempt
             .unwrap_or_else(|_| Err(kube::Error::Service("renewal timed out".to_string().into())));
         match result {
-            Ok(()) => {
+            Ok(devices) => {
+                readiness.record(devices);
                 if failing {
                     tracing::info!("agent Lease renewed again");
                 }
@@ -172,6 +189,7 @@ mod tests {
                 max_sandboxes: 32,
             },
             lease_duration: Duration::from_secs(40),
+            pod: Some(("sandfork-agent-x7k2p".into(), "0d3f-uid".into())),
         };
         let now = Timestamp::from_second(1_800_000_000).unwrap();
         let devices = health::Devices {
@@ -190,6 +208,16 @@ mod tests {
         assert_eq!(annotations[keys::KVM], "true");
         assert_eq!(annotations[keys::USERFAULTFD], "false");
         assert!(annotations["sandfork.dev/userfaultfd-error"].contains("Permission denied"));
+        let owners = lease.metadata.owner_references.unwrap();
+        assert_eq!(owners.len(), 1);
+        assert_eq!(
+            (
+                owners[0].kind.as_str(),
+                owners[0].name.as_str(),
+                owners[0].uid.as_str()
+            ),
+            ("Pod", "sandfork-agent-x7k2p", "0d3f-uid")
+        );
         let labels = lease.metadata.labels.unwrap();
         assert_eq!(labels[keys::NODE_LABEL], "node-a");
         assert_eq!(labels[keys::COMPONENT_LABEL], keys::COMPONENT_VALUE);

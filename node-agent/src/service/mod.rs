@@ -10,6 +10,7 @@ pub mod auth;
 pub mod convert;
 pub mod health;
 pub mod lease;
+pub mod probes;
 pub mod server;
 
 use std::future::Future;
@@ -35,6 +36,10 @@ pub struct ServeConfig {
     /// Address the gRPC service listens on.
     #[arg(long, env = "SANDFORK_LISTEN", default_value = "0.0.0.0:7443")]
     pub listen: SocketAddr,
+    /// Address of the plain-HTTP `/livez` and `/readyz` for the kubelet's
+    /// probes (keep it on loopback); none without it.
+    #[arg(long, env = "SANDFORK_HEALTH_LISTEN")]
+    pub health_listen: Option<SocketAddr>,
     /// `host:port` the operator should dial, published in the Lease
     /// [default: POD_IP with the listening port, or the
     /// listening address when it is not a wildcard].
@@ -95,6 +100,11 @@ pub struct ServeConfig {
     /// Pod IP from the downward API, used for the default advertised address.
     #[arg(long, env = "POD_IP", hide = true)]
     pub pod_ip: Option<IpAddr>,
+    /// The agent's Pod name and UID from the downward API: the Pod owns the Lease.
+    #[arg(long, env = "POD_NAME", hide = true, requires = "pod_uid")]
+    pub pod_name: Option<String>,
+    #[arg(long, env = "POD_UID", hide = true, requires = "pod_name")]
+    pub pod_uid: Option<String>,
     /// The executable started as each sandbox's VM process [default: this one].
     #[arg(long, env = "SANDFORK_AGENT_BINARY", hide = true)]
     pub agent_binary: Option<PathBuf>,
@@ -189,6 +199,14 @@ pub async fn serve_on(
             "this node cannot run sandboxes; serving anyway and saying so in the Lease"
         );
     }
+    let readiness = probes::Readiness::new(
+        config
+            .register
+            .then(|| Duration::from_secs(config.lease_duration_seconds)),
+    );
+    if !config.register {
+        readiness.record(devices);
+    }
 
     let heartbeat = if config.register {
         let mut kube_config = kube::Config::infer().await.context(
@@ -205,10 +223,11 @@ pub async fn serve_on(
             endpoint: endpoint.clone(),
             capacity,
             lease_duration: Duration::from_secs(config.lease_duration_seconds),
+            pod: config.pod_name.clone().zip(config.pod_uid.clone()),
         };
         // Register before serving, so that a broken registration is seen at once.
         let acquired = k8s_openapi::jiff::Timestamp::now();
-        lease::renew(&api, &registration, acquired)
+        let devices = lease::renew(&api, &registration, acquired)
             .await
             .with_context(|| {
                 format!(
@@ -217,16 +236,26 @@ pub async fn serve_on(
                     config.namespace
                 )
             })?;
+        readiness.record(devices);
         Some(tokio::spawn(lease::heartbeat(
             api,
             registration,
             Duration::from_secs(config.lease_renew_seconds.max(1)),
             acquired,
+            readiness.clone(),
         )))
     } else {
         None
     };
 
+    let probes = match config.health_listen {
+        Some(addr) => Some(
+            probes::spawn(addr, readiness)
+                .await
+                .with_context(|| format!("listening for probes on {addr}"))?,
+        ),
+        None => None,
+    };
     tracing::info!(
         node = config.node_name,
         %bound,
@@ -247,8 +276,8 @@ pub async fn serve_on(
             shutdown,
         )
         .await;
-    if let Some(heartbeat) = heartbeat {
-        heartbeat.abort();
+    for task in [heartbeat, probes].into_iter().flatten() {
+        task.abort();
     }
     result.context("serving gRPC")?;
     tracing::info!("agent stopped; its VMs keep running");
