@@ -6,10 +6,14 @@
 #
 # Where it runs:
 # - no cluster configured (no KUBECONFIG, no ~/.kube/config): a local
-#   control plane (e2e/cluster/local-cluster.sh: etcd, kube-apiserver,
-#   kube-controller-manager on 127.0.0.1) with the chart installed, and the
-#   operator and one agent run here as processes, each with a token of the
-#   ServiceAccount the chart made for it. Everything is stopped at the end.
+#   cluster with real nodes (e2e/cluster/local-cluster.sh: etcd,
+#   kube-apiserver, kube-controller-manager, kube-scheduler, and nodes node-a
+#   and node-b, each a kubelet, kube-proxy and containerd in namespaces of its
+#   own), images of this checkout's operator and agent imported into the
+#   nodes, and the chart installed with its defaults: the operator is its
+#   Deployment's Pod, the agents its DaemonSet's. Everything is stopped and
+#   removed at the end unless SANDFORK_DEMO_KEEP=1 (then it prints how to
+#   reach the cluster and how to stop it).
 # - a cluster in KUBECONFIG or ~/.kube/config: helm installs the chart
 #   there (agents are the DaemonSet's, on nodes labelled sandfork.dev/kvm=true;
 #   set the images with SANDFORK_HELM_ARGS, e.g.
@@ -58,41 +62,33 @@ if [[ -n ${KUBECONFIG:-} || -f $HOME/.kube/config ]]; then
   exit 0
 fi
 
-# --- the embedded local control plane -------------------------------------------
+# --- the embedded local cluster ---------------------------------------------------
 
 ./scripts/setup.sh
 for device in /dev/kvm /dev/userfaultfd; do
   [[ -r $device && -w $device ]] || die "$device is missing or not usable: the agent runs KVM guests with userfaultfd (run as root on a KVM host)"
 done
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/sandfork/target}"
-log "building the operator and the agent"
+log "building the operator and the agent (release)"
 cargo build --release --locked -p sandfork-operator -p sandfork-node-agent
 operator_bin="$CARGO_TARGET_DIR/release/sandfork-operator"
 agent_bin="$CARGO_TARGET_DIR/release/sandfork-agent"
 
-root=$(mktemp -d /dev/shm/sandfork-demo.XXXXXX)
-node=demo-node
-pids=()
+root=$(mktemp -d /tmp/sandfork-demo.XXXXXX)
 cleanup() {
   local rc=$?
   set +e
-  if ((rc != 0)); then
-    for f in "$root"/*.log; do
-      [[ -f $f ]] && { echo "--- $(basename "$f") (end)"; tail -n 20 "$f"; } >&2
-    done
+  if ((rc != 0)) && [[ -n ${KUBECONFIG:-} ]]; then
+    kubectl get pods -A -o wide >&2
+    kubectl -n "$namespace" logs -l app.kubernetes.io/component=operator --tail=30 >&2
+    kubectl -n "$namespace" logs -l app.kubernetes.io/component=agent --tail=20 >&2
   fi
-  if [[ -n ${KUBECONFIG:-} ]]; then
-    # Through the operator, so that it stops the VMs and frees the capture.
-    kubectl -n "$demo_ns" delete --ignore-not-found --timeout=60s -f examples/branch.yaml -f examples/sandbox.yaml >/dev/null 2>&1
+  if [[ ${SANDFORK_DEMO_KEEP:-0} == 1 ]]; then
+    log "kept (SANDFORK_DEMO_KEEP=1): export KUBECONFIG=$root/cluster/kubeconfig PATH=$SANDFORK_K8S_BIN:$SANDFORK_HELM_BIN:\$PATH"
+    log "stop it with: e2e/cluster/local-cluster.sh down $root/cluster && rm -rf $root"
+    exit "$rc"
   fi
-  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null; done
-  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null; done
-  # The agent leaves VMs running by design (they outlive an agent restart).
-  if [[ -d $root/agent/sandboxes ]]; then
-    for name in $(ls "$root/agent/sandboxes"); do
-      "$agent_bin" --state-dir "$root/agent" delete "$name" >/dev/null 2>&1
-    done
-  fi
+  log "stopping the local cluster (its nodes, Pods and VMs)"
   e2e/cluster/local-cluster.sh down "$root/cluster" >/dev/null 2>&1
   rm -rf "$root"
   exit "$rc"
@@ -100,59 +96,20 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-log "starting a local control plane in $root/cluster"
+log "starting a local cluster with two nodes in $root/cluster (a first run builds Kubernetes and containerd from source: about 20 minutes)"
+started=$SECONDS
 eval "$(e2e/cluster/local-cluster.sh up "$root/cluster")"
-server=$(kubectl config view --minify -o jsonpath='{.clusters[0].cluster.server}')
+log "cluster up in $((SECONDS - started)) s"
+show kubectl get nodes -o wide
 
-show helm install "$release" charts/sandfork --namespace "$namespace" --create-namespace >/dev/null
+tag=$(sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\}$/\1/p' charts/sandfork/Chart.yaml)
+log "importing images of the operator and the agent into the nodes (no registry)"
+e2e/cluster/local-cluster.sh image "$root/cluster" "docker.io/sandfork/operator:$tag" "$operator_bin"
+e2e/cluster/local-cluster.sh image "$root/cluster" "docker.io/sandfork/agent:$tag" "$agent_bin"
 
-# Each process gets its own ServiceAccount's token and certificates from
-# the Secrets the chart generated: the chart's RBAC and mTLS are what run.
-secret_files() { # SECRET DIR
-  mkdir -p "$2"
-  local key
-  for key in ca.crt tls.crt tls.key; do
-    kubectl -n "$namespace" get secret "$1" -o "go-template={{index .data \"$key\" | base64decode}}" >"$2/$key"
-  done
-  chmod 600 "$2"/*
-}
-token_kubeconfig() { # SERVICEACCOUNT FILE
-  local token
-  token=$(kubectl -n "$namespace" create token "$1" --duration=2h)
-  cat >"$2" <<EOF
-apiVersion: v1
-kind: Config
-clusters: [{name: local, cluster: {server: "$server", certificate-authority: "$root/cluster/pki/ca.crt"}}]
-users: [{name: $1, user: {token: "$token"}}]
-contexts: [{name: $1, context: {cluster: local, user: $1, namespace: $namespace}}]
-current-context: $1
-EOF
-}
-
-secret_files "$release-agent-tls" "$root/tls/agent"
-secret_files "$release-operator-tls" "$root/tls/operator"
-token_kubeconfig "$release-agent" "$root/agent.kubeconfig"
-token_kubeconfig "$release-operator" "$root/operator.kubeconfig"
-
-# Port 0: the agent publishes the port it got in its Lease.
-log "starting the agent (node $node) and the operator"
-KUBECONFIG="$root/agent.kubeconfig" NODE_NAME=$node POD_NAMESPACE=$namespace \
-  SANDFORK_TLS_CERT="$root/tls/agent/tls.crt" SANDFORK_TLS_KEY="$root/tls/agent/tls.key" \
-  SANDFORK_TLS_CLIENT_CA="$root/tls/agent/ca.crt" \
-  "$agent_bin" --state-dir "$root/agent" serve --listen 127.0.0.1:0 >"$root/agent.log" 2>&1 &
-pids+=($!)
-KUBECONFIG="$root/operator.kubeconfig" POD_NAMESPACE=$namespace POD_NAME=demo-operator \
-  "$operator_bin" --metrics-addr 127.0.0.1:0 \
-  --agent-ca "$root/tls/operator/ca.crt" --client-cert "$root/tls/operator/tls.crt" \
-  --client-key "$root/tls/operator/tls.key" >"$root/operator.log" 2>&1 &
-pids+=($!)
-
-for _ in $(seq 1 120); do
-  kubectl -n "$namespace" get lease "sandfork-agent-$node" >/dev/null 2>&1 && break
-  for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null || die "a process exited early"; done
-  sleep 0.5
-done
-kubectl -n "$namespace" get lease "sandfork-agent-$node" >/dev/null || die "the agent did not register"
+log "installing the chart and waiting for its Pods"
+show helm install "$release" charts/sandfork --namespace "$namespace" --create-namespace --wait --timeout 5m >/dev/null
+show kubectl -n "$namespace" get pods -o wide
 show kubectl -n "$namespace" get leases
 
 wait_and_show
@@ -160,6 +117,11 @@ wait_and_show
 # was in at the capture (a guest booted afresh would start at 1).
 sleep 3
 echo >&2
-log "on the node, the agent runs (NAME: the Sandbox's UID; REPORTS: the pass each vCPU last finished; ORIGIN: the capture, i.e. the SandboxBranch's UID):"
-show kubectl -n "$demo_ns" get sandboxes -o custom-columns=NAME:.metadata.name,UID:.metadata.uid
-"$agent_bin" --state-dir "$root/agent" list
+node=$(kubectl -n "$demo_ns" get sandbox counter -o jsonpath='{.status.node}')
+agent_pod=$(kubectl -n "$namespace" get pods -l app.kubernetes.io/component=agent \
+  --field-selector "spec.nodeName=$node" -o jsonpath='{.items[0].metadata.name}')
+log "on $node, agent Pod $agent_pod runs (NAME: the Sandbox's UID; REPORTS: the pass each vCPU last finished; ORIGIN: the capture, i.e. the SandboxBranch's UID):"
+show kubectl -n "$demo_ns" get sandboxes -o custom-columns=NAME:.metadata.name,UID:.metadata.uid,NODE:.status.node
+show kubectl -n "$namespace" exec "$agent_pod" -- /sandfork-agent --state-dir /run/sandfork list
+# Through the operator, so that it stops the VMs and frees the capture.
+show kubectl -n "$demo_ns" delete --timeout=120s -f examples/branch.yaml -f examples/sandbox.yaml

@@ -1,10 +1,36 @@
-//! The local control plane of `e2e/cluster/local-cluster.sh`, stopped when
-//! dropped.
+//! The local cluster of `e2e/cluster/local-cluster.sh` (control plane and
+//! nodes), stopped when dropped.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use anyhow::{Context, bail};
+
+use crate::env::Binaries;
+use crate::tools;
+
+/// The chart's default state directory of the agent, on each node.
+const AGENT_STATE_DIR: &str = "/dev/shm/sandfork";
+
+/// One node of the local cluster, from its `node.env`.
+#[derive(Clone, Debug)]
+pub struct Node {
+    pub name: String,
+    pub ip: String,
+    /// Its network namespace (`/run/netns/...`).
+    pub netns: PathBuf,
+    /// The process that holds its mount namespace.
+    pub holder_pid: u32,
+}
+
+impl Node {
+    /// The agent's state directory on this node, seen from this host
+    /// through the node's mount namespace (its /dev/shm is its own).
+    pub fn state_dir(&self) -> Option<PathBuf> {
+        let dir = PathBuf::from(format!("/proc/{}/root{AGENT_STATE_DIR}", self.holder_pid));
+        dir.is_dir().then_some(dir)
+    }
+}
 
 pub struct LocalCluster {
     script: PathBuf,
@@ -54,6 +80,41 @@ impl LocalCluster {
         &self.dir
     }
 
+    /// The node called `name`, while the cluster runs.
+    pub fn node(&self, name: &str) -> Option<Node> {
+        let text =
+            std::fs::read_to_string(self.dir.join("nodes").join(name).join("node.env")).ok()?;
+        let field = |key: &str| {
+            text.lines()
+                .find_map(|line| line.strip_prefix(key)?.strip_prefix('='))
+                .map(str::to_string)
+        };
+        Some(Node {
+            name: name.to_string(),
+            ip: field("NODE_IP")?,
+            netns: Path::new("/run/netns").join(field("NODE_NETNS")?),
+            holder_pid: field("NODE_HOLDER_PID")?.parse().ok()?,
+        })
+    }
+
+    /// Packs the operator and agent binaries as the images the chart's
+    /// default values name (`sandfork/operator` and `sandfork/agent`, tag
+    /// the chart's appVersion) and imports them into every node.
+    pub fn load_chart_images(&self, repo: &Path, binaries: &Binaries) -> anyhow::Result<()> {
+        let tag = chart_app_version(&repo.join("charts/sandfork/Chart.yaml"))?;
+        for (image, program) in [("operator", &binaries.operator), ("agent", &binaries.agent)] {
+            tools::run(
+                Command::new(&self.script)
+                    .arg("image")
+                    .arg(&self.dir)
+                    .arg(format!("docker.io/sandfork/{image}:{tag}"))
+                    .arg(program),
+            )
+            .with_context(|| format!("importing the {image} image into the nodes"))?;
+        }
+        Ok(())
+    }
+
     /// Stops the cluster; safe to repeat.
     pub fn down(&mut self) {
         if !std::mem::take(&mut self.running) {
@@ -73,6 +134,17 @@ impl LocalCluster {
             );
         }
     }
+}
+
+/// `appVersion` of a Chart.yaml.
+fn chart_app_version(chart: &Path) -> anyhow::Result<String> {
+    let text =
+        std::fs::read_to_string(chart).with_context(|| format!("reading {}", chart.display()))?;
+    let value: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text)?;
+    value["appVersion"]
+        .as_str()
+        .map(str::to_string)
+        .with_context(|| format!("{} has no appVersion", chart.display()))
 }
 
 impl Drop for LocalCluster {

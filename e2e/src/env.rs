@@ -21,19 +21,20 @@ use tonic::transport::Channel;
 use crate::agents::{self, TlsFiles};
 use crate::cluster::LocalCluster;
 use crate::namespace;
-use crate::process::{self, Process};
+use crate::pods;
+use crate::process;
 use crate::tools::{self, Tools};
 use crate::wait::{self, Look};
 
 /// Release name and namespace of the chart in the local cluster.
 pub const RELEASE: &str = "sandfork";
 pub const RELEASE_NAMESPACE: &str = "sandfork-system";
-/// The nodes the local agents pretend to be.
+/// The nodes of the local cluster (`e2e/cluster/local-cluster.sh`).
 pub const LOCAL_NODES: [&str; 2] = ["node-a", "node-b"];
 /// Memory each local agent offers, MiB.
 const AGENT_MEMORY_MIB: u64 = 4096;
-/// The operator's leader-election identity in the local cluster.
-const OPERATOR_IDENTITY: &str = "e2e-operator";
+/// How long the chart's pods may take to roll out.
+const ROLLOUT: Duration = Duration::from_secs(180);
 
 /// The cargo profile the local operator and agent are built with.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -48,21 +49,18 @@ pub enum Profile {
 /// Where the tests find the cluster.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Mode {
-    /// A local control plane started for this run; operator and agents run
-    /// as processes of this machine.
+    /// A local cluster with real nodes started for this run; the operator
+    /// and agents are the chart's Pods, from images of this checkout's binaries.
     Local,
     /// A cluster named by `SANDFORK_E2E_KUBECONFIG` with the chart installed;
     /// the agents are the DaemonSet's Pods.
     External,
 }
 
-/// What the local mode started, stopped in reverse order.
+/// What the local mode started, stopped when dropped.
 struct Local {
     root: PathBuf,
     keep: bool,
-    agent_binary: Option<PathBuf>,
-    operator: Option<Process>,
-    agents: Vec<(String, PathBuf, Process)>,
     cluster: LocalCluster,
     watchdog: Option<std::process::Child>,
 }
@@ -77,8 +75,8 @@ pub struct Env {
     pub release: String,
     pub namespace: String,
     /// The operator's client certificate (from the chart's Secret), to
-    /// call the agents as the operator does.
-    pub operator_tls: TlsFiles,
+    /// call the agents as the operator does; read again after a reinstall.
+    operator_tls: RwLock<TlsFiles>,
     /// The name the agents' certificates carry.
     pub agent_server_name: String,
     rt: tokio::runtime::Runtime,
@@ -100,55 +98,41 @@ pub fn repo_root() -> PathBuf {
 
 impl Env {
     /// External mode when `SANDFORK_E2E_KUBECONFIG` is set, else local:
-    /// a cluster with the chart installed. The operator and agents start
-    /// with [`Env::start_workloads`].
+    /// a cluster with real nodes and the chart installed, its images built
+    /// from this checkout's binaries (dev profile).
     pub fn start() -> anyhow::Result<Self> {
+        Self::start_with(Profile::Dev)
+    }
+
+    /// [`Env::start`], building the local images' binaries with `profile`
+    /// (external mode ignores it).
+    pub fn start_with(profile: Profile) -> anyhow::Result<Self> {
         match std::env::var_os("SANDFORK_E2E_KUBECONFIG") {
             Some(path) => Self::external(PathBuf::from(path)),
-            None => Self::local(),
+            None => Self::local(profile),
         }
     }
 
-    /// Makes sure the operator and the agents run: in local mode, builds
-    /// and starts them once (they need /dev/kvm and /dev/userfaultfd); in
-    /// external mode, waits for the DaemonSet's agents to register.
+    /// Makes sure the operator and the agents run and answer: waits for
+    /// the agents of the nodes that can run sandboxes to register (they
+    /// need /dev/kvm and /dev/userfaultfd) and for the operator to lead.
     pub fn start_workloads(&self) -> anyhow::Result<()> {
-        self.start_workloads_with(Profile::Dev)
-    }
-
-    /// [`Env::start_workloads`], building the local binaries with `profile`
-    /// (the first call decides; external mode ignores it).
-    pub fn start_workloads_with(&self, profile: Profile) -> anyhow::Result<()> {
         let mut started = self.workloads.lock().unwrap_or_else(|e| e.into_inner());
         if started.is_none() {
-            let result = match self.mode {
-                Mode::Local => self.start_local_workloads(profile),
-                Mode::External => self.block_on(self.wait_for_agents(1, Duration::from_secs(180))),
-            };
-            *started = Some(result.map_err(|err| format!("{err:#}")));
+            let started_at = Instant::now();
+            let result = self.block_on(self.workloads_ready());
+            if result.is_ok() {
+                eprintln!(
+                    "e2e: agents registered and the operator leads after {:.1?}",
+                    started_at.elapsed()
+                );
+            }
+            *started = Some(result.map(drop).map_err(|err| format!("{err:#}")));
         }
         match started.as_ref().expect("set above") {
             Ok(()) => Ok(()),
             Err(err) => bail!("the operator and agents did not start: {err}"),
         }
-    }
-
-    fn start_local_workloads(&self, profile: Profile) -> anyhow::Result<()> {
-        let started = Instant::now();
-        let binaries = build_binaries(&self.repo, profile)?;
-        eprintln!(
-            "e2e: operator and agent binaries ({profile:?}) ready in {:.1?}",
-            started.elapsed()
-        );
-        let started = Instant::now();
-        self.start_processes(&binaries)?;
-        self.block_on(self.wait_for_agents(LOCAL_NODES.len(), Duration::from_secs(60)))?;
-        self.block_on(self.wait_for_leader(Duration::from_secs(60)))?;
-        eprintln!(
-            "e2e: agents registered and the operator leads after {:.1?}",
-            started.elapsed()
-        );
-        Ok(())
     }
 
     fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -176,7 +160,7 @@ impl Env {
             kubeconfig,
             release,
             namespace,
-            operator_tls,
+            operator_tls: RwLock::new(operator_tls),
             agent_server_name: sandfork_api::agent::DEFAULT_TLS_SERVER_NAME.into(),
             rt,
             client,
@@ -187,30 +171,47 @@ impl Env {
         Ok(env)
     }
 
-    fn local() -> anyhow::Result<Self> {
+    fn local(profile: Profile) -> anyhow::Result<Self> {
         let repo = repo_root();
         let tools = Tools::pinned(&repo)?;
         let root = make_root()?;
         let keep = std::env::var_os("SANDFORK_E2E_KEEP").is_some();
         std::fs::create_dir_all(root.join("logs"))?;
-        eprintln!("e2e: starting a local control plane in {}", root.display());
+        eprintln!(
+            "e2e: starting a local cluster with nodes in {}",
+            root.display()
+        );
+        let started = Instant::now();
         let cluster =
             LocalCluster::up(&repo, &root.join("cluster"), &root.join("logs/cluster.log"))?;
+        eprintln!("e2e: cluster and nodes up in {:.1?}", started.elapsed());
         let mut local = Local {
             root: root.clone(),
             keep,
-            agent_binary: None,
-            operator: None,
-            agents: Vec::new(),
             watchdog: None,
             cluster,
         };
         local.watchdog = start_watchdog(&repo, &root).ok();
+
+        let started = Instant::now();
+        let binaries = build_binaries(&repo, profile)?;
+        eprintln!(
+            "e2e: operator and agent binaries ({profile:?}) ready in {:.1?}",
+            started.elapsed()
+        );
+        let started = Instant::now();
+        local.cluster.load_chart_images(&repo, &binaries)?;
+        eprintln!(
+            "e2e: images imported into the nodes in {:.1?}",
+            started.elapsed()
+        );
+
         let rt = Self::runtime()?;
         let kubeconfig = local.cluster.kubeconfig();
         let client = rt.block_on(client_from(&kubeconfig))?;
-
+        let started = Instant::now();
         install_chart(&tools, &kubeconfig, &repo.join("charts/sandfork"))?;
+        eprintln!("e2e: helm install done in {:.1?}", started.elapsed());
         let operator_tls = rt.block_on(TlsFiles::from_secret(
             &client,
             RELEASE_NAMESPACE,
@@ -223,7 +224,7 @@ impl Env {
             kubeconfig,
             release: RELEASE.into(),
             namespace: RELEASE_NAMESPACE.into(),
-            operator_tls,
+            operator_tls: RwLock::new(operator_tls),
             agent_server_name: sandfork_api::agent::DEFAULT_TLS_SERVER_NAME.into(),
             rt,
             client,
@@ -231,106 +232,84 @@ impl Env {
             workloads: Mutex::new(None),
             node_totals: RwLock::new(()),
         };
+        let started = Instant::now();
+        env.wait_for_rollout(ROLLOUT)?;
+        eprintln!(
+            "e2e: the chart's pods are Ready after {:.1?}",
+            started.elapsed()
+        );
         Ok(env)
     }
 
-    /// Starts the agents and the operator, each with a token of the
-    /// ServiceAccount the chart made for it.
-    fn start_processes(&self, binaries: &Binaries) -> anyhow::Result<()> {
-        let mut guard = self.local.lock().expect("local lock");
-        let local = guard.as_mut().expect("local mode");
-        local.agent_binary = Some(binaries.agent.clone());
-        let root = local.root.clone();
-        let server = self.server_url()?;
-        let ca = local.cluster.ca();
-
-        let agent_tls = self.block_on(TlsFiles::from_secret(
-            &self.client,
-            &self.namespace,
-            &format!("{}-agent-tls", self.release),
-        ))?;
-        agent_tls.write(&root.join("tls/agent"))?;
-        self.operator_tls.write(&root.join("tls/operator"))?;
-
-        for node in LOCAL_NODES {
-            let token = self.create_token(&format!("{}-agent", self.release))?;
-            let kubeconfig = write_token_kubeconfig(
-                &root,
-                &format!("agent-{node}"),
-                &server,
-                &ca,
-                &token,
+    /// Waits until the chart's Deployment and DaemonSet have rolled out.
+    pub fn wait_for_rollout(&self, timeout: Duration) -> anyhow::Result<()> {
+        for workload in [
+            format!("deployment/{}-operator", self.release),
+            format!("daemonset/{}-agent", self.release),
+        ] {
+            tools::run(self.tools.kubectl(&self.kubeconfig).args([
+                "rollout",
+                "status",
+                &workload,
+                "-n",
                 &self.namespace,
-            )?;
-            let state_dir = root.join(node);
-            let mut command = Command::new(&binaries.agent);
-            command
-                .arg("--state-dir")
-                .arg(&state_dir)
-                .arg("serve")
-                // Port 0: the agent publishes the port it got in its Lease.
-                .arg("--listen=127.0.0.1:0")
-                .env("KUBECONFIG", &kubeconfig)
-                .env("NODE_NAME", node)
-                .env("POD_NAMESPACE", &self.namespace)
-                .env("SANDFORK_TLS_CERT", root.join("tls/agent/tls.crt"))
-                .env("SANDFORK_TLS_KEY", root.join("tls/agent/tls.key"))
-                .env("SANDFORK_TLS_CLIENT_CA", root.join("tls/agent/ca.crt"))
-                .env("SANDFORK_MEMORY_MIB", AGENT_MEMORY_MIB.to_string())
-                .env("RUST_LOG", "info");
-            let agent = Process::spawn(
-                &format!("agent {node}"),
-                command,
-                &root.join(format!("logs/agent-{node}.log")),
-            )?;
-            local.agents.push((node.to_string(), state_dir, agent));
+                &format!("--timeout={}s", timeout.as_secs()),
+            ]))
+            .with_context(|| format!("waiting for {workload} to roll out"))?;
         }
-
-        let token = self.create_token(&format!("{}-operator", self.release))?;
-        let kubeconfig =
-            write_token_kubeconfig(&root, "operator", &server, &ca, &token, &self.namespace)?;
-        let mut command = Command::new(&binaries.operator);
-        command
-            .arg("--metrics-addr=127.0.0.1:0")
-            .arg("--agent-ca")
-            .arg(root.join("tls/operator/ca.crt"))
-            .arg("--client-cert")
-            .arg(root.join("tls/operator/tls.crt"))
-            .arg("--client-key")
-            .arg(root.join("tls/operator/tls.key"))
-            .env("KUBECONFIG", &kubeconfig)
-            .env("POD_NAMESPACE", &self.namespace)
-            .env("POD_NAME", OPERATOR_IDENTITY)
-            .env("RUST_LOG", "info,sandfork_operator=debug");
-        local.operator = Some(Process::spawn(
-            "operator",
-            command,
-            &root.join("logs/operator.log"),
-        )?);
         Ok(())
     }
 
-    /// A token of ServiceAccount `name` in the release namespace (`kubectl create token`).
-    fn create_token(&self, service_account: &str) -> anyhow::Result<String> {
-        let out = tools::run(self.tools.kubectl(&self.kubeconfig).args([
-            "create",
-            "token",
-            service_account,
-            "-n",
-            &self.namespace,
-            "--duration=6h",
-        ]))?;
-        Ok(out.trim().to_string())
+    /// `helm` with the admin kubeconfig, release and namespace: `args` after
+    /// the subcommand, e.g. `helm_release("upgrade", ["--set", "x=y"])`.
+    pub fn helm_release<'a>(
+        &self,
+        subcommand: &str,
+        args: impl IntoIterator<Item = &'a str>,
+    ) -> anyhow::Result<String> {
+        let mut command = self.tools.helm(&self.kubeconfig);
+        command
+            .arg(subcommand)
+            .arg(&self.release)
+            .args(["--namespace", &self.namespace]);
+        if subcommand != "uninstall" {
+            command.arg(self.repo.join("charts/sandfork"));
+            command.args(local_values());
+        }
+        command.args(args);
+        tools::run(&mut command).with_context(|| format!("helm {subcommand}"))
     }
 
-    fn server_url(&self) -> anyhow::Result<String> {
-        let kubeconfig = Kubeconfig::read_from(&self.kubeconfig)?;
-        kubeconfig
-            .clusters
-            .first()
-            .and_then(|c| c.cluster.as_ref())
-            .and_then(|c| c.server.clone())
-            .context("the kubeconfig names no server")
+    /// Waits until the agents answer (every local node's; at least one
+    /// of an external cluster's) and an operator Pod leads.
+    pub async fn workloads_ready(&self) -> anyhow::Result<()> {
+        let agents = match self.mode {
+            Mode::Local => LOCAL_NODES.len(),
+            Mode::External => 1,
+        };
+        self.wait_for_agents(agents, ROLLOUT).await?;
+        self.wait_for_leader(ROLLOUT).await.map(drop)
+    }
+
+    /// After a reinstall: reads the operator's client certificate again
+    /// (the chart made new ones) and waits until the workloads serve.
+    pub async fn reinstalled(&self) -> anyhow::Result<()> {
+        let tls = TlsFiles::from_secret(
+            &self.client,
+            &self.namespace,
+            &format!("{}-operator-tls", self.release),
+        )
+        .await?;
+        *self.operator_tls.write().unwrap_or_else(|e| e.into_inner()) = tls;
+        self.workloads_ready().await
+    }
+
+    /// The operator's client certificate, as the chart's Secret holds it.
+    pub fn operator_tls(&self) -> TlsFiles {
+        self.operator_tls
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Waits until `count` agents have fresh Leases and answer over mTLS.
@@ -371,33 +350,41 @@ impl Env {
         .await
     }
 
-    /// Waits until the local operator holds the leader Lease.
-    async fn wait_for_leader(&self, timeout: Duration) -> anyhow::Result<()> {
+    /// Waits until a running operator Pod holds the leader Lease; returns
+    /// the Pod's name.
+    pub async fn wait_for_leader(&self, timeout: Duration) -> anyhow::Result<String> {
         let leases: Api<Lease> = Api::namespaced(self.client.clone(), &self.namespace);
-        wait::until("the operator to take the leader Lease", timeout, || async {
-            self.check_processes()?;
-            let holder = leases
-                .get_opt("sandfork-operator-leader")
-                .await?
-                .and_then(|lease| lease.spec?.holder_identity);
-            Ok(match holder.as_deref() {
-                Some(OPERATOR_IDENTITY) => Look::Done(()),
-                other => Look::NotYet(format!("holder {other:?}")),
-            })
-        })
+        wait::until(
+            "an operator Pod to take the leader Lease",
+            timeout,
+            || async {
+                self.check_processes()?;
+                let holder = leases
+                    .get_opt("sandfork-operator-leader")
+                    .await?
+                    .and_then(|lease| lease.spec?.holder_identity);
+                let running = pods::running(&self.client, &self.namespace, "operator").await?;
+                Ok(match holder {
+                    Some(holder) if running.contains(&holder) => Look::Done(holder),
+                    other => Look::NotYet(format!("holder {other:?}, running {running:?}")),
+                })
+            },
+        )
         .await
     }
 
-    /// An error if a local process has died.
+    /// An error if one of the chart's Pods is crash-looping.
     pub fn check_processes(&self) -> anyhow::Result<()> {
-        let mut guard = self.local.lock().expect("local lock");
-        if let Some(local) = guard.as_mut() {
-            if let Some(operator) = local.operator.as_mut() {
-                operator.check_running()?;
-            }
-            for (_, _, agent) in &mut local.agents {
-                agent.check_running()?;
-            }
+        if self.mode != Mode::Local {
+            return Ok(());
+        }
+        let crashing = self.block_on_nested(pods::crash_looping(&self.client, &self.namespace))?;
+        if let Some((pod, reason)) = crashing.first() {
+            bail!(
+                "Pod {}/{pod} is {reason}; its log ends:\n{}",
+                self.namespace,
+                self.pod_log_tail(pod, 40)
+            );
         }
         Ok(())
     }
@@ -421,7 +408,7 @@ impl Env {
                 endpoints.keys()
             )
         })?;
-        agents::connect(endpoint, &self.operator_tls, &self.agent_server_name).await
+        agents::connect(endpoint, &self.operator_tls(), &self.agent_server_name).await
     }
 
     /// Nodes with an agent Lease.
@@ -432,15 +419,32 @@ impl Env {
             .collect())
     }
 
-    /// The state directory of the local agent on `node` (local mode only).
+    /// The state directory of the agent on local node `node`, as this
+    /// host sees it (local mode only).
     pub fn local_state_dir(&self, node: &str) -> Option<PathBuf> {
         let guard = self.local.lock().expect("local lock");
-        let local = guard.as_ref()?;
-        local
-            .agents
-            .iter()
-            .find(|(n, _, _)| n == node)
-            .map(|(_, dir, _)| dir.clone())
+        guard.as_ref()?.cluster.node(node)?.state_dir()
+    }
+
+    /// Whether the VM process that the agent on local node `node` reports
+    /// as `pid` (a pid of the agent container's namespace) still runs
+    /// (local mode only).
+    pub fn vm_process_alive(&self, node: &str, pid: u32) -> Option<bool> {
+        let guard = self.local.lock().expect("local lock");
+        let node = guard.as_ref()?.cluster.node(node)?;
+        Some(process::vm_alive_in_node(&node.netns, pid))
+    }
+
+    /// The last `lines` lines of a Pod's log in the release namespace.
+    pub fn pod_log_tail(&self, pod: &str, lines: usize) -> String {
+        tools::run(self.tools.kubectl(&self.kubeconfig).args([
+            "logs",
+            "-n",
+            &self.namespace,
+            pod,
+            &format!("--tail={lines}"),
+        ]))
+        .unwrap_or_else(|err| format!("{err:#}"))
     }
 
     /// Runs one scenario in a fresh namespace, deleted afterwards whatever
@@ -507,22 +511,32 @@ impl Env {
             "--sort-by=.metadata.creationTimestamp",
         ]));
         out.push_str(&events.unwrap_or_else(|e| format!("{e:#}")));
-        let guard = self.local.lock().expect("local lock");
-        if let Some(local) = guard.as_ref() {
-            if let Some(operator) = &local.operator {
-                out.push_str(&format!(
-                    "\n--- operator log (end):\n{}\n",
-                    operator.log_tail(40)
-                ));
-            }
-            for (node, _, agent) in &local.agents {
-                out.push_str(&format!(
-                    "--- agent {node} log (end):\n{}\n",
-                    agent.log_tail(20)
-                ));
-            }
+        let listed = tools::run(
+            self.tools
+                .kubectl(&self.kubeconfig)
+                .args(["get", "pods", "-A", "-o", "wide"]),
+        );
+        out.push_str(&format!(
+            "\n--- pods:\n{}",
+            listed.unwrap_or_else(|e| format!("{e:#}"))
+        ));
+        let names = self.block_on_nested(pods::names(&self.client, &self.namespace));
+        for pod in names.unwrap_or_default() {
+            let lines = if pod.contains("operator") { 40 } else { 20 };
+            out.push_str(&format!(
+                "\n--- log of {pod} (end):\n{}\n",
+                self.pod_log_tail(&pod, lines)
+            ));
         }
         out
+    }
+
+    /// Runs `future` to completion from inside or outside the runtime.
+    fn block_on_nested<F: Future>(&self, future: F) -> F::Output {
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => tokio::task::block_in_place(|| handle.block_on(future)),
+            Err(_) => self.rt.block_on(future),
+        }
     }
 
     /// Stops everything the local mode started; safe to repeat.
@@ -534,34 +548,18 @@ impl Env {
 impl Drop for Local {
     fn drop(&mut self) {
         // Scenarios deleted their namespaces; whatever is left is a leak.
-        let leftovers: BTreeMap<String, Vec<String>> = self
-            .agents
+        let leftovers: BTreeMap<String, Vec<String>> = LOCAL_NODES
             .iter()
-            .map(|(node, dir, _)| (node.clone(), list_dir(&dir.join("sandboxes"))))
+            .filter_map(|node| {
+                let dir = self.cluster.node(node)?.state_dir()?;
+                Some((node.to_string(), list_dir(&dir.join("sandboxes"))))
+            })
             .filter(|(_, names)| !names.is_empty())
             .collect();
         if !leftovers.is_empty() {
             eprintln!("e2e: sandboxes left on the agents after all scenarios: {leftovers:?}");
         }
-        if let Some(mut operator) = self.operator.take() {
-            operator.stop(Duration::from_secs(10));
-        }
-        for (_, dir, mut agent) in self.agents.drain(..) {
-            agent.stop(Duration::from_secs(10));
-            // The agents leave VMs running by design (they outlive an agent
-            // restart); stop them through the agent's own command line.
-            if let Some(binary) = &self.agent_binary {
-                for name in list_dir(&dir.join("sandboxes")) {
-                    let _ = Command::new(binary)
-                        .arg("--state-dir")
-                        .arg(&dir)
-                        .args(["delete", &name])
-                        .stdout(Stdio::null())
-                        .stderr(Stdio::null())
-                        .status();
-                }
-            }
-        }
+        // The nodes go down with every container and VM on them.
         self.cluster.down();
         let root = self.root.to_string_lossy().into_owned();
         for pid in process::processes_mentioning(&root) {
@@ -618,6 +616,15 @@ pub fn client(config: kube::Config) -> anyhow::Result<kube::Client> {
     Ok(kube::Client::new(service, config.default_namespace))
 }
 
+/// The values the local cluster installs the chart with: its defaults,
+/// and each agent's share of this machine's memory.
+fn local_values() -> Vec<String> {
+    vec![
+        "--set".into(),
+        format!("agent.memoryMiB={AGENT_MEMORY_MIB}"),
+    ]
+}
+
 /// `helm install` of the chart into the release namespace.
 fn install_chart(tools: &Tools, kubeconfig: &Path, chart: &Path) -> anyhow::Result<()> {
     tools::run(
@@ -625,7 +632,8 @@ fn install_chart(tools: &Tools, kubeconfig: &Path, chart: &Path) -> anyhow::Resu
             .helm(kubeconfig)
             .args(["install", RELEASE])
             .arg(chart)
-            .args(["--namespace", RELEASE_NAMESPACE, "--create-namespace"]),
+            .args(["--namespace", RELEASE_NAMESPACE, "--create-namespace"])
+            .args(local_values()),
     )
     .context("helm install of charts/sandfork")?;
     Ok(())
@@ -698,14 +706,10 @@ pub fn build_binaries(repo: &Path, profile: Profile) -> anyhow::Result<Binaries>
     })
 }
 
-/// A fresh directory for this run on tmpfs (captures hold guest memory).
+/// A fresh directory for this run, not under /dev/shm (each node mounts
+/// a /dev/shm of its own over it).
 fn make_root() -> anyhow::Result<PathBuf> {
-    let base = Path::new("/dev/shm");
-    let base = if base.is_dir() {
-        base.to_path_buf()
-    } else {
-        std::env::temp_dir()
-    };
+    let base = std::env::temp_dir();
     for attempt in 0..100u32 {
         let nanos = std::time::UNIX_EPOCH.elapsed()?.subsec_nanos();
         let dir = base.join(format!(
@@ -720,28 +724,6 @@ fn make_root() -> anyhow::Result<PathBuf> {
         }
     }
     bail!("could not create a directory under {}", base.display())
-}
-
-/// A kubeconfig that authenticates with `token`.
-fn write_token_kubeconfig(
-    root: &Path,
-    name: &str,
-    server: &str,
-    ca: &Path,
-    token: &str,
-    namespace: &str,
-) -> anyhow::Result<PathBuf> {
-    let config = serde_json::json!({
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{"name": "local", "cluster": {"server": server, "certificate-authority": ca}}],
-        "users": [{"name": name, "user": {"token": token}}],
-        "contexts": [{"name": name, "context": {"cluster": "local", "user": name, "namespace": namespace}}],
-        "current-context": name,
-    });
-    let path = root.join(format!("{name}.kubeconfig"));
-    std::fs::write(&path, serde_yaml_ng::to_string(&config)?)?;
-    Ok(path)
 }
 
 fn list_dir(dir: &Path) -> Vec<String> {

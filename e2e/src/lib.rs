@@ -4,10 +4,10 @@
 //! way a user drives them.
 //!
 //! Two ways to run (see `tests/e2e.rs` and `e2e/README.md`):
-//! - local (default): start `e2e/cluster/local-cluster.sh`, install the chart,
-//!   and run the operator and two agents (nodes `node-a`, `node-b`) as
-//!   processes here, each with a token of the ServiceAccount the chart made
-//!   for it, so the chart's RBAC is what is exercised;
+//! - local (default): start `e2e/cluster/local-cluster.sh` (a control plane
+//!   and two real nodes, `node-a` and `node-b`: kubelet, containerd, runc),
+//!   import images of this checkout's operator and agent into the nodes,
+//!   `helm install` the chart, and test against its Pods;
 //! - external (`SANDFORK_E2E_KUBECONFIG`): a cluster where the chart is
 //!   installed already (e.g. `e2e/kind/run.sh`); the agents are the
 //!   DaemonSet's.
@@ -19,6 +19,7 @@ pub mod cluster;
 pub mod env;
 pub mod namespace;
 pub mod objects;
+pub mod pods;
 pub mod process;
 pub mod tools;
 pub mod wait;

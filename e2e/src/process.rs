@@ -127,3 +127,42 @@ pub fn tail(path: &Path, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }
+
+/// The inode of the namespace that `path` (`/proc/<pid>/ns/net`, or a
+/// bind mount of one such as `/run/netns/NAME`) stands for.
+fn net_namespace(path: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|meta| meta.ino())
+}
+
+/// Whether a `sandfork-agent vm-host` process whose pid in its own pid
+/// namespace (the agent container's) is `pid` runs in the network
+/// namespace `netns` (a node's: the agent uses the node's network).
+pub fn vm_alive_in_node(netns: &Path, pid: u32) -> bool {
+    let Some(wanted) = net_namespace(netns) else {
+        return false;
+    };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&host_pid| alive(host_pid))
+        .filter(|host_pid| {
+            net_namespace(Path::new(&format!("/proc/{host_pid}/ns/net"))) == Some(wanted)
+        })
+        .filter(|host_pid| {
+            std::fs::read(format!("/proc/{host_pid}/cmdline"))
+                .is_ok_and(|cmdline| String::from_utf8_lossy(&cmdline).contains("vm-host"))
+        })
+        .any(|host_pid| {
+            // The last pid of "NSpid:" is the one in the innermost namespace.
+            std::fs::read_to_string(format!("/proc/{host_pid}/status")).is_ok_and(|status| {
+                status
+                    .lines()
+                    .find_map(|line| line.strip_prefix("NSpid:"))
+                    .and_then(|pids| pids.split_whitespace().last()?.parse::<u32>().ok())
+                    == Some(pid)
+            })
+        })
+}

@@ -2,9 +2,10 @@
 //! against a real API server. One cluster serves every scenario of this
 //! binary; each scenario has its own namespace. See `e2e/README.md`.
 //!
-//! Local mode (default): starts `e2e/cluster/local-cluster.sh`, installs
-//! `charts/sandfork`, and runs the operator and two agents (`node-a`,
-//! `node-b`) as processes with tokens of the chart's ServiceAccounts.
+//! Local mode (default): starts `e2e/cluster/local-cluster.sh` (a control
+//! plane and two real nodes, `node-a` and `node-b`), imports images of this
+//! checkout's operator and agent into the nodes and `helm install`s
+//! `charts/sandfork`: the scenarios run against its Pods.
 //! External mode: `SANDFORK_E2E_KUBECONFIG=FILE` names a cluster with the
 //! chart installed (`e2e/kind/run.sh`).
 //!
@@ -15,18 +16,20 @@
 use std::collections::BTreeSet;
 use std::process::ExitCode;
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use libtest_mimic::{Arguments, Failed, Trial};
 use sandfork_api::agent::v1 as pb;
 use sandfork_api::conditions::{FAILED, READY};
 use sandfork_api::labels;
 use sandfork_e2e::bench::{self, Step};
-use sandfork_e2e::env::{Env, Mode};
+use sandfork_e2e::env::Env;
 use sandfork_e2e::objects::{self, condition, counter_reports, placement};
-use sandfork_e2e::process;
+use sandfork_e2e::pods;
 use sandfork_e2e::tools::{self, Tools};
 use sandfork_e2e::wait::{self, Look};
 use serde_json::json;
@@ -92,7 +95,7 @@ fn main() -> ExitCode {
     });
 
     // (name, needs VMs, body)
-    let scenarios: [(&str, bool, Body); 9] = [
+    let scenarios: [(&str, bool, Body); 13] = [
         (
             "chart_accepted_by_api_server",
             false,
@@ -122,6 +125,18 @@ fn main() -> ExitCode {
             deleting_branch_frees_node,
         ),
         ("fork_is_timed_by_watch", true, fork_is_timed_by_watch),
+        ("agent_pod_replaced", true, agent_pod_replaced),
+        (
+            "operator_pod_replaced_mid_fork",
+            true,
+            operator_pod_replaced_mid_fork,
+        ),
+        ("helm_upgrade_rolls_pods", true, helm_upgrade_rolls_pods),
+        (
+            "helm_uninstall_leaves_nothing",
+            true,
+            helm_uninstall_leaves_nothing,
+        ),
     ];
     let mut trials = vec![
         Trial::test("chart_crds_are_current", || {
@@ -569,11 +584,8 @@ fn sandbox_becomes_ready(env: &Env) -> anyhow::Result<()> {
             "status.vm.pid {pid:?}, agent pid {:?}",
             vm.pid
         );
-        if env.mode == Mode::Local {
-            ensure!(
-                process::alive(pid.unwrap_or_default()),
-                "VM process {pid:?} is not running"
-            );
+        if let Some(alive) = env.vm_process_alive(&node, pid.unwrap_or_default()) {
+            ensure!(alive, "VM process {pid:?} is not running on {node}");
         }
         let (first, _) = counter_reports(env, &node, &uid, 1, Duration::from_secs(60)).await?;
         counter_reports(env, &node, &uid, first + 1, Duration::from_secs(60)).await?;
@@ -856,11 +868,8 @@ fn deleting_branch_frees_node(env: &Env) -> anyhow::Result<()> {
                 !running.contains(uid),
                 "the agent still runs branch {name} ({uid})"
             );
-            if env.mode == Mode::Local {
-                ensure!(
-                    !process::alive(*pid),
-                    "branch {name}'s VM process {pid} still runs"
-                );
+            if let Some(alive) = env.vm_process_alive(&node, *pid) {
+                ensure!(!alive, "branch {name}'s VM process {pid} still runs");
             }
         }
         ensure!(running.contains(&source_uid), "the source stopped running");
@@ -1045,6 +1054,259 @@ fn fork_is_timed_by_watch(env: &Env) -> anyhow::Result<()> {
             fork.copy_ms.is_some_and(|ms| ms > 0.0),
             "no copy duration: {fork:?}"
         );
+        Ok(())
+    })
+}
+
+/// The pid the Sandbox's status gives its VM (in its agent's container).
+async fn vm_pid(env: &Env, ns: &str, name: &str) -> anyhow::Result<u32> {
+    objects::sandboxes(env, ns)
+        .get(name)
+        .await?
+        .status
+        .and_then(|s| s.vm)
+        .and_then(|vm| vm.pid)
+        .with_context(|| format!("Sandbox {name} has no status.vm.pid"))
+}
+
+/// The agent's Lease on `node`: (acquireTime, the UID of the Pod that owns it).
+async fn agent_lease(env: &Env, node: &str) -> anyhow::Result<Option<(String, String)>> {
+    let leases: Api<Lease> = Api::namespaced(env.client(), &env.namespace);
+    Ok(leases
+        .get_opt(&sandfork_api::agent::lease::name(node))
+        .await?
+        .map(|lease| {
+            let acquired = lease
+                .spec
+                .and_then(|s| s.acquire_time)
+                .map(|t| t.0.to_string())
+                .unwrap_or_default();
+            let owner = lease
+                .metadata
+                .owner_references
+                .unwrap_or_default()
+                .first()
+                .map(|o| o.uid.clone())
+                .unwrap_or_default();
+            (acquired, owner)
+        }))
+}
+
+/// Waits until a new agent Pod (not `old_uid`) runs on `node`, owns the
+/// node's Lease, has written it anew and answers over mTLS.
+async fn agent_replaced(env: &Env, node: &str, old_uid: &str) -> anyhow::Result<String> {
+    let client = env.client();
+    wait::until(
+        &format!("a new agent Pod on {node} to register and answer"),
+        Duration::from_secs(120),
+        || async {
+            let Some(pod) = pods::agent_on(&client, &env.namespace, node).await? else {
+                return Ok(Look::NotYet("no agent Pod".into()));
+            };
+            let uid = pods::uid(&pod);
+            if uid == old_uid || !pods::is_ready(&pod) {
+                return Ok(Look::NotYet(format!(
+                    "agent Pod {uid}, ready {}",
+                    pods::is_ready(&pod)
+                )));
+            }
+            let lease = agent_lease(env, node).await?;
+            if lease.as_ref().map(|(_, owner)| owner.as_str()) != Some(uid.as_str()) {
+                return Ok(Look::NotYet(format!("Lease {lease:?}, new Pod {uid}")));
+            }
+            let mut agent = env.agent(node).await?;
+            agent.get_info(pb::GetInfoRequest {}).await?;
+            Ok(Look::Done(uid))
+        },
+    )
+    .await
+}
+
+/// An agent Pod deleted: the DaemonSet's replacement registers again (a
+/// new Lease owned by the new Pod) and runs new sandboxes. Today a
+/// sandbox's VM is a process inside the agent's container and ends with it:
+/// the Sandbox must then say so (not Ready), never claim a VM that is gone.
+fn agent_pod_replaced(env: &Env) -> anyhow::Result<()> {
+    env.scenario("agent-replaced", true, |ns| async move {
+        let (node, _, _) = running_counter(env, &ns, "before", 1).await?;
+        let pid = vm_pid(env, &ns, "before").await?;
+        let client = env.client();
+        let old = pods::agent_on(&client, &env.namespace, &node)
+            .await?
+            .with_context(|| format!("no agent Pod on {node}"))?;
+        let old_name = old.metadata.name.clone().unwrap_or_default();
+        let started = Instant::now();
+        pods::delete(&client, &env.namespace, &old_name).await?;
+        let new_uid = agent_replaced(env, &node, &pods::uid(&old)).await?;
+        eprintln!(
+            "e2e: agent Pod {old_name} on {node} replaced by {new_uid}, registered and answering after {:.1?}",
+            started.elapsed()
+        );
+        let sandboxes = objects::sandboxes(env, &ns);
+        let reason = wait::until(
+            "the Sandbox whose VM ended with the agent's container to say so",
+            Duration::from_secs(120),
+            || async {
+                let sandbox = sandboxes.get("before").await?;
+                let conditions = sandbox.status.map(|s| s.conditions).unwrap_or_default();
+                Ok(match condition(&conditions, READY) {
+                    Some(ready) if ready.status == "False" => {
+                        Look::Done(format!("{}: {}", ready.reason, ready.message))
+                    }
+                    other => Look::NotYet(format!("{other:?}")),
+                })
+            },
+        )
+        .await?;
+        if let Some(alive) = env.vm_process_alive(&node, pid) {
+            ensure!(!alive, "the VM outlived its agent's container: update this scenario");
+        }
+        eprintln!("e2e: the sandbox on {node} did not survive the agent Pod's deletion: {reason}");
+        // The new agent runs sandboxes.
+        objects::create_sandbox(
+            env,
+            &ns,
+            "after",
+            json!({"guest": {"builtin": "Counter"}, "memoryMiB": MEMORY_MIB, "vcpus": 1, "nodeName": node}),
+        )
+        .await?;
+        let after = objects::sandbox_ready(env, &ns, "after", SANDBOX_READY).await?;
+        let (after_node, after_uid) = placement(&after)?;
+        ensure!(after_node == node, "the new sandbox runs on {after_node}");
+        counter_reports(env, &node, &after_uid, 1, Duration::from_secs(60)).await?;
+        Ok(())
+    })
+}
+
+/// The operator's Pod deleted while a fork is in flight: the Deployment's
+/// replacement takes the leader Lease and finishes the fork.
+fn operator_pod_replaced_mid_fork(env: &Env) -> anyhow::Result<()> {
+    env.scenario("operator-replaced", true, |ns| async move {
+        let (node, _, before) = running_counter(env, &ns, "source", 2).await?;
+        let leader = env.wait_for_leader(Duration::from_secs(60)).await?;
+        objects::create_branch(
+            env,
+            &ns,
+            "fork",
+            json!({"sourceRef": {"name": "source"}, "branches": 3}),
+        )
+        .await?;
+        let client = env.client();
+        pods::delete(&client, &env.namespace, &leader).await?;
+        let started = Instant::now();
+        let branch = objects::branch_ready(env, &ns, "fork", BRANCH_READY).await?;
+        let new_leader = env.wait_for_leader(Duration::from_secs(60)).await?;
+        ensure!(
+            new_leader != leader,
+            "the fork finished but {leader} still leads"
+        );
+        eprintln!(
+            "e2e: operator Pod {leader} deleted mid-fork; {new_leader} finished it in {:.1?}",
+            started.elapsed()
+        );
+        check_branches(env, &ns, &branch, "source", &node, before).await?;
+        Ok(())
+    })
+}
+
+/// `helm upgrade` with a changed value rolls the operator's and agents'
+/// Pods; the new ones take over (and the release goes back afterwards).
+fn helm_upgrade_rolls_pods(env: &Env) -> anyhow::Result<()> {
+    env.scenario("helm-upgrade", true, |ns| async move {
+        let client = env.client();
+        let names = |component: &'static str| {
+            let client = client.clone();
+            async move {
+                anyhow::Ok(
+                    pods::of_component(&client, &env.namespace, component)
+                        .await?
+                        .iter()
+                        .map(pods::uid)
+                        .collect::<BTreeSet<_>>(),
+                )
+            }
+        };
+        let (operators, agents) = (names("operator").await?, names("agent").await?);
+        let level = "info,sandfork_operator=debug,sandfork_node_agent=debug";
+        for set in [
+            vec![
+                "--set".to_string(),
+                format!("operator.logLevel={level}"),
+                "--set".into(),
+                format!("agent.logLevel={level}"),
+            ],
+            Vec::new(),
+        ] {
+            let started = Instant::now();
+            env.helm_release("upgrade", set.iter().map(String::as_str))?;
+            env.wait_for_rollout(Duration::from_secs(180))?;
+            eprintln!("e2e: helm upgrade {set:?} rolled out in {:.1?}", started.elapsed());
+        }
+        let (new_operators, new_agents) = (names("operator").await?, names("agent").await?);
+        ensure!(
+            operators.is_disjoint(&new_operators) && agents.is_disjoint(&new_agents),
+            "not every Pod was replaced: operators {operators:?} -> {new_operators:?}, agents {agents:?} -> {new_agents:?}"
+        );
+        ensure!(new_agents.len() == agents.len(), "agents {agents:?} -> {new_agents:?}");
+        env.wait_for_leader(Duration::from_secs(60)).await?;
+        // The rolled-out release serves: a sandbox starts.
+        let (_, _, _) = running_counter(env, &ns, "after-upgrade", 1).await?;
+        Ok(())
+    })
+}
+
+/// `helm uninstall` leaves no Pod, Lease, Secret or VM of the release; a
+/// reinstall serves again (the Sandbox left from before is reported lost).
+fn helm_uninstall_leaves_nothing(env: &Env) -> anyhow::Result<()> {
+    env.scenario("helm-uninstall", true, |ns| async move {
+        let (node, _, _) = running_counter(env, &ns, "orphan", 1).await?;
+        let pid = vm_pid(env, &ns, "orphan").await?;
+        env.helm_release("uninstall", ["--wait", "--timeout", "3m"])?;
+        let client = env.client();
+        let release_ns = env.namespace.clone();
+        wait::until(
+            "no Pod, Lease or Secret of the release left",
+            Duration::from_secs(120),
+            || async {
+                let pods = pods::names(&client, &release_ns).await?;
+                let leases: Vec<String> = Api::<Lease>::namespaced(client.clone(), &release_ns)
+                    .list(&ListParams::default())
+                    .await?
+                    .items
+                    .into_iter()
+                    .filter_map(|l| l.metadata.name)
+                    .collect();
+                let secrets: Vec<String> = Api::<Secret>::namespaced(client.clone(), &release_ns)
+                    .list(&ListParams::default())
+                    .await?
+                    .items
+                    .into_iter()
+                    .filter_map(|s| s.metadata.name)
+                    .filter(|name| name.starts_with(&env.release))
+                    .collect();
+                Ok(
+                    if pods.is_empty() && leases.is_empty() && secrets.is_empty() {
+                        Look::Done(())
+                    } else {
+                        Look::NotYet(format!(
+                            "Pods {pods:?}, Leases {leases:?}, Secrets {secrets:?}"
+                        ))
+                    },
+                )
+            },
+        )
+        .await?;
+        if let Some(alive) = env.vm_process_alive(&node, pid) {
+            ensure!(
+                !alive,
+                "VM process {pid} still runs on {node} after helm uninstall"
+            );
+        }
+        let started = Instant::now();
+        env.helm_release("install", [])?;
+        env.wait_for_rollout(Duration::from_secs(180))?;
+        env.reinstalled().await?;
+        eprintln!("e2e: reinstalled and serving in {:.1?}", started.elapsed());
         Ok(())
     })
 }

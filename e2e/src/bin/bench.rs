@@ -105,14 +105,14 @@ fn run(args: &Args, mut stop: Stop) -> anyhow::Result<()> {
         None => Ok(()),
     };
     // Dropped on every way out of this function: that tears it down.
-    let env = Env::start()?;
-    interrupted(&stop)?;
     let profile = if args.dev_binaries {
         Profile::Dev
     } else {
         Profile::Release
     };
-    env.start_workloads_with(profile)?;
+    let env = Env::start_with(profile)?;
+    interrupted(&stop)?;
+    env.start_workloads()?;
     interrupted(&stop)?;
     let options = Options {
         forks: args.forks,
