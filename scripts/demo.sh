@@ -109,6 +109,8 @@ e2e/cluster/local-cluster.sh image "$root/cluster" "docker.io/sandfork/agent:$ta
 
 log "installing the chart and waiting for its Pods"
 show helm install "$release" charts/sandfork --namespace "$namespace" --create-namespace --wait --timeout 5m >/dev/null
+# helm's wait lets a DaemonSet be short of maxUnavailable: wait for every agent.
+show kubectl -n "$namespace" rollout status daemonset/"$release"-agent --timeout=180s
 show kubectl -n "$namespace" get pods -o wide
 show kubectl -n "$namespace" get leases
 
