@@ -116,10 +116,10 @@ fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Command::VmHost { name } => vmhost::serve(
+        Command::VmHost { name } => Ok(vmhost::serve(
             &state_dir::sandbox(&cli.state_dir, &name),
             &state_dir::captures(&cli.state_dir),
-        ),
+        )?),
         Command::Bench(args) => sandfork_bench::run(&args),
         Command::Serve(config) => {
             sandfork_node_agent::service::run(config.with_state_dir(cli.state_dir))

@@ -9,7 +9,7 @@
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::time::Duration;
@@ -17,7 +17,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use sandfork_vmm::capture::{Arm, CaptureError, CaptureMode, CaptureStats};
-use sandfork_vmm::guest::{CounterMismatch, CounterState, GuestImage, Workload, verify_counter};
+use sandfork_vmm::guest::{
+    CounterMismatch, CounterState, GuestError, GuestImage, Workload, verify_counter,
+};
 use sandfork_vmm::memory::{MemoryError, ReadOnlyMapping};
 use sandfork_vmm::snapshot::{CaptureDir, SnapshotError, SnapshotState};
 use sandfork_vmm::vcpu::VcpuError;
@@ -213,10 +215,50 @@ pub fn call(dir: &Path, request: &Request, timeout: Duration) -> std::io::Result
     Ok(serde_json::from_str(&reply)?)
 }
 
+/// Why the VM host could not start its VM or its control socket.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("invalid sandbox record {path}")]
+    Record {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("cannot use KVM")]
+    Kvm(#[from] VcpuError),
+    #[error(transparent)]
+    Guest(#[from] GuestError),
+    #[error("cannot boot the VM")]
+    Boot(#[from] VmError),
+    #[error("cannot restore the branch")]
+    Restore(#[from] SnapshotError),
+    #[error("{op} {path}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> ServeError + 'a {
+    move |source| ServeError::Io {
+        op,
+        path: path.to_owned(),
+        source,
+    }
+}
+
 /// Runs the VM of the sandbox in `dir` and serves its control socket until
 /// asked to stop. `captures` is where captures are written.
-pub fn serve(dir: &Path, captures: &Path) -> anyhow::Result<()> {
-    let record: SandboxRecord = serde_json::from_slice(&std::fs::read(dir.join(RECORD_FILE))?)?;
+pub fn serve(dir: &Path, captures: &Path) -> Result<(), ServeError> {
+    let record_path = dir.join(RECORD_FILE);
+    let record = std::fs::read(&record_path).map_err(io_err("read", &record_path))?;
+    let record: SandboxRecord =
+        serde_json::from_slice(&record).map_err(|source| ServeError::Record {
+            path: record_path.clone(),
+            source,
+        })?;
     let vm = match &record.origin {
         None => {
             let tsc_khz = sandfork_vmm::vcpu::HostKvm::get()?.tsc_khz();
@@ -232,9 +274,12 @@ pub fn serve(dir: &Path, captures: &Path) -> anyhow::Result<()> {
     };
     let socket_path = dir.join(CONTROL_SOCKET);
     let _ = std::fs::remove_file(&socket_path);
-    let listener = UnixListener::bind(&socket_path)?;
-    std::fs::set_permissions(&socket_path, std::fs::Permissions::from_mode(0o600))?;
-    std::fs::write(dir.join(PID_FILE), std::process::id().to_string())?;
+    let listener = UnixListener::bind(&socket_path).map_err(io_err("bind", &socket_path))?;
+    std::fs::set_permissions(&socket_path, std::fs::Permissions::from_mode(0o600))
+        .map_err(io_err("chmod", &socket_path))?;
+    let pid_path = dir.join(PID_FILE);
+    std::fs::write(&pid_path, std::process::id().to_string())
+        .map_err(io_err("write", &pid_path))?;
     tracing::info!(sandbox = %record.name, pid = std::process::id(), "VM running");
 
     // One thread per connection, so that status requests are answered while
