@@ -489,3 +489,67 @@ pub fn capture_info(
         memory_complete: state.memory_complete,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_replies_carry_their_kind() {
+        let reply = HostError::Stopping.response();
+        let line = serde_json::to_string(&reply).unwrap();
+        assert_eq!(
+            line,
+            r#"{"result":"error","kind":"failed-precondition","message":"the VM is stopping"}"#
+        );
+        let Response::Error { kind, .. } = serde_json::from_str(&line).unwrap() else {
+            panic!("not an error: {line}");
+        };
+        assert_eq!(kind, ErrorKind::FailedPrecondition);
+    }
+
+    #[test]
+    fn error_replies_of_older_vm_hosts_are_internal() {
+        let reply: Response = serde_json::from_str(r#"{"result":"error","message":"x"}"#).unwrap();
+        assert!(matches!(
+            reply,
+            Response::Error {
+                kind: ErrorKind::Internal,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn snapshot_failures_have_the_kind_a_caller_can_act_on() {
+        let cases = [
+            (SnapshotError::NotFound("/c".into()), ErrorKind::NotFound),
+            (SnapshotError::Exists("/c".into()), ErrorKind::AlreadyExists),
+            (
+                SnapshotError::Memory(MemoryError::HostTooSmall {
+                    wanted_mib: 2048,
+                    available_mib: 1,
+                }),
+                ErrorKind::ResourceExhausted,
+            ),
+            (
+                SnapshotError::Capture(CaptureError::Vm(VmError::Stopped("halted".into()))),
+                ErrorKind::FailedPrecondition,
+            ),
+            (
+                SnapshotError::Format {
+                    path: "/f".into(),
+                    source: sandfork_vmm::snapshot::FormatError::BadMagic,
+                },
+                ErrorKind::InvalidArgument,
+            ),
+            (
+                SnapshotError::Capture(CaptureError::WorkerPanicked),
+                ErrorKind::Internal,
+            ),
+        ];
+        for (err, kind) in cases {
+            assert_eq!(ErrorKind::of_snapshot(&err), kind, "{err}");
+        }
+    }
+}
