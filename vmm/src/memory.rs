@@ -110,6 +110,10 @@ pub struct GuestMemory {
     base: NonNull<u8>,
     len: usize,
     backing: Backing,
+    /// Host writes (`write_slice`, `write_u64`) hold it shared; a reader
+    /// of all of memory as a slice holds it exclusively, so that no host
+    /// write overlaps the slice.
+    host_writes: std::sync::RwLock<()>,
 }
 
 // SAFETY: the mapping is plain shared memory owned by this value; concurrent
@@ -174,6 +178,7 @@ impl GuestMemory {
             base,
             len: len as usize,
             backing: Backing::Memfd(fd),
+            host_writes: Default::default(),
         })
     }
 
@@ -202,6 +207,7 @@ impl GuestMemory {
             base,
             len: len as usize,
             backing: Backing::PrivateFile(file),
+            host_writes: Default::default(),
         })
     }
 
@@ -304,6 +310,7 @@ impl GuestMemory {
     pub fn write_slice(&self, addr: u64, data: &[u8]) -> Result<(), MemoryError> {
         let offset = usize::try_from(addr).unwrap_or(usize::MAX);
         check_range(offset, data.len(), self.len)?;
+        let _writing = self.host_write();
         // SAFETY: the range is inside the mapping (checked above) and `data`
         // cannot overlap it (it is a Rust slice, the mapping is not).
         unsafe {
@@ -312,16 +319,28 @@ impl GuestMemory {
         Ok(())
     }
 
-    /// All of guest memory as a byte slice.
+    /// Hands `read` all of guest memory as a byte slice, holding off host
+    /// writes through this value meanwhile.
     ///
     /// # Safety
-    /// Nothing may write guest memory while the slice lives: the vCPUs must
-    /// be stopped (see `Vm::inspect_paused`) and no host thread may write
-    /// it.
-    pub(crate) unsafe fn as_slice_unchecked(&self) -> &[u8] {
-        // SAFETY: the mapping is `len` readable bytes owned by `self`; the
-        // caller guarantees that nothing writes them meanwhile.
-        unsafe { std::slice::from_raw_parts(self.base.as_ptr(), self.len) }
+    /// The guest must not write its memory meanwhile: its vCPUs must be
+    /// stopped for the whole call (see `Vm::inspect_paused`).
+    pub(crate) unsafe fn read_quiescent<R>(&self, read: impl FnOnce(&[u8]) -> R) -> R {
+        let _no_host_writes = self
+            .host_writes
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        // SAFETY: the mapping is `len` readable bytes owned by `self`; host
+        // writes wait for the lock held above and the caller guarantees
+        // that the guest does not write, so the bytes do not change while
+        // the slice lives (it does not outlive this call).
+        read(unsafe { std::slice::from_raw_parts(self.base.as_ptr(), self.len) })
+    }
+
+    fn host_write(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        self.host_writes
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// The address of the aligned u64 at guest address `addr`, checked.
@@ -350,6 +369,7 @@ impl GuestMemory {
     /// running). `addr` must be 8-aligned and inside memory.
     pub fn write_u64(&self, addr: u64, value: u64) -> Result<(), MemoryError> {
         let ptr = self.u64_at(addr)?;
+        let _writing = self.host_write();
         // SAFETY: aligned and inside the mapping (checked by `u64_at`).
         unsafe { std::ptr::write_volatile(ptr, value) };
         Ok(())

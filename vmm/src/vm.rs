@@ -381,10 +381,11 @@ impl Vm {
         inspect: impl FnOnce(&Paused, &[u8]) -> R,
     ) -> Result<R, VmError> {
         let paused = self.pause(true)?;
-        // SAFETY: the vCPUs are parked until `resume` below, and this crate
-        // writes guest memory from the host only while loading a guest that
-        // does not run yet, so nothing writes it while `inspect` reads.
-        let result = inspect(&paused, unsafe { self.memory.as_slice_unchecked() });
+        // SAFETY: the vCPUs stay parked until `resume` below, after the call.
+        let result = unsafe {
+            self.memory
+                .read_quiescent(|memory| inspect(&paused, memory))
+        };
         self.resume();
         Ok(result)
     }
