@@ -1,15 +1,17 @@
-//! Sandfork node agent: runs sandboxes as KVM virtual machines on memfd
-//! memory, captures them live with userfaultfd write-protection, and
-//! restores branches copy-on-write from the captures.
+//! Sandfork node agent: runs each sandbox's VM in its own process and
+//! serves the operator.
+//!
+//! Stages of a request, from the operator to the VM:
+//! `service` (gRPC over mutual TLS, the node's Lease; errors become status
+//! codes in `service::convert`) → `manager` (sandboxes and captures in the
+//! state directory, `state_dir`; one `vm-host` process per sandbox) →
+//! `vmhost` (the VM process: boots or restores the VM and runs captures
+//! with `sandfork_vmm`, answering over a Unix socket with an error kind).
+//! The VMM itself (memory, vCPUs, capture, snapshots) is `sandfork_vmm`,
+//! the benchmark `sandfork_bench`.
+#![forbid(unsafe_code)]
 
-pub mod bench;
-pub mod capture;
-pub mod fill;
-pub mod guest;
 pub mod manager;
-pub mod memory;
 pub mod service;
-pub mod snapshot;
-pub mod vcpu;
-pub mod vm;
+pub mod state_dir;
 pub mod vmhost;

@@ -4,12 +4,11 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use sandfork_node_agent::bench::{self, BenchArgs};
-use sandfork_node_agent::capture::CaptureMode;
-use sandfork_node_agent::guest::{DirtyPattern, Workload};
+use sandfork_bench::BenchArgs;
 use sandfork_node_agent::manager::{Manager, SandboxSpec, SandboxState};
-use sandfork_node_agent::snapshot::CaptureDir;
-use sandfork_node_agent::vmhost;
+use sandfork_node_agent::{state_dir, vmhost};
+use sandfork_vmm::capture::CaptureMode;
+use sandfork_vmm::guest::{DirtyPattern, Workload};
 
 #[derive(Parser)]
 #[command(
@@ -117,11 +116,11 @@ fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Command::VmHost { name } => vmhost::serve(
-            &vmhost::sandbox_dir(&cli.state_dir, &name),
-            &cli.state_dir.join("captures"),
-        ),
-        Command::Bench(args) => bench::run(&args),
+        Command::VmHost { name } => Ok(vmhost::serve(
+            &state_dir::sandbox(&cli.state_dir, &name),
+            &state_dir::captures(&cli.state_dir),
+        )?),
+        Command::Bench(args) => sandfork_bench::run(&args),
         Command::Serve(config) => {
             sandfork_node_agent::service::run(config.with_state_dir(cli.state_dir))
         }
@@ -129,9 +128,9 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-fn run_local(state_dir: &std::path::Path, command: Command) -> anyhow::Result<()> {
-    let manager = Manager::open(state_dir)
-        .with_context(|| format!("cannot use state directory {}", state_dir.display()))?;
+fn run_local(root: &std::path::Path, command: Command) -> anyhow::Result<()> {
+    let manager = Manager::open(root)
+        .with_context(|| format!("cannot use state directory {}", root.display()))?;
     match command {
         Command::Run {
             name,
@@ -205,11 +204,11 @@ fn run_local(state_dir: &std::path::Path, command: Command) -> anyhow::Result<()
         Command::DeleteCapture { name } => Ok(manager.delete_capture(&name)?),
         Command::Export { capture, file } => {
             sandfork_node_agent::manager::validate_name(&capture)?;
-            Ok(CaptureDir::new(state_dir.join("captures").join(&capture)).export(&file)?)
+            Ok(state_dir::capture(root, &capture).export(&file)?)
         }
         Command::Import { file, capture } => {
             sandfork_node_agent::manager::validate_name(&capture)?;
-            CaptureDir::new(state_dir.join("captures").join(&capture)).import(&file)?;
+            state_dir::capture(root, &capture).import(&file)?;
             Ok(())
         }
         Command::Bench(_) | Command::Serve(_) | Command::VmHost { .. } => {

@@ -11,19 +11,22 @@
 //! the VM processes that kept running. Every call is idempotent.
 
 use std::os::unix::fs::DirBuilderExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::capture::CaptureMode;
-use crate::guest::Workload;
-use crate::memory::{self, MemoryError};
-use crate::snapshot::{CaptureDir, SnapshotError};
-use crate::vm::MAX_VCPUS;
-use crate::vmhost::{self, CaptureInfo, PID_FILE, RECORD_FILE, Request, Response, SandboxRecord};
+use sandfork_vmm::capture::CaptureMode;
+use sandfork_vmm::devices::{self, DeviceError};
+use sandfork_vmm::guest::Workload;
+use sandfork_vmm::memory::{self, MemoryError};
+use sandfork_vmm::snapshot::{CaptureDir, SnapshotError};
+
+use crate::state_dir;
+use crate::vmhost::{
+    self, CaptureInfo, ErrorKind, PID_FILE, RECORD_FILE, Request, Response, SandboxRecord,
+};
 
 pub use crate::vmhost::CaptureInfo as Capture;
 
@@ -47,12 +50,37 @@ pub enum ManagerError {
     AlreadyExists { kind: &'static str, name: String },
     #[error(transparent)]
     Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
     #[error(
-        "{0} is missing or not usable: sandboxes need KVM and userfaultfd (run as root on a KVM host)"
+        "a device is missing or not usable: sandboxes need KVM and userfaultfd (run as root on a KVM host)"
     )]
-    DevicesMissing(String),
-    #[error("sandbox {name:?}: {message}")]
-    Vm { name: String, message: String },
+    DevicesMissing(#[source] DeviceError),
+    /// The sandbox's VM host reported a failure.
+    #[error("sandbox {name:?}")]
+    Vm {
+        name: String,
+        #[source]
+        source: VmHostError,
+    },
+    #[error("sandbox {name:?}: VM process not reachable")]
+    VmUnreachable {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The VM process did not come up; `reason` is its own account (its
+    /// failure, or its log's tail).
+    #[error("sandbox {name:?}: {reason}")]
+    VmStart { name: String, reason: String },
+    #[error("sandbox {name:?}: unexpected reply {reply}")]
+    UnexpectedReply { name: String, reply: String },
+    #[error("invalid record {path}")]
+    Record {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
     #[error(
         "state directory {0} is not on a tmpfs: captures hold guest memory and are filled in \
          place while branches run, which needs shared memory (use e.g. /run/sandfork on a host \
@@ -66,6 +94,14 @@ pub enum ManagerError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// A failure the VM host reported, with its kind.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct VmHostError {
+    pub kind: ErrorKind,
+    pub message: String,
 }
 
 fn io_err<'a>(
@@ -127,14 +163,7 @@ pub fn validate_name(name: &str) -> Result<(), ManagerError> {
 
 /// Checks that KVM and userfaultfd can be opened.
 pub fn check_devices() -> Result<(), ManagerError> {
-    for device in ["/dev/kvm", "/dev/userfaultfd"] {
-        std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(device)
-            .map_err(|_| ManagerError::DevicesMissing(device.to_owned()))?;
-    }
-    Ok(())
+    devices::check().map_err(ManagerError::DevicesMissing)
 }
 
 pub struct Manager {
@@ -156,14 +185,14 @@ impl Manager {
         exe: impl Into<PathBuf>,
     ) -> Result<Self, ManagerError> {
         let root = root.into();
-        for dir in [root.clone(), root.join("sandboxes"), root.join("captures")] {
+        let captures = state_dir::captures(&root);
+        for dir in [root.clone(), state_dir::sandboxes(&root), captures.clone()] {
             std::fs::DirBuilder::new()
                 .recursive(true)
                 .mode(0o700)
                 .create(&dir)
                 .map_err(io_err("create", &dir))?;
         }
-        let captures = root.join("captures");
         let stat = rustix::fs::statfs(&captures)
             .map_err(|errno| io_err("statfs", &captures)(errno.into()))?;
         if stat.f_type != TMPFS_MAGIC {
@@ -180,27 +209,23 @@ impl Manager {
     }
 
     fn sandbox_dir(&self, name: &str) -> PathBuf {
-        vmhost::sandbox_dir(&self.root, name)
+        state_dir::sandbox(&self.root, name)
     }
 
     fn captures_dir(&self) -> PathBuf {
-        self.root.join("captures")
+        state_dir::captures(&self.root)
     }
 
     fn capture_dir(&self, name: &str) -> CaptureDir {
-        CaptureDir::new(self.captures_dir().join(name))
+        state_dir::capture(&self.root, name)
     }
 
     /// Starts a sandbox. Running an identical spec again returns the
     /// existing sandbox.
     pub fn run(&self, spec: &SandboxSpec) -> Result<SandboxInfo, ManagerError> {
         validate_name(&spec.name)?;
-        if spec.vcpus == 0 || spec.vcpus > MAX_VCPUS {
-            return Err(ManagerError::InvalidSpec(format!(
-                "vcpus must be 1 to {MAX_VCPUS}, got {}",
-                spec.vcpus
-            )));
-        }
+        sandfork_vmm::vm::check_vcpu_count(spec.vcpus.into())
+            .map_err(|err| ManagerError::InvalidSpec(err.to_string()))?;
         let bytes = spec
             .memory_mib
             .checked_mul(1 << 20)
@@ -233,10 +258,7 @@ impl Manager {
                 kind: "capture",
                 name: capture.to_owned(),
             },
-            other => ManagerError::Vm {
-                name: name.to_owned(),
-                message: other.to_string(),
-            },
+            other => other.into(),
         })?;
         let source = self.read_record(&state.source).ok();
         self.start(SandboxRecord {
@@ -273,16 +295,16 @@ impl Manager {
             .create(&dir)
             .map_err(io_err("create", &dir))?;
         let record_path = dir.join(RECORD_FILE);
-        let write_record = serde_json::to_vec_pretty(&record)
-            .map_err(std::io::Error::other)
-            .and_then(|json| std::fs::write(&record_path, json));
-        if let Err(source) = write_record {
-            let _ = std::fs::remove_dir_all(&dir);
-            return Err(ManagerError::Io {
-                op: "write",
-                path: record_path,
+        let write_record = match serde_json::to_vec_pretty(&record) {
+            Ok(json) => std::fs::write(&record_path, json).map_err(io_err("write", &record_path)),
+            Err(source) => Err(ManagerError::Record {
+                path: record_path.clone(),
                 source,
-            });
+            }),
+        };
+        if let Err(err) = write_record {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(err);
         }
         match self.spawn_vm_process(&record.name, &dir) {
             Ok(info) => Ok(info),
@@ -307,14 +329,7 @@ impl Manager {
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err);
-        // SAFETY: setsid is async-signal-safe; it only detaches the child
-        // from the agent's session so that the VM outlives the agent.
-        unsafe {
-            command.pre_exec(|| {
-                rustix::process::setsid()?;
-                Ok(())
-            })
-        };
+        sandfork_vmm::process::in_new_session(&mut command);
         let mut child = command.spawn().map_err(io_err("start", &self.exe))?;
         let started = Instant::now();
         loop {
@@ -325,24 +340,24 @@ impl Manager {
                 std::thread::spawn(move || child.wait());
                 return match status.failure {
                     None => self.status(name),
-                    Some(reason) => Err(ManagerError::Vm {
+                    Some(reason) => Err(ManagerError::VmStart {
                         name: name.to_owned(),
-                        message: reason,
+                        reason,
                     }),
                 };
             }
             if let Ok(Some(status)) = child.try_wait() {
-                return Err(ManagerError::Vm {
+                return Err(ManagerError::VmStart {
                     name: name.to_owned(),
-                    message: format!("VM process exited ({status}): {}", log_tail(&log_path)),
+                    reason: format!("VM process exited ({status}): {}", log_tail(&log_path)),
                 });
             }
             if started.elapsed() > START_TIMEOUT {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(ManagerError::Vm {
+                return Err(ManagerError::VmStart {
                     name: name.to_owned(),
-                    message: format!("VM process did not start in {START_TIMEOUT:?}"),
+                    reason: format!("VM process did not start in {START_TIMEOUT:?}"),
                 });
             }
             std::thread::sleep(Duration::from_millis(2));
@@ -355,8 +370,7 @@ impl Manager {
             kind: "sandbox",
             name: name.to_owned(),
         })?;
-        serde_json::from_slice(&bytes)
-            .map_err(|err| io_err("parse", &path)(std::io::Error::other(err)))
+        serde_json::from_slice(&bytes).map_err(|source| ManagerError::Record { path, source })
     }
 
     fn pid_of(&self, name: &str) -> Option<u32> {
@@ -408,7 +422,7 @@ impl Manager {
     }
 
     pub fn list(&self) -> Result<Vec<SandboxInfo>, ManagerError> {
-        let mut names = list_dir(&self.root.join("sandboxes"))?;
+        let mut names = list_dir(&state_dir::sandboxes(&self.root))?;
         names.sort();
         Ok(names
             .iter()
@@ -446,10 +460,7 @@ impl Manager {
             tracing::warn!(capture, "removing a capture whose copy never completed");
         }
         // A directory without state is what a crash mid-capture leaves.
-        dir.remove().map_err(|err| ManagerError::Vm {
-            name: sandbox.to_owned(),
-            message: err.to_string(),
-        })?;
+        dir.remove()?;
         self.read_record(sandbox)?;
         let request = Request::Capture {
             capture: capture.to_owned(),
@@ -457,15 +468,18 @@ impl Manager {
             verify,
             wait,
         };
-        let vm_error = |message: String| ManagerError::Vm {
-            name: sandbox.to_owned(),
-            message,
-        };
+        let name = sandbox.to_owned();
         match vmhost::call(&self.sandbox_dir(sandbox), &request, CAPTURE_TIMEOUT) {
             Ok(Response::Captured(info)) => Ok(info),
-            Ok(Response::Error { message }) => Err(vm_error(message)),
-            Ok(other) => Err(vm_error(format!("unexpected reply {other:?}"))),
-            Err(err) => Err(vm_error(format!("VM process not reachable: {err}"))),
+            Ok(Response::Error { kind, message }) => Err(ManagerError::Vm {
+                name,
+                source: VmHostError { kind, message },
+            }),
+            Ok(other) => Err(ManagerError::UnexpectedReply {
+                name,
+                reply: format!("{other:?}"),
+            }),
+            Err(source) => Err(ManagerError::VmUnreachable { name, source }),
         }
     }
 
@@ -484,12 +498,7 @@ impl Manager {
 
     pub fn delete_capture(&self, name: &str) -> Result<(), ManagerError> {
         validate_name(name)?;
-        self.capture_dir(name)
-            .remove()
-            .map_err(|err| ManagerError::Vm {
-                name: name.to_owned(),
-                message: err.to_string(),
-            })
+        Ok(self.capture_dir(name).remove()?)
     }
 
     /// Whether a capture of sandbox `name` is still copying.

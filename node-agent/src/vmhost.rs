@@ -16,11 +16,16 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::capture::{Arm, CaptureMode, CaptureStats};
-use crate::guest::{CounterState, GuestImage, Workload, verify_counter};
-use crate::memory::ReadOnlyMapping;
-use crate::snapshot::CaptureDir;
-use crate::vm::Vm;
+use sandfork_vmm::capture::{Arm, CaptureError, CaptureMode, CaptureStats};
+use sandfork_vmm::guest::{
+    CounterMismatch, CounterState, GuestError, GuestImage, Workload, verify_counter,
+};
+use sandfork_vmm::memory::{MemoryError, ReadOnlyMapping};
+use sandfork_vmm::snapshot::{CaptureDir, SnapshotError, SnapshotState};
+use sandfork_vmm::vcpu::VcpuError;
+use sandfork_vmm::vm::{Vm, VmError};
+
+use crate::state_dir;
 
 pub const CONTROL_SOCKET: &str = "control.sock";
 pub const RECORD_FILE: &str = "sandbox.json";
@@ -68,7 +73,100 @@ pub enum Response {
     Status(VmStatus),
     Captured(CaptureInfo),
     Stopped,
-    Error { message: String },
+    Error {
+        /// What kind of failure, for the agent's status code (a VM host
+        /// that predates it sends none: `Internal`).
+        #[serde(default)]
+        kind: ErrorKind,
+        message: String,
+    },
+}
+
+/// The kind of a failure the VM host reports: what a caller can do about
+/// it (the agent maps each to a gRPC status code).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ErrorKind {
+    /// The request (or a file it names) is invalid.
+    InvalidArgument,
+    NotFound,
+    AlreadyExists,
+    /// Not enough memory or space on this node.
+    ResourceExhausted,
+    /// The sandbox or capture is not in a state that allows it.
+    FailedPrecondition,
+    #[default]
+    Internal,
+}
+
+impl ErrorKind {
+    /// The kind of a snapshot (capture, restore, import) failure.
+    pub fn of_snapshot(err: &SnapshotError) -> Self {
+        match err {
+            SnapshotError::NotFound(_) => Self::NotFound,
+            SnapshotError::Exists(_) => Self::AlreadyExists,
+            SnapshotError::NoSpace { .. } => Self::ResourceExhausted,
+            SnapshotError::Memory(err) => Self::of_memory(err),
+            SnapshotError::Format { .. } => Self::InvalidArgument,
+            SnapshotError::Abandoned(_) | SnapshotError::Copying(_) => Self::FailedPrecondition,
+            SnapshotError::Vm(err) | SnapshotError::Capture(CaptureError::Vm(err)) => {
+                Self::of_vm(err)
+            }
+            _ => Self::Internal,
+        }
+    }
+
+    /// The kind of a VM failure.
+    pub fn of_vm(err: &VmError) -> Self {
+        match err {
+            VmError::Memory(err) => Self::of_memory(err),
+            VmError::InvalidVcpuCount(_) => Self::InvalidArgument,
+            VmError::Stopped(_) | VmError::Vcpu(VcpuError::OpenKvm(_)) => Self::FailedPrecondition,
+            _ => Self::Internal,
+        }
+    }
+
+    /// The kind of a guest memory failure.
+    pub fn of_memory(err: &MemoryError) -> Self {
+        match err {
+            MemoryError::InvalidSize { .. } => Self::InvalidArgument,
+            MemoryError::HostTooSmall { .. } => Self::ResourceExhausted,
+            _ => Self::Internal,
+        }
+    }
+}
+
+/// Why the VM host could not do what it was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    #[error("capture failed verification")]
+    Verification(#[from] CounterMismatch),
+    #[error("the VM is stopping")]
+    Stopping,
+    #[error("the capture worker stopped")]
+    WorkerGone,
+    #[error("bad request")]
+    BadRequest(#[source] serde_json::Error),
+}
+
+impl HostError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Self::Snapshot(err) => ErrorKind::of_snapshot(err),
+            Self::Verification(_) => ErrorKind::Internal,
+            Self::Stopping | Self::WorkerGone => ErrorKind::FailedPrecondition,
+            Self::BadRequest(_) => ErrorKind::InvalidArgument,
+        }
+    }
+
+    fn response(&self) -> Response {
+        Response::Error {
+            kind: self.kind(),
+            message: sandfork_vmm::error::chain(self),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -94,7 +192,7 @@ pub struct CaptureInfo {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub counter: Option<CounterState>,
     /// False while a live capture's memory copy is still running.
-    #[serde(default = "crate::snapshot::complete_by_default")]
+    #[serde(default = "sandfork_vmm::snapshot::complete_by_default")]
     pub memory_complete: bool,
 }
 
@@ -117,13 +215,53 @@ pub fn call(dir: &Path, request: &Request, timeout: Duration) -> std::io::Result
     Ok(serde_json::from_str(&reply)?)
 }
 
+/// Why the VM host could not start its VM or its control socket.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("invalid sandbox record {path}")]
+    Record {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("cannot use KVM")]
+    Kvm(#[from] VcpuError),
+    #[error(transparent)]
+    Guest(#[from] GuestError),
+    #[error("cannot boot the VM")]
+    Boot(#[from] VmError),
+    #[error("cannot restore the branch")]
+    Restore(#[from] SnapshotError),
+    #[error("{op} {path}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> ServeError + 'a {
+    move |source| ServeError::Io {
+        op,
+        path: path.to_owned(),
+        source,
+    }
+}
+
 /// Runs the VM of the sandbox in `dir` and serves its control socket until
 /// asked to stop. `captures` is where captures are written.
-pub fn serve(dir: &Path, captures: &Path) -> anyhow::Result<()> {
-    let record: SandboxRecord = serde_json::from_slice(&std::fs::read(dir.join(RECORD_FILE))?)?;
+pub fn serve(dir: &Path, captures: &Path) -> Result<(), ServeError> {
+    let record_path = dir.join(RECORD_FILE);
+    let record = std::fs::read(&record_path).map_err(io_err("read", &record_path))?;
+    let record: SandboxRecord =
+        serde_json::from_slice(&record).map_err(|source| ServeError::Record {
+            path: record_path.clone(),
+            source,
+        })?;
     let vm = match &record.origin {
         None => {
-            let tsc_khz = crate::vcpu::HostKvm::get()?.tsc_khz();
+            let tsc_khz = sandfork_vmm::vcpu::HostKvm::get()?.tsc_khz();
             let image = GuestImage::for_workload(&record.workload, tsc_khz)?;
             Vm::boot(
                 &record.name,
@@ -132,13 +270,16 @@ pub fn serve(dir: &Path, captures: &Path) -> anyhow::Result<()> {
                 &image,
             )?
         }
-        Some(capture) => CaptureDir::new(captures.join(capture)).restore()?,
+        Some(capture) => state_dir::capture_in(captures, capture).restore()?,
     };
     let socket_path = dir.join(CONTROL_SOCKET);
     let _ = std::fs::remove_file(&socket_path);
-    let listener = UnixListener::bind(&socket_path)?;
-    std::fs::set_permissions(&socket_path, std::fs::Permissions::from_mode(0o600))?;
-    std::fs::write(dir.join(PID_FILE), std::process::id().to_string())?;
+    let listener = UnixListener::bind(&socket_path).map_err(io_err("bind", &socket_path))?;
+    std::fs::set_permissions(&socket_path, std::fs::Permissions::from_mode(0o600))
+        .map_err(io_err("chmod", &socket_path))?;
+    let pid_path = dir.join(PID_FILE);
+    std::fs::write(&pid_path, std::process::id().to_string())
+        .map_err(io_err("write", &pid_path))?;
     tracing::info!(sandbox = %record.name, pid = std::process::id(), "VM running");
 
     // One thread per connection, so that status requests are answered while
@@ -185,7 +326,7 @@ struct CaptureJob {
     capture: String,
     mode: CaptureMode,
     verify: bool,
-    reply: mpsc::Sender<anyhow::Result<CaptureInfo>>,
+    reply: mpsc::Sender<Result<CaptureInfo, HostError>>,
 }
 
 /// Serves requests on one connection; returns true when asked to stop.
@@ -207,9 +348,7 @@ fn serve_connection(
             }) => (
                 match request_capture(jobs, capture, mode, verify, wait) {
                     Ok(info) => Response::Captured(info),
-                    Err(err) => Response::Error {
-                        message: format!("{err:#}"),
-                    },
+                    Err(err) => err.response(),
                 },
                 false,
             ),
@@ -220,12 +359,7 @@ fn serve_connection(
                 let _ = vm.pause(false);
                 (Response::Stopped, true)
             }
-            Err(err) => (
-                Response::Error {
-                    message: format!("bad request: {err}"),
-                },
-                false,
-            ),
+            Err(err) => (HostError::BadRequest(err).response(), false),
         };
         let mut reply = serde_json::to_vec(&response)?;
         reply.push(b'\n');
@@ -244,7 +378,7 @@ fn request_capture(
     mode: CaptureMode,
     verify: bool,
     wait: bool,
-) -> anyhow::Result<CaptureInfo> {
+) -> Result<CaptureInfo, HostError> {
     let (reply, answers) = mpsc::channel();
     jobs.send(CaptureJob {
         capture,
@@ -252,10 +386,8 @@ fn request_capture(
         verify,
         reply,
     })
-    .map_err(|_| anyhow::anyhow!("the VM is stopping"))?;
-    let mut answer = answers
-        .recv()
-        .map_err(|_| anyhow::anyhow!("the capture worker stopped"))?;
+    .map_err(|_| HostError::Stopping)?;
+    let mut answer = answers.recv().map_err(|_| HostError::WorkerGone)?;
     if wait {
         // A live capture answers twice; the last answer is the final one.
         while let Ok(next) = answers.recv() {
@@ -269,7 +401,7 @@ fn request_capture(
 /// (unless it is to be verified, which needs the whole memory) and again
 /// when its copy is complete.
 fn run_capture(vm: &Vm, record: &SandboxRecord, captures: &Path, job: CaptureJob) {
-    let dir = CaptureDir::new(captures.join(&job.capture));
+    let dir = state_dir::capture_in(captures, &job.capture);
     if job.mode == CaptureMode::StopAndCopy || job.verify {
         let _ = job
             .reply
@@ -320,16 +452,16 @@ fn capture_into(
     dir: &CaptureDir,
     mode: CaptureMode,
     verify: bool,
-) -> anyhow::Result<CaptureInfo> {
+) -> Result<CaptureInfo, HostError> {
     let state = dir.capture_from(vm, mode, &record.name)?;
     let counter = if verify && record.workload == Workload::Counter {
-        let memory = ReadOnlyMapping::new(&dir.open_memory()?)?;
+        let memory = ReadOnlyMapping::new(&dir.open_memory()?).map_err(SnapshotError::Memory)?;
         let regs: Vec<_> = state.vcpus.iter().map(|vcpu| vcpu.regs).collect();
         match verify_counter(memory.as_slice(), &regs) {
             Ok(counter) => Some(counter),
             Err(mismatch) => {
                 let _ = dir.remove();
-                anyhow::bail!("capture failed verification: {mismatch}");
+                return Err(mismatch.into());
             }
         }
     } else {
@@ -340,7 +472,7 @@ fn capture_into(
 
 pub fn capture_info(
     dir: &CaptureDir,
-    state: &crate::snapshot::SnapshotState,
+    state: &SnapshotState,
     counter: Option<CounterState>,
 ) -> CaptureInfo {
     CaptureInfo {
@@ -358,7 +490,66 @@ pub fn capture_info(
     }
 }
 
-/// The directory of sandbox `name` under `root`.
-pub fn sandbox_dir(root: &Path, name: &str) -> PathBuf {
-    root.join("sandboxes").join(name)
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_replies_carry_their_kind() {
+        let reply = HostError::Stopping.response();
+        let line = serde_json::to_string(&reply).unwrap();
+        assert_eq!(
+            line,
+            r#"{"result":"error","kind":"failed-precondition","message":"the VM is stopping"}"#
+        );
+        let Response::Error { kind, .. } = serde_json::from_str(&line).unwrap() else {
+            panic!("not an error: {line}");
+        };
+        assert_eq!(kind, ErrorKind::FailedPrecondition);
+    }
+
+    #[test]
+    fn error_replies_of_older_vm_hosts_are_internal() {
+        let reply: Response = serde_json::from_str(r#"{"result":"error","message":"x"}"#).unwrap();
+        assert!(matches!(
+            reply,
+            Response::Error {
+                kind: ErrorKind::Internal,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn snapshot_failures_have_the_kind_a_caller_can_act_on() {
+        let cases = [
+            (SnapshotError::NotFound("/c".into()), ErrorKind::NotFound),
+            (SnapshotError::Exists("/c".into()), ErrorKind::AlreadyExists),
+            (
+                SnapshotError::Memory(MemoryError::HostTooSmall {
+                    wanted_mib: 2048,
+                    available_mib: 1,
+                }),
+                ErrorKind::ResourceExhausted,
+            ),
+            (
+                SnapshotError::Capture(CaptureError::Vm(VmError::Stopped("halted".into()))),
+                ErrorKind::FailedPrecondition,
+            ),
+            (
+                SnapshotError::Format {
+                    path: "/f".into(),
+                    source: sandfork_vmm::snapshot::FormatError::BadMagic,
+                },
+                ErrorKind::InvalidArgument,
+            ),
+            (
+                SnapshotError::Capture(CaptureError::WorkerPanicked),
+                ErrorKind::Internal,
+            ),
+        ];
+        for (err, kind) in cases {
+            assert_eq!(ErrorKind::of_snapshot(&err), kind, "{err}");
+        }
+    }
 }

@@ -6,10 +6,10 @@ mod common;
 
 use std::time::Duration;
 
-use sandfork_node_agent::capture::CaptureMode;
-use sandfork_node_agent::guest::Workload;
 use sandfork_node_agent::manager::{Manager, SandboxSpec};
-use sandfork_node_agent::memory::meminfo_field;
+use sandfork_vmm::capture::CaptureMode;
+use sandfork_vmm::guest::Workload;
+use sandfork_vmm::memory::meminfo_field;
 
 const AGENT: &str = env!("CARGO_BIN_EXE_sandfork-agent");
 

@@ -6,9 +6,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use sandfork_node_agent::capture::CaptureMode;
-use sandfork_node_agent::guest::Workload;
 use sandfork_node_agent::manager::{Manager, ManagerError, SandboxSpec, SandboxState};
+use sandfork_vmm::capture::CaptureMode;
+use sandfork_vmm::guest::Workload;
 
 const AGENT: &str = env!("CARGO_BIN_EXE_sandfork-agent");
 
@@ -181,8 +181,10 @@ fn branches_started_during_the_copy_outlive_a_deleted_source_but_not_a_crashed_o
         manager.status("doomed-branch").unwrap().state,
         SandboxState::Failed { .. }
     ));
+    // Gone, not only a zombie leader: its other threads may still be
+    // exiting, holding its fill socket open, until it is reaped.
     assert!(common::wait_until(Duration::from_secs(30), || {
-        !process_alive(source_pid)
+        !Path::new(&format!("/proc/{source_pid}")).exists()
     }));
     let err = manager.branch("late", "doomed").unwrap_err();
     assert!(err.to_string().contains("no longer running"), "{err}");

@@ -4,23 +4,43 @@
 use sandfork_api::agent::v1 as pb;
 use tonic::{Code, Status};
 
-use crate::capture::CaptureMode;
-use crate::guest::{DirtyPattern, Workload};
-use crate::manager::{Capture, ManagerError, SandboxInfo, SandboxState};
-use crate::memory::MemoryError;
+use sandfork_vmm::capture::CaptureMode;
+use sandfork_vmm::error::chain as error_chain;
+use sandfork_vmm::guest::{DirtyPattern, Workload};
 
-/// Each manager error as the gRPC code a caller can act on.
+use crate::manager::{Capture, ManagerError, SandboxInfo, SandboxState};
+use crate::vmhost::ErrorKind;
+
+/// Each manager error as the gRPC code a caller can act on: the one place
+/// where failures become status codes, those of the VM host by the kind it
+/// reports.
 impl From<ManagerError> for Status {
     fn from(err: ManagerError) -> Self {
-        let code = match &err {
-            ManagerError::InvalidName(_) | ManagerError::InvalidSpec(_) => Code::InvalidArgument,
-            ManagerError::NotFound { .. } => Code::NotFound,
-            ManagerError::AlreadyExists { .. } => Code::AlreadyExists,
-            ManagerError::Memory(MemoryError::InvalidSize { .. }) => Code::InvalidArgument,
-            ManagerError::Memory(MemoryError::HostTooSmall { .. }) => Code::ResourceExhausted,
-            ManagerError::Memory(_) => Code::Internal,
-            ManagerError::DevicesMissing(_) | ManagerError::NotTmpfs(_) => Code::FailedPrecondition,
-            ManagerError::Vm { .. } | ManagerError::Io { .. } => Code::Internal,
+        let kind = match &err {
+            ManagerError::InvalidName(_) | ManagerError::InvalidSpec(_) => {
+                ErrorKind::InvalidArgument
+            }
+            ManagerError::NotFound { .. } => ErrorKind::NotFound,
+            ManagerError::AlreadyExists { .. } => ErrorKind::AlreadyExists,
+            ManagerError::Memory(err) => ErrorKind::of_memory(err),
+            ManagerError::Snapshot(err) => ErrorKind::of_snapshot(err),
+            ManagerError::DevicesMissing(_) | ManagerError::NotTmpfs(_) => {
+                ErrorKind::FailedPrecondition
+            }
+            ManagerError::Vm { source, .. } => source.kind,
+            ManagerError::VmUnreachable { .. }
+            | ManagerError::VmStart { .. }
+            | ManagerError::UnexpectedReply { .. }
+            | ManagerError::Record { .. }
+            | ManagerError::Io { .. } => ErrorKind::Internal,
+        };
+        let code = match kind {
+            ErrorKind::InvalidArgument => Code::InvalidArgument,
+            ErrorKind::NotFound => Code::NotFound,
+            ErrorKind::AlreadyExists => Code::AlreadyExists,
+            ErrorKind::ResourceExhausted => Code::ResourceExhausted,
+            ErrorKind::FailedPrecondition => Code::FailedPrecondition,
+            ErrorKind::Internal => Code::Internal,
         };
         Status::new(code, strip_ansi(&error_chain(&err)))
     }
@@ -44,18 +64,6 @@ pub fn strip_ansi(text: &str) -> String {
         }
     }
     out
-}
-
-/// The error and its sources, `: `-separated.
-pub fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut message = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    message
 }
 
 pub fn workload_from_pb(workload: Option<pb::Workload>) -> Result<Workload, Status> {
@@ -176,6 +184,9 @@ pub fn capture_to_pb(capture: &Capture) -> pb::Capture {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::manager::VmHostError;
+    use sandfork_vmm::memory::MemoryError;
+    use sandfork_vmm::snapshot::SnapshotError;
 
     #[test]
     fn manager_errors_map_to_actionable_codes() {
@@ -211,15 +222,47 @@ mod tests {
                 Code::InvalidArgument,
             ),
             (
-                ManagerError::DevicesMissing("/dev/kvm".into()),
+                ManagerError::DevicesMissing(sandfork_vmm::devices::DeviceError {
+                    path: "/dev/kvm",
+                    source: std::io::ErrorKind::NotFound.into(),
+                }),
                 Code::FailedPrecondition,
             ),
             (
                 ManagerError::Vm {
                     name: "x".into(),
-                    message: "boom".into(),
+                    source: VmHostError {
+                        kind: ErrorKind::Internal,
+                        message: "boom".into(),
+                    },
                 },
                 Code::Internal,
+            ),
+            (
+                ManagerError::Vm {
+                    name: "x".into(),
+                    source: VmHostError {
+                        kind: ErrorKind::ResourceExhausted,
+                        message: "no space".into(),
+                    },
+                },
+                Code::ResourceExhausted,
+            ),
+            (
+                ManagerError::Snapshot(SnapshotError::Abandoned("/c".into())),
+                Code::FailedPrecondition,
+            ),
+            (
+                ManagerError::Snapshot(SnapshotError::NoSpace {
+                    path: "/c".into(),
+                    wanted_mib: 1024,
+                    available_mib: 1,
+                }),
+                Code::ResourceExhausted,
+            ),
+            (
+                ManagerError::Snapshot(SnapshotError::Exists("/c".into())),
+                Code::AlreadyExists,
             ),
         ];
         for (err, code) in cases {
@@ -244,7 +287,7 @@ mod tests {
         let status = Status::from(ManagerError::Io {
             op: "create",
             path: "/run/sandfork/x".into(),
-            source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+            source: std::io::Error::from(rustix::io::Errno::NOSPC),
         });
         assert_eq!(status.code(), Code::Internal);
         assert!(

@@ -13,7 +13,7 @@ impl Capacity {
     /// `memory_mib` if given, else the host's memory less `reserved_mib`.
     pub fn detect(memory_mib: Option<u64>, reserved_mib: u64, max_sandboxes: u32) -> Self {
         let memory_mib = memory_mib.unwrap_or_else(|| {
-            let total_mib = crate::memory::meminfo_field("MemTotal:").unwrap_or(0) >> 20;
+            let total_mib = sandfork_vmm::memory::meminfo_field("MemTotal:").unwrap_or(0) >> 20;
             total_mib.saturating_sub(reserved_mib)
         });
         Self {
@@ -36,20 +36,15 @@ impl Devices {
     }
 }
 
-fn open_rw(path: &str) -> Result<(), String> {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .map(drop)
-        .map_err(|err| format!("cannot open {path}: {err}"))
+fn open_rw(path: &'static str) -> Result<(), String> {
+    sandfork_vmm::devices::probe(path).map_err(|err| sandfork_vmm::error::chain(&err))
 }
 
 /// Opens `/dev/kvm` and `/dev/userfaultfd`.
 pub fn check() -> Devices {
     Devices {
-        kvm: open_rw("/dev/kvm"),
-        userfaultfd: open_rw("/dev/userfaultfd"),
+        kvm: open_rw(sandfork_vmm::devices::KVM),
+        userfaultfd: open_rw(sandfork_vmm::devices::USERFAULTFD),
     }
 }
 
@@ -62,7 +57,7 @@ mod tests {
         let explicit = Capacity::detect(Some(2048), 1024, 8);
         assert_eq!(explicit.memory_mib, 2048);
         let detected = Capacity::detect(None, 512, 8);
-        let total_mib = crate::memory::meminfo_field("MemTotal:").unwrap() >> 20;
+        let total_mib = sandfork_vmm::memory::meminfo_field("MemTotal:").unwrap() >> 20;
         assert_eq!(detected.memory_mib, total_mib - 512);
     }
 }

@@ -13,7 +13,6 @@ use tonic::{Request, Response, Status};
 use super::convert::{self, capture_to_pb, sandbox_to_pb};
 use super::health::{self, Capacity};
 use crate::manager::{Capture, Manager, SandboxSpec};
-use crate::snapshot::CaptureDir;
 
 pub struct AgentService {
     manager: Arc<Manager>,
@@ -123,7 +122,7 @@ impl AgentService {
 /// The capture with the instant it was taken, read from its state file.
 fn capture_with_time(manager: &Manager, capture: &Capture) -> pb::Capture {
     let mut message = capture_to_pb(capture);
-    let dir = CaptureDir::new(manager.root().join("captures").join(&capture.name));
+    let dir = crate::state_dir::capture(manager.root(), &capture.name);
     if let Ok(state) = dir.read_state() {
         // Recorded at the pause, the captured instant.
         message.captured_at_unix_micros =
@@ -134,7 +133,7 @@ fn capture_with_time(manager: &Manager, capture: &Capture) -> pb::Capture {
 
 /// The sandboxes in the state directory, without asking their VMs.
 fn sandbox_names(manager: &Manager) -> Result<Vec<String>, Status> {
-    let dir = manager.root().join("sandboxes");
+    let dir = crate::state_dir::sandboxes(manager.root());
     let entries = std::fs::read_dir(&dir)
         .map_err(|err| Status::internal(format!("reading {}: {err}", dir.display())))?;
     let mut names: Vec<String> = entries

@@ -1,22 +1,23 @@
 //! Capturing a running VM's memory and vCPU state.
 //!
-//! Live capture: pause the vCPUs, save their state, write-protect guest
-//! memory with userfaultfd, resume; then a copier thread fills the snapshot
-//! while a fault-handler thread saves the before-image of any page the guest
-//! writes first. Pages enter the snapshot file atomically and the first
-//! fill of a page wins (UFFDIO_COPY, see `SnapshotMapping`), and a page is
-//! un-protected only once it is in the snapshot, so every fill of a page
-//! reads it unchanged since the pause: the snapshot is guest memory as it
-//! was at the pause. Nobody waits for anybody else's copy, so a guest write
-//! that hits a protected page waits for one page's copy, never the copier.
+//! Live capture (`LiveCapture::start`), in order: the fault handler and the
+//! copier threads start (the copier waits); by default (`Arm::AheadOfPause`)
+//! all of guest memory is write-protected while the guest still runs, and
+//! the pages it writes meanwhile fault, are recorded and un-protected at
+//! once; then the vCPUs are kicked out of `KVM_RUN` and paused, their state
+//! is saved, the pages written since the early arm are re-protected, and
+//! the vCPUs resume. Only then does the copier start filling the snapshot,
+//! while the fault handler saves the before-image of any page the guest
+//! writes first. The pause costs the vCPU state save plus a few pages,
+//! whatever the memory size. `Arm::InPause` protects everything inside the
+//! pause (the one-shot baseline).
 //!
-//! Write-protecting all of guest memory costs milliseconds per GiB, so by
-//! default (`Arm::AheadOfPause`) it happens before the pause while the guest
-//! runs: pages the guest writes meanwhile fault, are recorded and
-//! un-protected at once, and the pause re-protects only those. The pause then
-//! costs the vCPU state save plus a few pages, whatever the memory size.
-//! `Arm::InPause` protects everything inside the pause (the one-shot
-//! baseline).
+//! Pages enter the snapshot file atomically and the first fill of a page
+//! wins (UFFDIO_COPY, see `SnapshotMapping`), and a page is un-protected
+//! only once it is in the snapshot, so every fill of a page reads it
+//! unchanged since the pause: the snapshot is guest memory as it was at the
+//! pause. Nobody waits for anybody else's copy, so a guest write that hits
+//! a protected page waits for one page's copy, never the copier.
 //!
 //! Stop-and-copy: pause, copy everything, resume (the baseline).
 
@@ -31,6 +32,7 @@ use serde::{Deserialize, Serialize};
 use userfaultfd::{Event, FaultKind, FeatureFlags, RegisterMode, Uffd, UffdBuilder};
 
 use crate::memory::{GuestMemory, MemoryError, PAGE_SIZE, ReadOnlyMapping, SnapshotMapping};
+use crate::thread::{RealtimeGuard, set_current_realtime};
 use crate::vcpu::{VcpuState, VmState};
 use crate::vm::{Vm, VmError};
 
@@ -54,7 +56,8 @@ const PAGE_COPIED: u8 = 1;
 /// the page before the copy completes gets filled with zeros.
 const PAGE_ZERO: u8 = 2;
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "kebab-case")]
 pub enum CaptureMode {
     /// Pause only to save vCPU state and write-protect memory.
@@ -65,7 +68,8 @@ pub enum CaptureMode {
 }
 
 /// When a live capture write-protects guest memory.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "kebab-case")]
 pub enum Arm {
     /// Before the pause, tracking the pages written until the pause.
@@ -93,10 +97,20 @@ pub enum CaptureError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot {op}")]
+    Memory {
+        op: &'static str,
+        #[source]
+        source: MemoryError,
+    },
     #[error("capture worker thread panicked")]
     WorkerPanicked,
-    #[error("writing the snapshot failed: {0}")]
-    SnapshotWrite(String),
+    #[error("writing the snapshot failed")]
+    SnapshotWrite(#[source] MemoryError),
+}
+
+fn memory_op(op: &'static str) -> impl FnOnce(MemoryError) -> CaptureError {
+    move |source| CaptureError::Memory { op, source }
 }
 
 fn uffd_op(op: &'static str) -> impl FnOnce(userfaultfd::Error) -> CaptureError {
@@ -150,7 +164,6 @@ pub struct Captured {
 pub fn stop_and_copy(vm: &Vm, snapshot: &SnapshotMapping) -> Result<Captured, CaptureError> {
     let guest = vm.memory();
     check_sizes(guest, snapshot)?;
-    let source = guest.as_ptr().cast_const();
     let paused = vm.pause(true)?;
     let copy_started = Instant::now();
     // Holes stay holes: reading them would allocate them in the guest.
@@ -165,10 +178,8 @@ pub fn stop_and_copy(vm: &Vm, snapshot: &SnapshotMapping) -> Result<Captured, Ca
                 .chain(std::iter::once(end..end))
             {
                 let (offset, len) = (page * PAGE_SIZE, (hole.start - page) * PAGE_SIZE);
-                // SAFETY: the range is inside guest memory and inside the
-                // snapshot (the same size); the vCPUs are stopped, so it does
-                // not change during the copy.
-                unsafe { snapshot.write_from(offset, source.add(offset), len) }?;
+                // The vCPUs are stopped: the range does not change meanwhile.
+                snapshot.fill_from(offset, len, &**guest)?;
                 zero_pages += hole.len() as u64;
                 page = hole.end;
             }
@@ -177,8 +188,7 @@ pub fn stop_and_copy(vm: &Vm, snapshot: &SnapshotMapping) -> Result<Captured, Ca
     })();
     let copy_ns = copy_started.elapsed().as_nanos() as u64;
     vm.resume();
-    let zero_pages = copied
-        .map_err(|err| CaptureError::SnapshotWrite(format!("{:#}", anyhow::Error::new(err))))?;
+    let zero_pages = copied.map_err(CaptureError::SnapshotWrite)?;
     let pause_ns = paused.started().elapsed().as_nanos() as u64;
     Ok(Captured {
         vcpus: paused.vcpus,
@@ -230,25 +240,16 @@ struct LiveCopy {
     write_faults: AtomicU64,
     /// The first error writing the snapshot. The copy goes on marking pages
     /// copied, so that no guest write waits forever, but the capture fails.
-    write_error: Mutex<Option<String>>,
+    write_error: Mutex<Option<MemoryError>>,
 }
 
 impl LiveCopy {
-    fn page_addr(&self, page: usize) -> *mut libc::c_void {
-        // SAFETY: callers pass page < page count, so the offset is inside the mapping.
-        unsafe { self.guest.as_ptr().add(page * PAGE_SIZE).cast() }
-    }
-
     /// Puts the pages of `first..end` that are not in the snapshot yet into
     /// it; returns how many this call put there. Pages other threads fill
     /// meanwhile are skipped (the first fill wins), so the result is right
     /// whoever gets there first: every page is still write-protected until
     /// it is marked copied, so any fill reads it as it was at the pause.
     fn copy_pages(&self, first: usize, end: usize) -> u64 {
-        let source = match &self.source_view {
-            Some(view) => view.as_ptr(),
-            None => self.guest.as_ptr().cast_const(),
-        };
         let mut filled = 0;
         let mut page = first;
         while page < end {
@@ -262,9 +263,11 @@ impl LiveCopy {
             }
             let offset = run_start * PAGE_SIZE;
             let len = (page - run_start) * PAGE_SIZE;
-            // SAFETY: the range is inside guest memory (and the source view,
-            // its size) and inside the snapshot.
-            match unsafe { self.snapshot.write_from(offset, source.add(offset), len) } {
+            let fill = match &self.source_view {
+                Some(view) => self.snapshot.fill_from(offset, len, view),
+                None => self.snapshot.fill_from(offset, len, &*self.guest),
+            };
+            match fill {
                 Ok(pages) => filled += pages as u64,
                 // The capture fails, but no guest write may wait on it: the
                 // pages are still marked copied (and so un-protected).
@@ -279,19 +282,13 @@ impl LiveCopy {
 
     /// Keeps the first error writing the snapshot: the capture fails.
     fn record_write_error(&self, err: MemoryError) {
-        self.write_error
-            .lock()
-            .unwrap()
-            .get_or_insert_with(|| format!("{:#}", anyhow::Error::new(err)));
+        self.write_error.lock().unwrap().get_or_insert(err);
     }
 
     fn unprotect(&self, first_page: usize, pages: usize) -> Result<(), CaptureError> {
+        let (addr, len) = self.guest.host_range(first_page..first_page + pages);
         loop {
-            match self.uffd.remove_write_protection(
-                self.page_addr(first_page),
-                pages * PAGE_SIZE,
-                true,
-            ) {
+            match self.uffd.remove_write_protection(addr, len, true) {
                 Err(userfaultfd::Error::SystemError(errno)) if errno as i32 == libc::EAGAIN => {
                     continue;
                 }
@@ -301,8 +298,7 @@ impl LiveCopy {
     }
 
     fn run_copier(&self) -> Result<(), CaptureError> {
-        // SAFETY: pthread_self has no preconditions.
-        crate::vm::set_realtime(unsafe { libc::pthread_self() }, false);
+        set_current_realtime(false);
         let pages = self.page_states.len();
         for first in (0..pages).step_by(CHUNK_PAGES) {
             let end = (first + CHUNK_PAGES).min(pages);
@@ -322,10 +318,7 @@ impl LiveCopy {
         let holes = self
             .guest
             .holes_in(pages)
-            .map_err(|err| CaptureError::Sys {
-                op: "find holes in guest memory",
-                source: std::io::Error::other(err),
-            })?;
+            .map_err(memory_op("find holes in guest memory"))?;
         for state in holes.into_iter().flat_map(|hole| &self.page_states[hole]) {
             let _ =
                 state.compare_exchange(PAGE_CLEAN, PAGE_ZERO, Ordering::AcqRel, Ordering::Relaxed);
@@ -373,14 +366,17 @@ impl LiveCopy {
     }
 
     fn write_protect(&self, first: usize, end: usize) -> Result<(), CaptureError> {
+        let (addr, len) = self.guest.host_range(first..end);
         self.uffd
-            .write_protect(self.page_addr(first), (end - first) * PAGE_SIZE)
+            .write_protect(addr, len)
             .map_err(uffd_op("UFFDIO_WRITEPROTECT"))
     }
 
     fn run_fault_handler(&self) -> Result<(), CaptureError> {
-        raise_priority();
-        let base = self.guest.as_ptr() as usize;
+        // This thread sleeps until a guest write is blocked on it: run it
+        // ahead of normal threads, so that a busy copier or vCPU on this
+        // machine's few cores does not delay the guest's writes.
+        set_current_realtime(true);
         loop {
             let mut fds = [
                 PollFd::new(&self.uffd, PollFlags::IN),
@@ -405,7 +401,9 @@ impl LiveCopy {
                 } = event
                 {
                     self.write_faults.fetch_add(1, Ordering::Relaxed);
-                    let page = (addr as usize - base) / PAGE_SIZE;
+                    let Some(page) = self.guest.page_of_host_addr(addr) else {
+                        continue;
+                    };
                     {
                         // Recording and un-protecting under the lock: the
                         // pause sees each page either still protected or
@@ -456,7 +454,7 @@ impl LiveCapture {
         check_sizes(&guest, &snapshot)?;
         // A branch still filling from its own capture has its memory
         // registered with another userfaultfd until then.
-        guest.wait_filled();
+        vm.wait_filled();
         let uffd = UffdBuilder::new()
             .close_on_exec(true)
             .non_blocking(true)
@@ -470,12 +468,9 @@ impl LiveCapture {
             )
             .create()
             .map_err(uffd_op("create"))?;
-        uffd.register_with_mode(
-            guest.as_ptr().cast(),
-            guest.len(),
-            RegisterMode::WRITE_PROTECT,
-        )
-        .map_err(uffd_op("register"))?;
+        let (base, len) = guest.host_range(0..guest.pages());
+        uffd.register_with_mode(base, len, RegisterMode::WRITE_PROTECT)
+            .map_err(uffd_op("register"))?;
         let stop_handler = rustix::event::eventfd(0, EventfdFlags::CLOEXEC).map_err(|errno| {
             CaptureError::Sys {
                 op: "eventfd",
@@ -486,10 +481,7 @@ impl LiveCapture {
             .memfd()
             .map(|fd| ReadOnlyMapping::of_fd(fd, guest.len()))
             .transpose()
-            .map_err(|err| CaptureError::Sys {
-                op: "map guest memory for reading",
-                source: std::io::Error::other(err),
-            })?;
+            .map_err(memory_op("map guest memory for reading"))?;
         let written = (0..guest.pages().div_ceil(64))
             .map(|_| AtomicU64::new(0))
             .collect();
@@ -554,10 +546,7 @@ impl LiveCapture {
                 .copy
                 .guest
                 .drop_page_tables()
-                .map_err(|err| CaptureError::Sys {
-                    op: "drop guest page tables",
-                    source: std::io::Error::other(err),
-                })?;
+                .map_err(memory_op("drop guest page tables"))?;
         }
         // On any error from here, dropping `capture` stops the handler and
         // closes the userfaultfd, which lifts every protection.
@@ -574,7 +563,7 @@ impl LiveCapture {
             capture.copy.reprotect_written(false)?;
         }
         // The pause window runs at real-time priority end to end.
-        let boost = crate::vm::RealtimeGuard::new();
+        let boost = RealtimeGuard::new();
         let paused = vm.pause(true)?;
         let arm_started = Instant::now();
         let armed = match arm {
@@ -683,9 +672,8 @@ impl Drop for LiveCapture {
         let _ = self.stop_handler();
         let copy = &self.copy;
         for (first, end) in pieces(copy.page_states.len()) {
-            let _ = copy
-                .uffd
-                .unregister(copy.page_addr(first), (end - first) * PAGE_SIZE);
+            let (addr, len) = copy.guest.host_range(first..end);
+            let _ = copy.uffd.unregister(addr, len);
         }
     }
 }
@@ -784,20 +772,19 @@ impl CaptureProgress {
     }
 }
 
+impl crate::fill::PageSource for CaptureProgress {
+    fn pages(&self) -> usize {
+        CaptureProgress::pages(self)
+    }
+
+    fn ensure_copied(&self, first: usize, count: usize) -> bool {
+        CaptureProgress::ensure_copied(self, first, count)
+    }
+}
+
 /// Live capture into `snapshot`, waiting for the copy to complete.
 pub fn live(vm: &Vm, snapshot: Arc<SnapshotMapping>) -> Result<Captured, CaptureError> {
     LiveCapture::start(vm, snapshot, Arm::AheadOfPause)?.finish()
-}
-
-/// Runs the calling thread (the fault handler, which sleeps until a guest
-/// write is blocked on it) ahead of normal threads, so that a busy copier or
-/// vCPU on this machine's few cores does not delay the guest's writes.
-fn raise_priority() {
-    crate::vm::set_realtime(
-        // SAFETY: pthread_self has no preconditions.
-        unsafe { libc::pthread_self() },
-        true,
-    );
 }
 
 /// A deliberately broken capture for tests and the benchmark's control: the
@@ -812,11 +799,11 @@ pub fn unprotected_copy(vm: &Vm, snapshot: &SnapshotMapping) -> Result<Captured,
     let pause_ns = paused.started().elapsed().as_nanos() as u64;
     let started = Instant::now();
     for page in (0..snapshot.len() / PAGE_SIZE).rev() {
-        let offset = page * PAGE_SIZE;
-        // SAFETY: an in-bounds page of guest memory. The guest may write it
-        // meanwhile, which is the point of this copy.
-        unsafe { snapshot.write_from(offset, vm.memory().as_ptr().add(offset), PAGE_SIZE) }
-            .map_err(|err| CaptureError::SnapshotWrite(err.to_string()))?;
+        // The guest may write the page meanwhile, which is the point of
+        // this copy.
+        snapshot
+            .fill_from(page * PAGE_SIZE, PAGE_SIZE, &**vm.memory())
+            .map_err(CaptureError::SnapshotWrite)?;
     }
     Ok(Captured {
         vcpus: paused.vcpus,

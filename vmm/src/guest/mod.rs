@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use kvm_bindings::kvm_regs;
 use serde::{Deserialize, Serialize};
 
-use crate::memory::{GuestMemory, PAGE_SIZE};
+use crate::memory::{GuestMemory, MemoryError, PAGE_SIZE};
 use layout::{CODE_ADDR, CODE_MAX_BYTES};
 
 /// What a sandbox runs.
@@ -31,7 +31,8 @@ pub enum Workload {
     Flat { path: PathBuf },
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "kebab-case")]
 pub enum DirtyPattern {
     Sequential,
@@ -104,9 +105,9 @@ impl GuestImage {
     }
 
     /// Writes page tables and code into fresh guest memory.
-    pub fn load(&self, memory: &GuestMemory) {
-        layout::write_page_tables(memory);
-        memory.write_at(CODE_ADDR, &self.code);
+    pub fn load(&self, memory: &GuestMemory) -> Result<(), MemoryError> {
+        layout::write_page_tables(memory)?;
+        memory.write_slice(CODE_ADDR, &self.code)
     }
 
     /// General registers at entry for vCPU `index` of `vcpus`.

@@ -11,6 +11,13 @@
 //! pause, and with stop-and-copy (the two baselines), verifying both, and
 //! times a branch of the complete capture. Finally 16 branches of one
 //! capture run briefly and the node's memory is compared before and after.
+//!
+//! Stages of a run: boot and first pass → live capture (early arm) and a
+//! branch during the copy → native-rate write stalls → verify → one-shot
+//! arm and stop-and-copy baselines → restore after the copy → 16 branches'
+//! memory → the emulated guest's own store stalls. `sandfork-agent bench`
+//! calls `run`; its JSON fields are read by other tooling: keep them.
+#![forbid(unsafe_code)]
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -19,15 +26,16 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use serde::Serialize;
 
-use crate::capture::{self, Arm, CaptureProgress, LiveCapture};
-use crate::guest::layout::vcpu_data_slice;
-use crate::guest::{GuestImage, Workload, builtin, verify_counter};
-use crate::memory::{
+use sandfork_vmm::capture::{self, Arm, CaptureProgress, LiveCapture};
+use sandfork_vmm::guest::layout::vcpu_data_slice;
+use sandfork_vmm::guest::{GuestImage, Workload, builtin, verify_counter};
+use sandfork_vmm::memory::{
     GuestMemory, PAGE_SIZE, ReadOnlyMapping, SnapshotMapping, host_available_bytes,
 };
-use crate::snapshot::CaptureDir;
-use crate::vcpu::{HostKvm, VcpuState};
-use crate::vm::Vm;
+use sandfork_vmm::snapshot::CaptureDir;
+use sandfork_vmm::thread::RealtimeGuard;
+use sandfork_vmm::vcpu::{HostKvm, VcpuState};
+use sandfork_vmm::vm::Vm;
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
@@ -504,21 +512,15 @@ fn measure_write_stalls(vm: &Vm, capture: &CaptureProgress) -> Vec<f64> {
         let writer = scope.spawn(|| {
             // The writer stands for a running vCPU: keep this busy 2-core
             // host's scheduling out of what it measures.
-            let _realtime = crate::vm::RealtimeGuard::new();
+            let _realtime = RealtimeGuard::new();
             let mut samples = Vec::new();
             // Walk from the top of memory down, against the copier's direction.
             let mut page = pages - 1;
             while !stop.load(Ordering::Relaxed) && page > 0 {
                 if !capture.is_copied(page) {
                     let started = Instant::now();
-                    // SAFETY: in-bounds, 8-aligned address inside guest
-                    // memory, in a qword the counter guest keeps at zero.
-                    unsafe {
-                        std::ptr::write_volatile(
-                            memory.as_ptr().add(page * PAGE_SIZE + 8).cast::<u64>(),
-                            0,
-                        )
-                    };
+                    // A qword the counter guest keeps at zero; in bounds.
+                    let _ = memory.write_u64((page * PAGE_SIZE + 8) as u64, 0);
                     samples.push(started.elapsed().as_nanos() as f64 / 1e3);
                     writes.fetch_add(1, Ordering::Relaxed);
                     std::thread::sleep(WRITER_SLEEP);
@@ -556,7 +558,7 @@ impl MachineControl {
     /// sleeps as the writer does between writes for `window`, then spins on
     /// the clock for `window`.
     fn measure(&mut self, window: Duration) {
-        let _realtime = crate::vm::RealtimeGuard::new();
+        let _realtime = RealtimeGuard::new();
         let started = Instant::now();
         while started.elapsed() < window {
             let before = Instant::now();
@@ -593,7 +595,7 @@ fn measure_guest_write_stalls(
     let histogram = vcpu_data_slice(memory_bytes, 1, 0).start;
     let read_histogram = || -> Vec<u64> {
         (0..builtin::STORE_BUCKETS as u64)
-            .map(|bucket| vm.memory().read_u64(histogram + 8 * bucket))
+            .map(|bucket| vm.memory().read_u64(histogram + 8 * bucket).unwrap_or(0))
             .collect()
     };
     // The slowest `count` stores between two readings, in microseconds.
@@ -683,7 +685,7 @@ fn time_restore(
         let stored = watched
             .iter()
             .zip(&before)
-            .any(|(&addr, &value)| branch.memory().read_u64(addr) != value);
+            .any(|(&addr, &value)| branch.memory().read_u64(addr).ok() != Some(value));
         if stored {
             return Ok((started.elapsed(), remaining));
         }

@@ -3,7 +3,7 @@
 
 use std::ops::Range;
 
-use crate::memory::{GuestMemory, PAGE_SIZE};
+use crate::memory::{GuestMemory, MemoryError, PAGE_SIZE};
 
 pub const GDT_ADDR: u64 = 0x1000;
 pub const PML4_ADDR: u64 = 0x2000;
@@ -46,29 +46,30 @@ pub const GDT: [u64; 4] = [
 
 /// Writes the GDT and identity-mapping page tables (2 MiB pages) covering
 /// all of guest memory.
-pub fn write_page_tables(memory: &GuestMemory) {
+pub fn write_page_tables(memory: &GuestMemory) -> Result<(), MemoryError> {
     let gdt: Vec<u8> = GDT.iter().flat_map(|entry| entry.to_le_bytes()).collect();
-    memory.write_at(GDT_ADDR, &gdt);
+    memory.write_slice(GDT_ADDR, &gdt)?;
 
     let gibs = (memory.len() as u64).div_ceil(ONE_GIB);
     assert!(PD_ADDR + gibs * PAGE_SIZE as u64 <= STACK_TOP - 64 * PAGE_SIZE as u64);
-    memory.write_at(
+    memory.write_slice(
         PML4_ADDR,
         &(PDPT_ADDR | PAGE_PRESENT_WRITABLE).to_le_bytes(),
-    );
+    )?;
     for gib in 0..gibs {
         let pd = PD_ADDR + gib * PAGE_SIZE as u64;
-        memory.write_at(
+        memory.write_slice(
             PDPT_ADDR + gib * 8,
             &(pd | PAGE_PRESENT_WRITABLE).to_le_bytes(),
-        );
+        )?;
         let entries: Vec<u8> = (0..512u64)
             .map(|i| gib * ONE_GIB + i * TWO_MIB)
             .take_while(|&addr| addr < memory.len() as u64)
             .flat_map(|addr| (addr | PAGE_PRESENT_WRITABLE | PAGE_HUGE).to_le_bytes())
             .collect();
-        memory.write_at(pd, &entries);
+        memory.write_slice(pd, &entries)?;
     }
+    Ok(())
 }
 
 /// The stack top of vCPU `index`.

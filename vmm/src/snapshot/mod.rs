@@ -1,37 +1,27 @@
 //! Snapshots: a capture kept on the node (a directory holding the raw
 //! memory file and the saved state, restored copy-on-write), and the
-//! portable single-file format it can be exported to and imported from.
-//!
-//! File format, little-endian:
-//! - header (64 bytes): magic `SANDFORK`, format version, header length,
-//!   state length and CRC32, memory chunk size, memory length, chunk count,
-//!   header CRC32 (over the bytes before it);
-//! - state: JSON (`SnapshotState`);
-//! - chunk table: one CRC32 per memory chunk;
-//! - memory: the guest memory, `memory_bytes` long.
+//! portable single-file format it can be exported to and imported from
+//! (`format`).
+
+pub mod format;
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{BufReader, BufWriter, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
-
 use std::sync::Arc;
 
-use crate::capture::{self, Arm, CaptureError, CaptureMode, CaptureStats, LiveCapture};
+use crate::capture::{self, Arm, CaptureError, CaptureMode, LiveCapture};
 use crate::fill::{FILL_SOCKET, FillError, FillServer, Filler};
 use crate::memory::{self, GuestMemory, MemoryError, SnapshotMapping};
-use crate::vcpu::{VcpuState, VmState};
 use crate::vm::{Vm, VmError};
-
-pub const MAGIC: [u8; 8] = *b"SANDFORK";
-pub const FORMAT_VERSION: u32 = 1;
-const HEADER_LEN: usize = 64;
-const CHUNK_BYTES: u64 = 4 << 20;
-const MAX_STATE_BYTES: u64 = 64 << 20;
+pub use format::{
+    CHUNK_BYTES, FORMAT_VERSION, FormatError, Header, MAGIC, SnapshotReader, SnapshotState,
+    complete_by_default,
+};
 
 const MEMORY_FILE: &str = "memory";
 const STATE_FILE: &str = "state.json";
@@ -51,16 +41,18 @@ pub enum SnapshotError {
     Exists(PathBuf),
     #[error("capture {0} does not exist or is incomplete")]
     NotFound(PathBuf),
-    #[error("{path}: not a Sandfork snapshot (bad magic)")]
-    BadMagic { path: PathBuf },
-    #[error(
-        "{path}: snapshot format version {found} is not supported (this agent reads {FORMAT_VERSION})"
-    )]
-    UnsupportedVersion { path: PathBuf, found: u32 },
-    #[error("{path}: corrupted snapshot: {what}")]
-    Corrupted { path: PathBuf, what: String },
-    #[error("{path}: truncated snapshot: {what}")]
-    Truncated { path: PathBuf, what: String },
+    #[error("{path}")]
+    Format {
+        path: PathBuf,
+        #[source]
+        source: FormatError,
+    },
+    #[error("memory file {path} is {file_bytes} bytes, its state says {state_bytes}")]
+    MemoryFileSize {
+        path: PathBuf,
+        file_bytes: u64,
+        state_bytes: u64,
+    },
     #[error(transparent)]
     Capture(#[from] CaptureError),
     #[error(transparent)]
@@ -79,12 +71,13 @@ pub enum SnapshotError {
         wanted_mib: u64,
         available_mib: u64,
     },
-    #[error("{path}: invalid state")]
-    State {
-        path: PathBuf,
-        #[source]
-        source: serde_json::Error,
-    },
+}
+
+fn format_err(path: &Path) -> impl FnOnce(FormatError) -> SnapshotError + '_ {
+    move |source| SnapshotError::Format {
+        path: path.to_owned(),
+        source,
+    }
 }
 
 fn io_err<'a>(
@@ -95,38 +88,6 @@ fn io_err<'a>(
         op,
         path: path.to_owned(),
         source,
-    }
-}
-
-/// Everything in a snapshot besides memory.
-#[derive(Clone, Serialize, Deserialize)]
-pub struct SnapshotState {
-    pub memory_bytes: u64,
-    pub vcpus: Vec<VcpuState>,
-    pub vm: VmState,
-    pub stats: CaptureStats,
-    /// The sandbox it was captured from.
-    pub source: String,
-    /// The captured instant (the pause).
-    pub created_unix_ms: u64,
-    /// Whether the memory file holds all of memory. A live capture records
-    /// its state right after the pause and fills memory afterwards; branches
-    /// restored meanwhile fetch what is missing (`crate::fill`).
-    #[serde(default = "complete_by_default")]
-    pub memory_complete: bool,
-}
-
-pub(crate) fn complete_by_default() -> bool {
-    true
-}
-
-impl std::fmt::Debug for SnapshotState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SnapshotState")
-            .field("memory_bytes", &self.memory_bytes)
-            .field("vcpus", &self.vcpus)
-            .field("source", &self.source)
-            .finish_non_exhaustive()
     }
 }
 
@@ -313,18 +274,21 @@ impl CaptureDir {
     /// touches of pages not copied yet are served by the capturing process.
     pub fn restore(&self) -> Result<Vm, SnapshotError> {
         let (state, fill) = self.state_for_restore()?;
-        let mut memory = GuestMemory::map_private(self.open_memory()?, state.memory_bytes)?;
-        if let Some(stream) = fill {
-            let filler = Filler::start(
-                memory.as_ptr(),
-                memory.len(),
-                stream,
-                &self.path,
-                &first_touched_pages(&state),
-            )?;
-            memory.attach_filler(filler);
-        }
-        Ok(Vm::restore(memory, &state.vm, &state.vcpus)?)
+        let memory = GuestMemory::map_private(self.open_memory()?, state.memory_bytes)?;
+        let filler = match fill {
+            Some(stream) => {
+                let dir = self.clone();
+                Some(Filler::start(
+                    &memory,
+                    stream,
+                    &self.path,
+                    Box::new(move || dir.read_state().is_ok_and(|state| state.memory_complete)),
+                    &first_touched_pages(&state),
+                )?)
+            }
+            None => None,
+        };
+        Ok(Vm::restore(memory, filler, &state.vm, &state.vcpus)?)
     }
 
     /// Records the state, making the capture complete.
@@ -333,10 +297,7 @@ impl CaptureDir {
         let mut file = create_private(&tmp)?;
         // One write: serde_json writes to an unbuffered file piecemeal
         // (measured: 9.5 s for a state of a few hundred kB).
-        let json = serde_json::to_vec(state).map_err(|source| SnapshotError::State {
-            path: tmp.clone(),
-            source,
-        })?;
+        let json = state.encode().map_err(format_err(&tmp))?;
         file.write_all(&json).map_err(io_err("write", &tmp))?;
         file.sync_all().map_err(io_err("sync", &tmp))?;
         std::fs::rename(&tmp, self.path.join(STATE_FILE)).map_err(io_err("rename", &tmp))
@@ -352,8 +313,10 @@ impl CaptureDir {
                 source,
             },
         })?;
-        serde_json::from_reader(BufReader::new(file))
-            .map_err(|source| SnapshotError::State { path, source })
+        let state: SnapshotState = serde_json::from_reader(BufReader::new(file))
+            .map_err(|source| format_err(&path)(FormatError::State(source)))?;
+        state.check().map_err(format_err(&path))?;
+        Ok(state)
     }
 
     pub fn open_memory(&self) -> Result<File, SnapshotError> {
@@ -379,10 +342,7 @@ impl CaptureDir {
         if !state.memory_complete {
             return Err(SnapshotError::Copying(self.path.clone()));
         }
-        let state_json = serde_json::to_vec(&state).map_err(|source| SnapshotError::State {
-            path: self.path.clone(),
-            source,
-        })?;
+        let state_json = state.encode().map_err(format_err(&self.path))?;
         // Read, not mapped: reading a hole of the memory file through a
         // mapping would allocate it; read(2) returns zeros and allocates
         // nothing.
@@ -392,22 +352,14 @@ impl CaptureDir {
             .map_err(io_err("stat", &self.memory_path()))?
             .len();
         if memory_len != state.memory_bytes {
-            return Err(SnapshotError::Corrupted {
+            return Err(SnapshotError::MemoryFileSize {
                 path: self.memory_path(),
-                what: format!(
-                    "memory file is {memory_len} bytes, state says {}",
-                    state.memory_bytes
-                ),
+                file_bytes: memory_len,
+                state_bytes: state.memory_bytes,
             });
         }
-        let chunk_count = state.memory_bytes.div_ceil(CHUNK_BYTES);
-        let header = Header {
-            state_len: state_json.len() as u64,
-            state_crc: crc32fast::hash(&state_json),
-            chunk_bytes: CHUNK_BYTES as u32,
-            memory_bytes: state.memory_bytes,
-            chunk_count,
-        };
+        let header = Header::for_state(&state_json, state.memory_bytes);
+        let chunk_count = header.chunk_count;
         let tmp = out.with_extension("partial");
         let file = create_private(&tmp)?;
         let mut writer = BufWriter::with_capacity(1 << 20, file);
@@ -449,71 +401,13 @@ impl CaptureDir {
     pub fn import(&self, input: &Path) -> Result<SnapshotState, SnapshotError> {
         let file = File::open(input).map_err(io_err("open", input))?;
         let file_len = file.metadata().map_err(io_err("stat", input))?.len();
-        let mut reader = BufReader::with_capacity(1 << 20, file);
-        let truncated = |what: &str| SnapshotError::Truncated {
-            path: input.to_owned(),
-            what: what.to_owned(),
-        };
-        let mut header_bytes = [0u8; HEADER_LEN];
-        reader
-            .read_exact(&mut header_bytes)
-            .map_err(|_| truncated("header"))?;
-        let header = Header::decode(&header_bytes, input)?;
-        let expected_len =
-            HEADER_LEN as u64 + header.state_len + header.chunk_count * 4 + header.memory_bytes;
-        if file_len < expected_len {
-            return Err(truncated(&format!(
-                "{file_len} bytes, the header describes {expected_len}"
-            )));
-        }
-        if file_len > expected_len {
-            return Err(SnapshotError::Corrupted {
-                path: input.to_owned(),
-                what: format!("{} trailing bytes", file_len - expected_len),
-            });
-        }
-        let mut state_json = vec![0u8; header.state_len as usize];
-        reader
-            .read_exact(&mut state_json)
-            .map_err(|_| truncated("state"))?;
-        if crc32fast::hash(&state_json) != header.state_crc {
-            return Err(SnapshotError::Corrupted {
-                path: input.to_owned(),
-                what: "state checksum mismatch".into(),
-            });
-        }
-        let state: SnapshotState =
-            serde_json::from_slice(&state_json).map_err(|source| SnapshotError::State {
-                path: input.to_owned(),
-                source,
-            })?;
-        if state.memory_bytes != header.memory_bytes {
-            return Err(SnapshotError::Corrupted {
-                path: input.to_owned(),
-                what: "state and header disagree on the memory size".into(),
-            });
-        }
-        let mut crc_table = vec![0u8; header.chunk_count as usize * 4];
-        reader
-            .read_exact(&mut crc_table)
-            .map_err(|_| truncated("chunk table"))?;
-
-        let mapping = self.create(header.memory_bytes)?;
+        let (mut reader, state) =
+            SnapshotReader::open(BufReader::with_capacity(1 << 20, file), file_len)
+                .map_err(format_err(input))?;
+        let mapping = self.create(reader.header().memory_bytes)?;
         let fill = (|| {
-            let mut chunk = vec![0u8; CHUNK_BYTES as usize];
-            for (index, crc) in crc_table.chunks_exact(4).enumerate() {
-                let start = index as u64 * CHUNK_BYTES;
-                let len = CHUNK_BYTES.min(header.memory_bytes - start) as usize;
-                let chunk = &mut chunk[..len];
-                reader.read_exact(chunk).map_err(|_| truncated("memory"))?;
-                if crc32fast::hash(chunk) != u32::from_le_bytes(crc.try_into().unwrap()) {
-                    return Err(SnapshotError::Corrupted {
-                        path: input.to_owned(),
-                        what: format!("memory chunk {index} checksum mismatch"),
-                    });
-                }
-                // SAFETY: `chunk` is `len` readable bytes.
-                unsafe { mapping.write_from(start as usize, chunk.as_ptr(), len)? };
+            while let Some((start, chunk)) = reader.next_chunk().map_err(format_err(input))? {
+                mapping.fill_from_slice(start as usize, chunk)?;
             }
             self.commit(&state)
         })();
@@ -631,75 +525,6 @@ fn create_private(path: &Path) -> Result<File, SnapshotError> {
         .custom_flags(libc::O_CLOEXEC)
         .open(path)
         .map_err(io_err("create", path))
-}
-
-struct Header {
-    state_len: u64,
-    state_crc: u32,
-    chunk_bytes: u32,
-    memory_bytes: u64,
-    chunk_count: u64,
-}
-
-impl Header {
-    fn encode(&self) -> [u8; HEADER_LEN] {
-        let mut bytes = [0u8; HEADER_LEN];
-        bytes[0..8].copy_from_slice(&MAGIC);
-        bytes[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
-        bytes[12..16].copy_from_slice(&(HEADER_LEN as u32).to_le_bytes());
-        bytes[16..24].copy_from_slice(&self.state_len.to_le_bytes());
-        bytes[24..28].copy_from_slice(&self.state_crc.to_le_bytes());
-        bytes[28..32].copy_from_slice(&self.chunk_bytes.to_le_bytes());
-        bytes[32..40].copy_from_slice(&self.memory_bytes.to_le_bytes());
-        bytes[40..48].copy_from_slice(&self.chunk_count.to_le_bytes());
-        let crc = crc32fast::hash(&bytes[..HEADER_LEN - 4]);
-        bytes[HEADER_LEN - 4..].copy_from_slice(&crc.to_le_bytes());
-        bytes
-    }
-
-    fn decode(bytes: &[u8; HEADER_LEN], path: &Path) -> Result<Self, SnapshotError> {
-        let u32_at = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap());
-        let u64_at = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap());
-        let corrupted = |what: String| SnapshotError::Corrupted {
-            path: path.to_owned(),
-            what,
-        };
-        if bytes[0..8] != MAGIC {
-            return Err(SnapshotError::BadMagic {
-                path: path.to_owned(),
-            });
-        }
-        let version = u32_at(8);
-        if version != FORMAT_VERSION {
-            return Err(SnapshotError::UnsupportedVersion {
-                path: path.to_owned(),
-                found: version,
-            });
-        }
-        if crc32fast::hash(&bytes[..HEADER_LEN - 4]) != u32_at(HEADER_LEN - 4) {
-            return Err(corrupted("header checksum mismatch".into()));
-        }
-        let header = Self {
-            state_len: u64_at(16),
-            state_crc: u32_at(24),
-            chunk_bytes: u32_at(28),
-            memory_bytes: u64_at(32),
-            chunk_count: u64_at(40),
-        };
-        if u32_at(12) as usize != HEADER_LEN || u64::from(header.chunk_bytes) != CHUNK_BYTES {
-            return Err(corrupted("unexpected header or chunk size".into()));
-        }
-        if header.state_len > MAX_STATE_BYTES {
-            return Err(corrupted(format!("state of {} bytes", header.state_len)));
-        }
-        memory::validate_size(header.memory_bytes, false)?;
-        if header.chunk_count != header.memory_bytes.div_ceil(CHUNK_BYTES) {
-            return Err(corrupted(
-                "chunk count does not match the memory size".into(),
-            ));
-        }
-        Ok(header)
-    }
 }
 
 pub fn unix_ms_now() -> u64 {

@@ -1,5 +1,12 @@
 //! Guest memory: a sealed memfd for booted sandboxes, or a copy-on-write
-//! private mapping of a capture's memory file for branches.
+//! private mapping of a capture's memory file for branches; the memory
+//! file a capture fills; read-only views of files.
+//!
+//! Every access to these mappings goes through the bounds-checked methods
+//! here (volatile where the guest may be running, as rust-vmm's `vm-memory`
+//! does): callers never do pointer arithmetic on a mapping. The host
+//! addresses handed out (`host_range`) are for the kernel only (KVM
+//! memslots, userfaultfd ranges), never dereferenced outside this module.
 
 use std::fs::File;
 use std::ops::Range;
@@ -33,11 +40,19 @@ pub enum MemoryError {
         file_bytes: u64,
         expected_bytes: u64,
     },
+    #[error("{len} bytes at {offset:#x} are outside memory of {size} bytes")]
+    OutOfBounds { offset: u64, len: u64, size: u64 },
     #[error("{op} failed")]
     Sys {
         op: &'static str,
         #[source]
         source: std::io::Error,
+    },
+    #[error("userfaultfd {op} failed")]
+    Userfaultfd {
+        op: &'static str,
+        #[source]
+        source: userfaultfd::Error,
     },
 }
 
@@ -95,17 +110,53 @@ pub struct GuestMemory {
     base: NonNull<u8>,
     len: usize,
     backing: Backing,
-    /// For a branch restored before its capture's copy completed: what
-    /// serves its first touches of pages not yet copied.
-    filler: Option<crate::fill::Filler>,
+    /// Host writes (`write_slice`, `write_u64`) hold it shared; a reader
+    /// of all of memory as a slice holds it exclusively, so that no host
+    /// write overlaps the slice.
+    host_writes: std::sync::RwLock<()>,
 }
 
 // SAFETY: the mapping is plain shared memory owned by this value; concurrent
 // access is coordinated by its users (vCPUs write through KVM, the capture
-// code reads through raw pointers under its page-state protocol).
+// code reads it only through the volatile or kernel-side accessors here,
+// under its page-state protocol).
 unsafe impl Send for GuestMemory {}
-// SAFETY: see `Send`; `&GuestMemory` only hands out raw pointers.
+// SAFETY: see `Send`; `&GuestMemory` only offers volatile or bounds-checked
+// accesses and addresses for the kernel.
 unsafe impl Sync for GuestMemory {}
+
+/// Checks that `offset..offset + len` lies inside `size` bytes.
+fn check_range(offset: usize, len: usize, size: usize) -> Result<(), MemoryError> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(MemoryError::OutOfBounds {
+            offset: offset as u64,
+            len: len as u64,
+            size: size as u64,
+        }),
+    }
+}
+
+/// A mapping a capture can fill the snapshot from: guest memory, or a
+/// read-only view of it. Sealed: only the mappings of this module.
+pub trait FillSource: sealed::Sealed {
+    /// The host address of `offset..offset + len`, checked to lie inside
+    /// the mapping, for the kernel to read from.
+    fn source_range(&self, offset: usize, len: usize) -> Result<*const u8, MemoryError>;
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for super::GuestMemory {}
+    impl Sealed for super::ReadOnlyMapping {}
+}
+
+impl FillSource for GuestMemory {
+    fn source_range(&self, offset: usize, len: usize) -> Result<*const u8, MemoryError> {
+        check_range(offset, len, self.len)?;
+        Ok(self.base.as_ptr().wrapping_add(offset).cast_const())
+    }
+}
 
 impl GuestMemory {
     /// Creates `len` bytes of zeroed guest memory in a new memfd, sealed
@@ -127,7 +178,7 @@ impl GuestMemory {
             base,
             len: len as usize,
             backing: Backing::Memfd(fd),
-            filler: None,
+            host_writes: Default::default(),
         })
     }
 
@@ -156,26 +207,36 @@ impl GuestMemory {
             base,
             len: len as usize,
             backing: Backing::PrivateFile(file),
-            filler: None,
+            host_writes: Default::default(),
         })
     }
 
-    /// Hands the mapping's first touches of pages missing from the capture
-    /// file to `filler` until the capture completes (see `crate::fill`).
-    pub fn attach_filler(&mut self, filler: crate::fill::Filler) {
-        self.filler = Some(filler);
+    /// The host address where guest address 0 is mapped, for the kernel
+    /// (KVM's memslot); not to be dereferenced.
+    pub fn host_base(&self) -> u64 {
+        self.base.as_ptr() as u64
     }
 
-    /// Waits until every page of the capture this memory maps is in its
-    /// file; returns at once for complete captures and booted memory.
-    pub fn wait_filled(&self) {
-        if let Some(filler) = &self.filler {
-            filler.wait_done();
-        }
+    /// The host address and length of guest pages `pages`, for userfaultfd
+    /// calls on them. Panics if the range is outside memory.
+    pub fn host_range(&self, pages: Range<usize>) -> (*mut libc::c_void, usize) {
+        assert!(
+            pages.start <= pages.end && pages.end <= self.pages(),
+            "page range past the end of memory"
+        );
+        (
+            self.base
+                .as_ptr()
+                .wrapping_add(pages.start * PAGE_SIZE)
+                .cast(),
+            pages.len() * PAGE_SIZE,
+        )
     }
 
-    pub fn as_ptr(&self) -> *mut u8 {
-        self.base.as_ptr()
+    /// The guest page that host address `addr` (from a fault) falls in.
+    pub fn page_of_host_addr(&self, addr: *mut libc::c_void) -> Option<usize> {
+        let offset = (addr as usize).checked_sub(self.base.as_ptr() as usize)?;
+        (offset < self.len).then_some(offset / PAGE_SIZE)
     }
 
     pub fn len(&self) -> usize {
@@ -200,20 +261,12 @@ impl GuestMemory {
         let Backing::Memfd(fd) = &self.backing else {
             return Ok(Vec::new());
         };
-        assert!(
-            pages.end <= self.pages(),
-            "page range past the end of memory"
-        );
+        let (start, len) = self.host_range(pages.clone());
         let mut resident = vec![0u8; pages.len()];
-        // SAFETY: the range lies inside our mapping and `resident` holds one
-        // byte per page of it; mincore only reads page tables and the cache.
-        let result = unsafe {
-            libc::mincore(
-                self.base.as_ptr().add(pages.start * PAGE_SIZE).cast(),
-                pages.len() * PAGE_SIZE,
-                resident.as_mut_ptr(),
-            )
-        };
+        // SAFETY: the range lies inside our mapping (checked by host_range)
+        // and `resident` holds one byte per page of it; mincore only reads
+        // page tables and the cache.
+        let result = unsafe { libc::mincore(start, len, resident.as_mut_ptr()) };
         if result != 0 {
             return Err(MemoryError::Sys {
                 op: "mincore",
@@ -252,32 +305,80 @@ impl GuestMemory {
         }
     }
 
-    /// Copies `data` into guest memory at guest address `addr`.
-    pub fn write_at(&self, addr: u64, data: &[u8]) {
-        let end = addr as usize + data.len();
-        assert!(end <= self.len, "write past the end of guest memory");
+    /// Copies `data` into guest memory at guest address `addr` (for loading
+    /// a guest that does not run yet).
+    pub fn write_slice(&self, addr: u64, data: &[u8]) -> Result<(), MemoryError> {
+        let offset = usize::try_from(addr).unwrap_or(usize::MAX);
+        check_range(offset, data.len(), self.len)?;
+        let _writing = self.host_write();
         // SAFETY: the range is inside the mapping (checked above) and `data`
         // cannot overlap it (it is a Rust slice, the mapping is not).
         unsafe {
-            std::ptr::copy_nonoverlapping(
-                data.as_ptr(),
-                self.as_ptr().add(addr as usize),
-                data.len(),
-            )
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.base.as_ptr().add(offset), data.len())
         };
+        Ok(())
     }
 
-    /// Reads the u64 at guest address `addr` (volatile: the guest may be running).
-    pub fn read_u64(&self, addr: u64) -> u64 {
-        assert!(addr as usize + 8 <= self.len && addr.is_multiple_of(8));
-        // SAFETY: aligned and inside the mapping (checked above).
-        unsafe { std::ptr::read_volatile(self.as_ptr().add(addr as usize).cast::<u64>()) }
+    /// Hands `read` all of guest memory as a byte slice, holding off host
+    /// writes through this value meanwhile.
+    ///
+    /// # Safety
+    /// The guest must not write its memory meanwhile: its vCPUs must be
+    /// stopped for the whole call (see `Vm::inspect_paused`).
+    pub(crate) unsafe fn read_quiescent<R>(&self, read: impl FnOnce(&[u8]) -> R) -> R {
+        let _no_host_writes = self
+            .host_writes
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        // SAFETY: the mapping is `len` readable bytes owned by `self`; host
+        // writes wait for the lock held above and the caller guarantees
+        // that the guest does not write, so the bytes do not change while
+        // the slice lives (it does not outlive this call).
+        read(unsafe { std::slice::from_raw_parts(self.base.as_ptr(), self.len) })
+    }
+
+    fn host_write(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        self.host_writes
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The address of the aligned u64 at guest address `addr`, checked.
+    fn u64_at(&self, addr: u64) -> Result<*mut u64, MemoryError> {
+        let offset = usize::try_from(addr).unwrap_or(usize::MAX);
+        check_range(offset, 8, self.len)?;
+        if !offset.is_multiple_of(8) {
+            return Err(MemoryError::OutOfBounds {
+                offset: addr,
+                len: 8,
+                size: self.len as u64,
+            });
+        }
+        Ok(self.base.as_ptr().wrapping_add(offset).cast())
+    }
+
+    /// Reads the u64 at guest address `addr` (volatile: the guest may be
+    /// running). `addr` must be 8-aligned and inside memory.
+    pub fn read_u64(&self, addr: u64) -> Result<u64, MemoryError> {
+        let ptr = self.u64_at(addr)?;
+        // SAFETY: aligned and inside the mapping (checked by `u64_at`).
+        Ok(unsafe { std::ptr::read_volatile(ptr) })
+    }
+
+    /// Writes the u64 at guest address `addr` (volatile: the guest may be
+    /// running). `addr` must be 8-aligned and inside memory.
+    pub fn write_u64(&self, addr: u64, value: u64) -> Result<(), MemoryError> {
+        let ptr = self.u64_at(addr)?;
+        let _writing = self.host_write();
+        // SAFETY: aligned and inside the mapping (checked by `u64_at`).
+        unsafe { std::ptr::write_volatile(ptr, value) };
+        Ok(())
     }
 
     /// Bytes of this mapping that are private copies (for a branch: the
     /// pages it wrote), from /proc/self/smaps.
     pub fn private_bytes(&self) -> u64 {
-        let start = format!("{:x}-", self.as_ptr() as usize);
+        let start = format!("{:x}-", self.base.as_ptr() as usize);
         let Ok(smaps) = std::fs::read_to_string("/proc/self/smaps") else {
             return 0;
         };
@@ -301,15 +402,13 @@ impl GuestMemory {
     pub fn drop_page_tables(&self) -> Result<(), MemoryError> {
         // SAFETY: the range is exactly our mapping; for a shared memfd mapping
         // MADV_DONTNEED drops mappings only, never contents.
-        unsafe { rustix::mm::madvise(self.as_ptr().cast(), self.len, Advice::LinuxDontNeed) }
+        unsafe { rustix::mm::madvise(self.base.as_ptr().cast(), self.len, Advice::LinuxDontNeed) }
             .map_err(sys("madvise(DONTNEED)"))
     }
 }
 
 impl Drop for GuestMemory {
     fn drop(&mut self) {
-        // The filler works on the mapping: stop it before unmapping.
-        drop(self.filler.take());
         // SAFETY: unmaps exactly the mapping created in `map`; nothing uses it
         // after drop (KVM memslots referencing it are torn down with the VM fd first).
         let _ = unsafe { rustix::mm::munmap(self.base.as_ptr().cast(), self.len) };
@@ -387,23 +486,41 @@ impl SnapshotMapping {
         })
     }
 
-    /// Fills the pages of `offset..offset + len` (page-aligned) from
-    /// `source`, leaving any page already filled as it is: the first fill
-    /// of a page wins, atomically. Returns how many pages this call filled.
-    ///
+    /// Fills the pages of `offset..offset + len` (page-aligned) from the
+    /// same range of `source`, leaving any page already filled as it is:
+    /// the first fill of a page wins, atomically. Returns how many pages
+    /// this call filled.
+    pub fn fill_from(
+        &self,
+        offset: usize,
+        len: usize,
+        source: &impl FillSource,
+    ) -> Result<usize, MemoryError> {
+        let from = source.source_range(offset, len)?;
+        // SAFETY: `source_range` checked that `len` bytes from `from` lie
+        // inside the source mapping, which `source` keeps alive.
+        unsafe { self.write_from(offset, from, len) }
+    }
+
+    /// Fills the pages of `offset..offset + data.len()` (page-aligned) with
+    /// `data`, as `fill_from` does.
+    pub fn fill_from_slice(&self, offset: usize, data: &[u8]) -> Result<usize, MemoryError> {
+        // SAFETY: `data` is a slice: `data.len()` readable bytes.
+        unsafe { self.write_from(offset, data.as_ptr(), data.len()) }
+    }
+
     /// # Safety
     /// `source` must be readable for `len` bytes.
-    pub unsafe fn write_from(
+    unsafe fn write_from(
         &self,
         offset: usize,
         source: *const u8,
         len: usize,
     ) -> Result<usize, MemoryError> {
+        check_range(offset, len, self.len)?;
         assert!(
-            offset.is_multiple_of(PAGE_SIZE)
-                && len.is_multiple_of(PAGE_SIZE)
-                && offset + len <= self.len,
-            "snapshot fill out of bounds or unaligned"
+            offset.is_multiple_of(PAGE_SIZE) && len.is_multiple_of(PAGE_SIZE),
+            "snapshot fill unaligned"
         );
         let mut done = 0;
         let mut filled = 0;
@@ -472,10 +589,7 @@ impl SnapshotMapping {
 }
 
 fn uffd_err(op: &'static str) -> impl FnOnce(userfaultfd::Error) -> MemoryError {
-    move |err| MemoryError::Sys {
-        op,
-        source: std::io::Error::other(err),
-    }
+    move |source| MemoryError::Userfaultfd { op, source }
 }
 
 impl Drop for SnapshotMapping {
@@ -529,14 +643,25 @@ impl ReadOnlyMapping {
         })
     }
 
-    pub fn as_ptr(&self) -> *const u8 {
-        self.base.as_ptr()
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
     }
 
     pub fn as_slice(&self) -> &[u8] {
         // SAFETY: the mapping is `len` readable bytes and lives as long as `self`.
         // Capture files are not written once complete.
         unsafe { std::slice::from_raw_parts(self.base.as_ptr(), self.len) }
+    }
+}
+
+impl FillSource for ReadOnlyMapping {
+    fn source_range(&self, offset: usize, len: usize) -> Result<*const u8, MemoryError> {
+        check_range(offset, len, self.len)?;
+        Ok(self.base.as_ptr().wrapping_add(offset).cast_const())
     }
 }
 

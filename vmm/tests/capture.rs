@@ -6,13 +6,11 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use sandfork_node_agent::capture::{self, Arm, CaptureMode};
-use sandfork_node_agent::guest::{
-    CounterState, DirtyPattern, GuestImage, Workload, verify_counter,
-};
-use sandfork_node_agent::memory::{ReadOnlyMapping, SnapshotMapping};
-use sandfork_node_agent::snapshot::{CaptureDir, SnapshotError, SnapshotState};
-use sandfork_node_agent::vm::Vm;
+use sandfork_vmm::capture::{self, Arm, CaptureMode};
+use sandfork_vmm::guest::{CounterState, DirtyPattern, GuestImage, Workload, verify_counter};
+use sandfork_vmm::memory::{ReadOnlyMapping, SnapshotMapping};
+use sandfork_vmm::snapshot::{CaptureDir, FormatError, SnapshotError, SnapshotState};
+use sandfork_vmm::vm::Vm;
 
 fn boot(workload: &Workload, memory_mib: u64, vcpus: usize) -> Vm {
     let image = GuestImage::for_workload(workload, 1_000_000).unwrap();
@@ -55,19 +53,15 @@ fn snapshot_bytes(snapshot: &SnapshotMapping) -> ReadOnlyMapping {
     snapshot.read_back().unwrap()
 }
 
-fn guest_bytes(vm: &Vm) -> &[u8] {
-    // SAFETY: callers pause the VM first, so its memory does not change.
-    unsafe { std::slice::from_raw_parts(vm.memory().as_ptr(), vm.memory().len()) }
-}
-
 /// Pauses `vm` and checks that its own live memory is consistent with its
 /// registers, i.e. that it is still a healthy counter guest.
 fn verify_live(vm: &Vm) -> CounterState {
-    let paused = vm.pause(true).unwrap();
-    let regs: Vec<_> = paused.vcpus.iter().map(|state| state.regs).collect();
-    let result = verify_counter(guest_bytes(vm), &regs);
-    vm.resume();
-    result.unwrap()
+    vm.inspect_paused(|paused, memory| {
+        let regs: Vec<_> = paused.vcpus.iter().map(|state| state.regs).collect();
+        verify_counter(memory, &regs)
+    })
+    .unwrap()
+    .unwrap()
 }
 
 fn live_capture_is_consistent(memory_mib: u64, vcpus: usize) {
@@ -129,10 +123,22 @@ fn stop_and_copy_capture_is_consistent() {
     }
     let vm = boot_counter(256, 1);
     let (_dir, snapshot) = scratch_snapshot(256 << 20);
+    let pauses = &vm.reports()[0].pauses;
+    let pauses_before = pauses.load(Ordering::Acquire);
     let captured = capture::stop_and_copy(&vm, &snapshot).unwrap();
     let regs: Vec<_> = captured.vcpus.iter().map(|state| state.regs).collect();
     verify_counter(snapshot_bytes(&snapshot).as_slice(), &regs).unwrap();
-    assert!(captured.stats.pause_ns >= captured.stats.copy_ns);
+    // The vCPU itself times how long it stayed out of the guest: the whole
+    // copy must lie inside that, or the guest ran during the copy.
+    assert!(common::wait_until(Duration::from_secs(10), || pauses
+        .load(Ordering::Acquire)
+        > pauses_before));
+    let guest_pause_ns = vm.reports()[0].last_pause_ns.load(Ordering::Relaxed);
+    assert!(
+        guest_pause_ns >= captured.stats.copy_ns && captured.stats.copy_ns > 0,
+        "the vCPU was out of the guest {guest_pause_ns} ns, the copy took {} ns",
+        captured.stats.copy_ns
+    );
 }
 
 /// The control: the same copy without write protection is torn, so the
@@ -200,11 +206,9 @@ fn branches_continue_from_the_captured_instant_and_diverge() {
     // and stopping A does not stop B.
     let paused_a = branch_a.pause(false).unwrap();
     let marker_addr = (256u64 << 20) - 4096 + 64;
-    branch_a
-        .memory()
-        .write_at(marker_addr, &0xfeed_u64.to_le_bytes());
-    assert_eq!(branch_a.memory().read_u64(marker_addr), 0xfeed);
-    assert_eq!(branch_b.memory().read_u64(marker_addr), 0);
+    branch_a.memory().write_u64(marker_addr, 0xfeed).unwrap();
+    assert_eq!(branch_a.memory().read_u64(marker_addr).unwrap(), 0xfeed);
+    assert_eq!(branch_b.memory().read_u64(marker_addr).unwrap(), 0);
     assert_eq!(
         ReadOnlyMapping::new(&memory_file).unwrap().as_slice()[marker_addr as usize],
         0
@@ -218,7 +222,7 @@ fn branches_continue_from_the_captured_instant_and_diverge() {
 
     // The source is unaffected by its branches.
     verify_live(&source);
-    assert_eq!(source.memory().read_u64(marker_addr), 0);
+    assert_eq!(source.memory().read_u64(marker_addr).unwrap(), 0);
 }
 
 #[test]
@@ -447,24 +451,35 @@ fn snapshot_files_round_trip_and_reject_damage() {
         );
         err
     };
-    let err = damaged("truncated", bytes[..bytes.len() - 4096].to_vec());
-    assert!(matches!(err, SnapshotError::Truncated { .. }), "{err}");
+    let format_error = |err: SnapshotError| match err {
+        SnapshotError::Format { source, .. } => source,
+        other => panic!("not a format error: {other}"),
+    };
+    let err = format_error(damaged("truncated", bytes[..bytes.len() - 4096].to_vec()));
+    assert!(matches!(err, FormatError::ShortFile { .. }), "{err}");
     let mut flipped = bytes.clone();
     let last = flipped.len() - 100;
     flipped[last] ^= 0x40;
-    let err = damaged("flipped", flipped);
-    assert!(err.to_string().contains("checksum mismatch"), "{err}");
-    let mut magic = bytes.clone();
-    magic[0] = b'X';
-    let err = damaged("magic", magic);
-    assert!(matches!(err, SnapshotError::BadMagic { .. }), "{err}");
-    let mut version = bytes.clone();
-    version[8] = 9;
-    let err = damaged("version", version);
+    let err = format_error(damaged("flipped", flipped));
+    let last_chunk = (state.memory_bytes - 1) / sandfork_vmm::snapshot::CHUNK_BYTES;
     assert!(
-        matches!(err, SnapshotError::UnsupportedVersion { found: 9, .. }),
+        matches!(err, FormatError::ChunkChecksum { index } if index == last_chunk),
         "{err}"
     );
-    let err = damaged("empty", Vec::new());
-    assert!(matches!(err, SnapshotError::Truncated { .. }), "{err}");
+    let mut magic = bytes.clone();
+    magic[0] = b'X';
+    let err = format_error(damaged("magic", magic));
+    assert!(matches!(err, FormatError::BadMagic), "{err}");
+    let mut version = bytes.clone();
+    version[8] = 9;
+    let err = format_error(damaged("version", version));
+    assert!(
+        matches!(err, FormatError::UnsupportedVersion { found: 9 }),
+        "{err}"
+    );
+    let err = format_error(damaged("empty", Vec::new()));
+    assert!(
+        matches!(err, FormatError::Truncated { part: "header", .. }),
+        "{err}"
+    );
 }

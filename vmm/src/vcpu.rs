@@ -29,6 +29,35 @@ pub enum VcpuError {
         total: usize,
         index: u32,
     },
+    #[error("{count} {what} entries, more than KVM takes ({max})")]
+    TooManyEntries {
+        what: &'static str,
+        count: usize,
+        max: usize,
+    },
+}
+
+/// Most CPUID entries a vCPU takes (`KVM_MAX_CPUID_ENTRIES`).
+pub const MAX_CPUID_ENTRIES: usize = KVM_MAX_CPUID_ENTRIES;
+/// Most MSRs one call takes (`KVM_MAX_MSR_ENTRIES`).
+pub const MAX_MSR_ENTRIES: usize = kvm_bindings::KVM_MAX_MSR_ENTRIES;
+/// u32 words in the legacy 4 KiB XSAVE area.
+pub const XSAVE_WORDS: usize = 1024;
+
+fn msr_list(entries: &[kvm_msr_entry]) -> Result<Msrs, VcpuError> {
+    Msrs::from_entries(entries).map_err(|_| VcpuError::TooManyEntries {
+        what: "MSR",
+        count: entries.len(),
+        max: MAX_MSR_ENTRIES,
+    })
+}
+
+fn cpuid_list(entries: &[kvm_cpuid_entry2]) -> Result<CpuId, VcpuError> {
+    CpuId::from_entries(entries).map_err(|_| VcpuError::TooManyEntries {
+        what: "CPUID",
+        count: entries.len(),
+        max: MAX_CPUID_ENTRIES,
+    })
 }
 
 pub(crate) fn kvm_op(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
@@ -98,7 +127,7 @@ impl HostKvm {
             .as_slice()
             .to_vec();
         loop {
-            let mut msrs = msrs_for(&indices);
+            let mut msrs = msrs_for(&indices)?;
             let read = vcpu.get_msrs(&mut msrs).map_err(kvm_op("KVM_GET_MSRS"))?;
             if read == indices.len() {
                 break;
@@ -114,7 +143,7 @@ fn read_tsc() -> u64 {
     unsafe { std::arch::x86_64::_rdtsc() }
 }
 
-fn msrs_for(indices: &[u32]) -> Msrs {
+fn msrs_for(indices: &[u32]) -> Result<Msrs, VcpuError> {
     let entries: Vec<kvm_msr_entry> = indices
         .iter()
         .map(|&index| kvm_msr_entry {
@@ -122,7 +151,7 @@ fn msrs_for(indices: &[u32]) -> Msrs {
             ..Default::default()
         })
         .collect();
-    Msrs::from_entries(&entries).expect("MSR list within KVM's limit")
+    msr_list(&entries)
 }
 
 /// Creates vCPU `id` with its CPUID set.
@@ -130,7 +159,7 @@ pub fn create_vcpu(vm: &VmFd, cpuid: &[kvm_cpuid_entry2], id: u8) -> Result<Vcpu
     let vcpu = vm
         .create_vcpu(u64::from(id))
         .map_err(kvm_op("KVM_CREATE_VCPU"))?;
-    let cpuid = CpuId::from_entries(cpuid).expect("CPUID within KVM's limit");
+    let cpuid = cpuid_list(cpuid)?;
     vcpu.set_cpuid2(&cpuid).map_err(kvm_op("KVM_SET_CPUID2"))?;
     Ok(vcpu)
 }
@@ -233,10 +262,26 @@ impl std::fmt::Debug for VcpuState {
 }
 
 impl VcpuState {
+    /// Checks the sizes a restore relies on (a state read from a file may
+    /// be anything).
+    pub fn check(&self) -> Result<(), VcpuError> {
+        let limits = [
+            ("CPUID", self.cpuid.len(), MAX_CPUID_ENTRIES),
+            ("MSR", self.msrs.len(), MAX_MSR_ENTRIES),
+            ("XSAVE word", self.xsave.len(), XSAVE_WORDS),
+        ];
+        for (what, count, max) in limits {
+            if count > max {
+                return Err(VcpuError::TooManyEntries { what, count, max });
+            }
+        }
+        Ok(())
+    }
+
     /// Saves the state of a vCPU that is not running.
     pub fn save(vcpu: &VcpuFd, id: u8, cpuid: &[kvm_cpuid_entry2]) -> Result<Self, VcpuError> {
         let host = HostKvm::get()?;
-        let mut msrs = msrs_for(host.msr_indices(vcpu)?);
+        let mut msrs = msrs_for(host.msr_indices(vcpu)?)?;
         let read = vcpu.get_msrs(&mut msrs).map_err(kvm_op("KVM_GET_MSRS"))?;
         let msrs = msrs.as_slice()[..read].to_vec();
         Ok(Self {
@@ -278,7 +323,7 @@ impl VcpuState {
             .map_err(kvm_op("KVM_SET_DEBUGREGS"))?;
         vcpu.set_lapic(&self.lapic)
             .map_err(kvm_op("KVM_SET_LAPIC"))?;
-        let msrs = Msrs::from_entries(&self.msrs).expect("MSR list within KVM's limit");
+        let msrs = msr_list(&self.msrs)?;
         let set = vcpu.set_msrs(&msrs).map_err(kvm_op("KVM_SET_MSRS"))?;
         if set != self.msrs.len() {
             return Err(VcpuError::MsrsRefused {

@@ -10,9 +10,11 @@ use kvm_bindings::{kvm_cpuid_entry2, kvm_run, kvm_userspace_memory_region};
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
 
+use crate::fill::Filler;
 use crate::guest::GuestImage;
 use crate::guest::layout::{CONSOLE_PORT, REPORT_PORT};
 use crate::memory::{self, GuestMemory, MemoryError};
+use crate::thread::{RealtimeGuard, set_current_realtime};
 use crate::vcpu::{self, HostKvm, VcpuError, VcpuState, VmState, kvm_op};
 
 pub const MAX_VCPUS: u8 = 64;
@@ -34,6 +36,14 @@ pub enum VmError {
     SpawnThread(#[source] std::io::Error),
     #[error("cannot install the vCPU kick signal handler")]
     SignalHandler(#[source] vmm_sys_util::errno::Error),
+}
+
+/// Checks a VM's vCPU count against `MAX_VCPUS`.
+pub fn check_vcpu_count(count: usize) -> Result<(), VmError> {
+    if count == 0 || count > usize::from(MAX_VCPUS) {
+        return Err(VmError::InvalidVcpuCount(count));
+    }
+    Ok(())
 }
 
 /// Progress a guest reported through `REPORT_PORT`, and the pauses its
@@ -104,6 +114,10 @@ struct VcpuThread {
 /// A running sandbox VM.
 pub struct Vm {
     vm_fd: VmFd,
+    /// For a branch restored before its capture's copy completed: what
+    /// serves its first touches of pages not yet copied. Dropped before
+    /// the memory it serves (see `Drop`).
+    filler: Option<Filler>,
     memory: Arc<GuestMemory>,
     vcpus: Vec<VcpuThread>,
     control: Arc<Control>,
@@ -121,54 +135,6 @@ pub struct Paused {
 impl Paused {
     pub fn started(&self) -> Instant {
         self.started
-    }
-}
-
-/// Moves `thread` into (or back out of) the lowest real-time priority. Used
-/// for the short, latency-critical parts of a capture: the pause and the
-/// fault handler. Without the privilege it stays a normal thread. Threads
-/// inherit the policy of their creator, so every long-running thread we
-/// start sets its own policy first.
-pub(crate) fn set_realtime(thread: libc::pthread_t, realtime: bool) {
-    let (policy, priority) = if realtime {
-        (libc::SCHED_FIFO, 1)
-    } else {
-        (libc::SCHED_OTHER, 0)
-    };
-    let param = libc::sched_param {
-        sched_priority: priority,
-    };
-    // SAFETY: `thread` is a live thread of this process (callers pass
-    // pthread_self or an unjoined vCPU thread) and `param` is valid.
-    let _ = unsafe { libc::pthread_setschedparam(thread, policy, &param) };
-}
-
-/// Runs the current thread at real-time priority until dropped, then
-/// restores the policy it had (guards nest).
-pub struct RealtimeGuard {
-    was_realtime: bool,
-}
-
-impl RealtimeGuard {
-    pub fn new() -> Self {
-        // SAFETY: sched_getscheduler(0) queries the calling thread only.
-        let was_realtime = unsafe { libc::sched_getscheduler(0) } == libc::SCHED_FIFO;
-        // SAFETY: pthread_self has no preconditions.
-        set_realtime(unsafe { libc::pthread_self() }, true);
-        Self { was_realtime }
-    }
-}
-
-impl Default for RealtimeGuard {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl Drop for RealtimeGuard {
-    fn drop(&mut self) {
-        // SAFETY: pthread_self has no preconditions.
-        set_realtime(unsafe { libc::pthread_self() }, self.was_realtime);
     }
 }
 
@@ -194,7 +160,7 @@ fn new_vm_fd(memory: &GuestMemory) -> Result<VmFd, VmError> {
         slot: 0,
         guest_phys_addr: 0,
         memory_size: memory.len() as u64,
-        userspace_addr: memory.as_ptr() as u64,
+        userspace_addr: memory.host_base(),
         flags: 0,
     };
     // SAFETY: the region is exactly the guest memory mapping, which the `Vm`
@@ -217,12 +183,10 @@ impl Vm {
         vcpu_count: usize,
         image: &GuestImage,
     ) -> Result<Self, VmError> {
-        if vcpu_count == 0 || vcpu_count > usize::from(MAX_VCPUS) {
-            return Err(VmError::InvalidVcpuCount(vcpu_count));
-        }
+        check_vcpu_count(vcpu_count)?;
         memory::validate_size(memory_bytes, true)?;
         let memory = GuestMemory::new_memfd(name, memory_bytes)?;
-        image.load(&memory);
+        image.load(&memory)?;
         let vm_fd = new_vm_fd(&memory)?;
         let host = HostKvm::get()?;
         let mut vcpus = Vec::with_capacity(vcpu_count);
@@ -232,19 +196,20 @@ impl Vm {
             vcpu::enter_long_mode(&vcpu, &image.entry_regs(memory_bytes, vcpu_count, index))?;
             vcpus.push((vcpu, cpuid));
         }
-        Self::start(vm_fd, memory, vcpus)
+        Self::start(vm_fd, memory, None, vcpus)
     }
 
     /// Creates a VM on `memory` (normally a private mapping of a capture)
-    /// and restores the saved VM and vCPU state into it.
+    /// and restores the saved VM and vCPU state into it. `filler`, for a
+    /// capture still copying, serves the memory's pages not in the file
+    /// yet; the VM keeps it until it is dropped.
     pub fn restore(
         memory: GuestMemory,
+        filler: Option<Filler>,
         vm_state: &VmState,
         vcpu_states: &[VcpuState],
     ) -> Result<Self, VmError> {
-        if vcpu_states.is_empty() || vcpu_states.len() > usize::from(MAX_VCPUS) {
-            return Err(VmError::InvalidVcpuCount(vcpu_states.len()));
-        }
+        check_vcpu_count(vcpu_states.len())?;
         let vm_fd = new_vm_fd(&memory)?;
         vm_state.restore(&vm_fd)?;
         let mut vcpus = Vec::with_capacity(vcpu_states.len());
@@ -253,12 +218,13 @@ impl Vm {
             state.restore(&vcpu)?;
             vcpus.push((vcpu, state.cpuid.clone()));
         }
-        Self::start(vm_fd, memory, vcpus)
+        Self::start(vm_fd, memory, filler, vcpus)
     }
 
     fn start(
         vm_fd: VmFd,
         memory: GuestMemory,
+        filler: Option<Filler>,
         vcpus: Vec<(VcpuFd, Vec<kvm_cpuid_entry2>)>,
     ) -> Result<Self, VmError> {
         install_kick_handler()?;
@@ -278,6 +244,7 @@ impl Vm {
         });
         let mut vm = Self {
             vm_fd,
+            filler,
             memory: Arc::new(memory),
             vcpus: Vec::with_capacity(vcpus.len()),
             control,
@@ -299,6 +266,14 @@ impl Vm {
 
     pub fn memory(&self) -> &Arc<GuestMemory> {
         &self.memory
+    }
+
+    /// Waits until every page of the capture this VM was restored from is
+    /// in its file; returns at once for complete captures and booted VMs.
+    pub fn wait_filled(&self) {
+        if let Some(filler) = &self.filler {
+            filler.wait_done();
+        }
     }
 
     pub fn vcpu_count(&self) -> usize {
@@ -398,6 +373,23 @@ impl Vm {
         result
     }
 
+    /// Pauses the VM, saving its state, and hands `inspect` that state and
+    /// guest memory as it is while the vCPUs are stopped; then resumes.
+    /// (For checking a guest: reading a page never written allocates it.)
+    pub fn inspect_paused<R>(
+        &self,
+        inspect: impl FnOnce(&Paused, &[u8]) -> R,
+    ) -> Result<R, VmError> {
+        let paused = self.pause(true)?;
+        // SAFETY: the vCPUs stay parked until `resume` below, after the call.
+        let result = unsafe {
+            self.memory
+                .read_quiescent(|memory| inspect(&paused, memory))
+        };
+        self.resume();
+        Ok(result)
+    }
+
     /// Lets the vCPUs run again after `pause`.
     pub fn resume(&self) {
         let mut state = self.control.lock();
@@ -424,6 +416,9 @@ impl Vm {
 impl Drop for Vm {
     fn drop(&mut self) {
         self.stop();
+        // The filler works on the memory mapping: stop it before the
+        // mapping can go away.
+        drop(self.filler.take());
     }
 }
 
@@ -433,8 +428,7 @@ fn run_vcpu(
     cpuid: Vec<kvm_cpuid_entry2>,
     control: Arc<Control>,
 ) -> VcpuFd {
-    // SAFETY: pthread_self has no preconditions.
-    set_realtime(unsafe { libc::pthread_self() }, false);
+    set_current_realtime(false);
     let mut parked_generation = 0;
     let mut left_guest = Instant::now();
     let failure = loop {

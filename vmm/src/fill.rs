@@ -29,8 +29,8 @@ use std::thread::JoinHandle;
 use rustix::event::{EventfdFlags, PollFd, PollFlags};
 use userfaultfd::{Event, FaultKind, RegisterMode, Uffd, UffdBuilder};
 
-use crate::capture::CaptureProgress;
-use crate::memory::PAGE_SIZE;
+use crate::memory::{GuestMemory, PAGE_SIZE};
+use crate::thread::set_current_realtime;
 
 /// The socket a capture serves while its copy runs.
 pub const FILL_SOCKET: &str = "fill.sock";
@@ -59,10 +59,37 @@ pub enum FillError {
         #[source]
         source: std::io::Error,
     },
+    #[error("the capture failed")]
+    CaptureFailed,
+    #[error("the capturing process went away before the copy completed")]
+    CaptureGone,
+    #[error("the capture answered block {block}, past the end of memory")]
+    BlockPastEnd { block: u64 },
 }
 
 fn io_err(op: &'static str) -> impl FnOnce(std::io::Error) -> FillError {
     move |source| FillError::Io { op, source }
+}
+
+fn errno_err(op: &'static str) -> impl FnOnce(rustix::io::Errno) -> FillError {
+    move |errno| FillError::Io {
+        op,
+        source: errno.into(),
+    }
+}
+
+fn uffd_err(op: &'static str) -> impl FnOnce(userfaultfd::Error) -> FillError {
+    move |source| FillError::Userfaultfd { op, source }
+}
+
+/// What a fill server serves from: a running capture's copy, which can put
+/// chosen pages into the capture's file ahead of its copier.
+pub trait PageSource: Send + Sync + 'static {
+    /// Guest memory pages.
+    fn pages(&self) -> usize;
+    /// Makes sure pages `first..first + count` hold their captured contents
+    /// in the file; false if the capture failed.
+    fn ensure_copied(&self, first: usize, count: usize) -> bool;
 }
 
 /// The capturing side: serves branches' requests until the copy ends.
@@ -76,7 +103,7 @@ pub struct FillServer {
 }
 
 struct ServerShared {
-    progress: CaptureProgress,
+    progress: Box<dyn PageSource>,
     outcome: AtomicU8,
     /// Each connection's stream (to shut it down at the end) and thread.
     connections: Mutex<Vec<(UnixStream, JoinHandle<()>)>>,
@@ -85,13 +112,13 @@ struct ServerShared {
 impl FillServer {
     /// Listens on `path` (mode 0600) for branches of the capture `progress`
     /// belongs to.
-    pub fn start(path: &Path, progress: CaptureProgress) -> Result<Self, FillError> {
+    pub fn start(path: &Path, progress: impl PageSource) -> Result<Self, FillError> {
         let _ = std::fs::remove_file(path);
         let listener = UnixListener::bind(path).map_err(io_err("bind fill socket"))?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
             .map_err(io_err("chmod fill socket"))?;
         let shared = Arc::new(ServerShared {
-            progress,
+            progress: Box::new(progress),
             outcome: AtomicU8::new(RUNNING),
             connections: Mutex::new(Vec::new()),
         });
@@ -170,11 +197,7 @@ fn accept(listener: &UnixListener, shared: &Arc<ServerShared>) {
 fn serve(mut stream: UnixStream, shared: &ServerShared) {
     // A branch's vCPU waits on every answer: serve ahead of normal threads
     // (each answer is one short copy).
-    crate::vm::set_realtime(
-        // SAFETY: pthread_self has no preconditions.
-        unsafe { libc::pthread_self() },
-        true,
-    );
+    set_current_realtime(true);
     let blocks = shared.progress.pages().div_ceil(BLOCK_PAGES) as u64;
     let mut request = [0u8; 8];
     while stream.read_exact(&mut request).is_ok() {
@@ -200,9 +223,14 @@ fn serve(mut stream: UnixStream, shared: &ServerShared) {
     let _ = stream.write_all(&outcome.to_le_bytes());
 }
 
+/// Tells a filler whose capture closed the connection without a word
+/// whether the capture is complete all the same (it finished just as the
+/// branch connected): the capture's own record says.
+pub type CompleteCheck = Box<dyn Fn() -> bool + Send>;
+
 /// The branch side: fetches the pages a branch touches before its capture's
-/// copy completes. Dropping it stops it (the memory is going away).
-#[derive(Debug)]
+/// copy completes. Dropping it stops it; it must be dropped before the
+/// memory it serves is unmapped (the restored VM owns both).
 pub struct Filler {
     stop: OwnedFd,
     thread: Option<JoinHandle<()>>,
@@ -215,46 +243,45 @@ struct FillerWork {
     base: usize,
     len: usize,
     stream: UnixStream,
-    capture_dir: PathBuf,
+    /// The capture, for messages.
+    capture: PathBuf,
+    capture_complete: CompleteCheck,
     done: Arc<(Mutex<bool>, Condvar)>,
     hot_blocks: Vec<u64>,
 }
 
-// SAFETY: `base` and `len` describe the branch's guest memory mapping, which
-// outlives the filler (`GuestMemory` stops it before unmapping); the thread
-// only passes them to userfaultfd calls.
-unsafe impl Send for FillerWork {}
+impl std::fmt::Debug for Filler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Filler").finish_non_exhaustive()
+    }
+}
 
 impl Filler {
-    /// Registers `len` bytes of guest memory at `base` (a private mapping of
-    /// the capture in `capture_dir`) for missing-page faults and serves them
-    /// through `stream`, connected to the capture's fill socket. The blocks
-    /// of `hot_pages`, which the vCPUs will touch first, are asked for at
-    /// once rather than one fault at a time.
+    /// Registers `memory` (a private mapping of the capture `capture`) for
+    /// missing-page faults and serves them through `stream`, connected to
+    /// the capture's fill socket. The blocks of `hot_pages`, which the
+    /// vCPUs will touch first, are asked for at once rather than one fault
+    /// at a time. `capture_complete` is asked when the capture closes the
+    /// connection without saying why.
     pub fn start(
-        base: *mut u8,
-        len: usize,
+        memory: &GuestMemory,
         stream: UnixStream,
-        capture_dir: &Path,
+        capture: &Path,
+        capture_complete: CompleteCheck,
         hot_pages: &[usize],
     ) -> Result<Self, FillError> {
+        let (base, len) = memory.host_range(0..memory.pages());
         let uffd = UffdBuilder::new()
             .close_on_exec(true)
             .non_blocking(true)
             // KVM's own accesses to guest memory must fault too.
             .user_mode_only(false)
             .create()
-            .map_err(|source| FillError::Userfaultfd {
-                op: "create",
-                source,
-            })?;
-        uffd.register_with_mode(base.cast(), len, RegisterMode::MISSING)
-            .map_err(|source| FillError::Userfaultfd {
-                op: "register (missing)",
-                source,
-            })?;
-        let stop = rustix::event::eventfd(0, EventfdFlags::CLOEXEC)
-            .map_err(|errno| io_err("eventfd")(errno.into()))?;
+            .map_err(uffd_err("create"))?;
+        uffd.register_with_mode(base, len, RegisterMode::MISSING)
+            .map_err(uffd_err("register (missing)"))?;
+        let stop =
+            rustix::event::eventfd(0, EventfdFlags::CLOEXEC).map_err(errno_err("eventfd"))?;
         let done = Arc::new((Mutex::new(false), Condvar::new()));
         let mut hot_blocks: Vec<u64> = hot_pages
             .iter()
@@ -268,7 +295,8 @@ impl Filler {
             base: base as usize,
             len,
             stream,
-            capture_dir: capture_dir.to_owned(),
+            capture: capture.to_owned(),
+            capture_complete,
             done: done.clone(),
             hot_blocks,
         };
@@ -307,16 +335,12 @@ impl Drop for Filler {
 impl FillerWork {
     fn run(self, stop: OwnedFd) {
         // The branch's vCPUs wait on this thread.
-        crate::vm::set_realtime(
-            // SAFETY: pthread_self has no preconditions.
-            unsafe { libc::pthread_self() },
-            true,
-        );
+        set_current_realtime(true);
         let served = match self.serve(&stop) {
             // The capture closes its socket once the copy completes: a
             // connection lost at that moment (reset before the capture said
             // so) loses nothing if its state says the file is whole.
-            Err(_) if matches!(self.capture_complete_after_close(), Ok(true)) => Ok(true),
+            Err(_) if (self.capture_complete)() => Ok(true),
             served => served,
         };
         match served {
@@ -329,16 +353,17 @@ impl FillerWork {
                 changed.notify_all();
             }
             Ok(false) => {}
-            Err(reason) => {
+            Err(err) => {
                 // Pages this branch has not touched yet can no longer be
                 // fetched, and letting a fault through would read a hole as
                 // zeros: the branch cannot go on. Its whole process ends so
                 // that no vCPU runs another instruction.
-                tracing::error!(capture = %self.capture_dir.display(), %reason,
+                let reason = crate::error::chain(&err);
+                tracing::error!(capture = %self.capture.display(), %reason,
                     "branch memory cannot be completed; stopping the branch");
                 eprintln!(
                     "sandfork: branch of {} stopped: {reason}",
-                    self.capture_dir.display()
+                    self.capture.display()
                 );
                 std::process::exit(70);
             }
@@ -347,14 +372,12 @@ impl FillerWork {
 
     /// Serves faults until the copy is complete (true), the filler is
     /// stopped (false), or the capture cannot complete (an error).
-    fn serve(&self, stop: &OwnedFd) -> Result<bool, String> {
+    fn serve(&self, stop: &OwnedFd) -> Result<bool, FillError> {
         let mut pending: HashSet<u64> = HashSet::new();
         let mut received = Vec::with_capacity(64);
         for &block in &self.hot_blocks {
             pending.insert(block);
-            (&self.stream)
-                .write_all(&block.to_le_bytes())
-                .map_err(|err| format!("ask the capture for a page: {err}"))?;
+            self.ask(block)?;
         }
         loop {
             let mut fds = [
@@ -364,7 +387,7 @@ impl FillerWork {
             ];
             match rustix::event::poll(&mut fds, None) {
                 Err(rustix::io::Errno::INTR) => continue,
-                Err(errno) => return Err(format!("poll: {errno}")),
+                Err(errno) => return Err(errno_err("poll")(errno)),
                 Ok(_) => {}
             }
             if !fds[2].revents().is_empty() {
@@ -373,11 +396,7 @@ impl FillerWork {
             let faults = !fds[0].revents().is_empty();
             let replies = !fds[1].revents().is_empty();
             if faults {
-                while let Some(event) = self
-                    .uffd
-                    .read_event()
-                    .map_err(|err| format!("read userfaultfd event: {err}"))?
-                {
+                while let Some(event) = self.uffd.read_event().map_err(uffd_err("read event"))? {
                     if let Event::Pagefault {
                         kind: FaultKind::Missing,
                         addr,
@@ -386,9 +405,7 @@ impl FillerWork {
                     {
                         let block = ((addr as usize - self.base) / PAGE_SIZE / BLOCK_PAGES) as u64;
                         if pending.insert(block) {
-                            (&self.stream)
-                                .write_all(&block.to_le_bytes())
-                                .map_err(|err| format!("ask the capture for a page: {err}"))?;
+                            self.ask(block)?;
                         }
                     }
                 }
@@ -398,16 +415,16 @@ impl FillerWork {
                 let read =
                     rustix::net::recv(&self.stream, &mut buffer, rustix::net::RecvFlags::DONTWAIT);
                 match read {
-                    Ok((0, _)) => return self.capture_complete_after_close(),
+                    Ok((0, _)) => return self.complete_after_close(),
                     Ok((count, _)) => received.extend_from_slice(&buffer[..count]),
                     Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INTR) => {}
-                    Err(errno) => return Err(format!("read from the capture: {errno}")),
+                    Err(errno) => return Err(errno_err("read from the capture")(errno)),
                 }
                 let whole = received.len() / 8 * 8;
                 for message in received[..whole].chunks_exact(8) {
                     match u64::from_le_bytes(message.try_into().unwrap()) {
                         DONE => return Ok(true),
-                        FAILED => return Err("the capture failed".into()),
+                        FAILED => return Err(FillError::CaptureFailed),
                         block => {
                             pending.remove(&block);
                             self.wake(block)?;
@@ -419,25 +436,31 @@ impl FillerWork {
         }
     }
 
-    fn wake(&self, block: u64) -> Result<(), String> {
-        let start = block as usize * BLOCK_PAGES * PAGE_SIZE;
-        if start >= self.len {
-            return Err(format!("the capture answered block {block}, past the end"));
-        }
+    fn ask(&self, block: u64) -> Result<(), FillError> {
+        (&self.stream)
+            .write_all(&block.to_le_bytes())
+            .map_err(io_err("ask the capture for a page"))
+    }
+
+    fn wake(&self, block: u64) -> Result<(), FillError> {
+        let start = (block as usize)
+            .checked_mul(BLOCK_PAGES * PAGE_SIZE)
+            .filter(|&start| start < self.len)
+            .ok_or(FillError::BlockPastEnd { block })?;
         let len = (BLOCK_PAGES * PAGE_SIZE).min(self.len - start);
         self.uffd
             .wake((self.base + start) as *mut _, len)
-            .map_err(|err| format!("wake faults: {err}"))
+            .map_err(uffd_err("wake faults"))
     }
 
     /// The capture closed the connection without saying why: it is complete
-    /// if its state says so (it finished just as we connected), and lost
+    /// if its record says so (it finished just as we connected), and lost
     /// otherwise (its process went away).
-    fn capture_complete_after_close(&self) -> Result<bool, String> {
-        let dir = crate::snapshot::CaptureDir::new(&self.capture_dir);
-        match dir.read_state() {
-            Ok(state) if state.memory_complete => Ok(true),
-            _ => Err("the capturing process went away before the copy completed".into()),
+    fn complete_after_close(&self) -> Result<bool, FillError> {
+        if (self.capture_complete)() {
+            Ok(true)
+        } else {
+            Err(FillError::CaptureGone)
         }
     }
 }
