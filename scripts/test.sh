@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The test command: formatting, then every test of the workspace (unit tests,
-# the tests that need real /dev/kvm and /dev/userfaultfd, and the
-# end-to-end tests against a real local control plane).
+# The test command: formatting, lints, the local cluster's smoke test (its
+# nodes, and that `down` leaves nothing behind), then every test of the
+# workspace (unit tests, the tests that need real /dev/kvm and
+# /dev/userfaultfd, and the end-to-end tests against the chart's Pods on a
+# local cluster with real nodes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,6 +15,12 @@ export SANDFORK_REQUIRE_DEVICES=1
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
+
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+echo "== local cluster smoke test"
+e2e/cluster/smoke-test.sh
 
 echo "== cargo test"
 cargo test --workspace --locked -- --test-threads 2

@@ -12,6 +12,7 @@
 //! The scenarios that run VMs need /dev/kvm and /dev/userfaultfd. Without
 //! them they are ignored with a message, unless `CI` or
 //! `SANDFORK_REQUIRE_DEVICES` is set: then they fail.
+#![forbid(unsafe_code)]
 
 use std::collections::BTreeSet;
 use std::process::ExitCode;

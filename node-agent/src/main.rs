@@ -1,4 +1,5 @@
 //! `sandfork-agent`: the Sandfork node agent and its local command line.
+#![forbid(unsafe_code)]
 
 use std::path::PathBuf;
 

@@ -1,5 +1,6 @@
 //! Writes the CRDs generated from the Rust types into a directory (default
 //! `crds/` of the workspace), or prints them with `-` as the directory.
+#![forbid(unsafe_code)]
 
 use std::path::PathBuf;
 
