@@ -141,7 +141,8 @@ struct Pass<'a> {
     complete: bool,
     /// How long until the failure deadline.
     remaining: Duration,
-    /// How soon to look again while working, never much past the deadline.
+    /// How soon to look again while working, never much past the deadline
+    /// while it applies.
     poll: Duration,
 }
 
@@ -221,11 +222,13 @@ impl<'a> Pass<'a> {
         let Some(deadline) = deadline(self.branch) else {
             return Ok(());
         };
-        if self.complete || now <= deadline {
+        let completed = completed_at(branches, self.branch.spec.branches);
+        if self.complete || completed.is_some_and(|completed| completed <= deadline) {
+            // Done in time: the deadline no longer bounds how soon to look again.
+            self.poll = self.ctx.settings.poll;
             return Ok(());
         }
-        let completed = completed_at(branches, self.branch.spec.branches);
-        if completed.is_some_and(|completed| completed <= deadline) {
+        if now <= deadline {
             return Ok(());
         }
         let why = match completed {

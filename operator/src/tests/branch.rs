@@ -854,3 +854,24 @@ async fn a_fork_whose_last_branch_became_ready_after_the_deadline_fails() {
     assert_eq!(h.agent_calls("DeleteCapture").len(), 1);
     assert!(deletes(&h).is_empty(), "the branches are Ready and kept");
 }
+
+#[tokio::test]
+async fn a_fork_complete_in_time_is_looked_at_again_at_the_poll_interval_after_its_deadline() {
+    let mut h = setup(1, DeletionPolicy::Delete).await;
+    h.agent.state.lock().unwrap().copy_in_background = true;
+    h.reconcile_branch("fork").await.unwrap();
+    h.settle_sandbox("fork-0").await;
+    h.clock.advance(Duration::from_secs(61));
+    h.renew_agent_lease();
+
+    // Completed in time, seen late, its live copy still going on: looked at
+    // again for the copy's figures, at the poll interval, not at once.
+    let action = h.reconcile_branch("fork").await.unwrap();
+    assert_eq!(action, Action::requeue(h.ctx.settings.poll));
+    let status = h.branch("fork").unwrap().status.unwrap();
+    assert_eq!(condition(&status.conditions, READY).0, "True");
+
+    let action = h.reconcile_branch("fork").await.unwrap();
+    assert_eq!(action, Action::requeue(h.ctx.settings.poll));
+    assert_eq!(h.agent_calls("GetCapture").len(), 1);
+}
