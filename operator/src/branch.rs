@@ -6,7 +6,9 @@
 //! returns the existing one when asked again), branch names are fixed by
 //! their index, and a create that finds its name taken checks that the
 //! object is its own. No step creates a twin, whatever point a previous
-//! reconcile reached.
+//! reconcile reached. Nor does the failure deadline depend on it: a pass
+//! judges it by the branches it finds and when they became Ready, not by
+//! what the status said last or when the pass happens to run.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -134,11 +136,13 @@ struct Pass<'a> {
     uid: String,
     sandboxes: Api<Sandbox>,
     update: Update<'a>,
-    /// Whether all branches were ready once; the deadline no longer applies.
+    /// Whether the status records that all branches were ready once (its
+    /// `completionTime`); the deadline no longer applies.
     complete: bool,
     /// How long until the failure deadline.
     remaining: Duration,
-    /// How soon to look again while working, never much past the deadline.
+    /// How soon to look again while working, never much past the deadline
+    /// while it applies.
     poll: Duration,
 }
 
@@ -172,9 +176,12 @@ impl<'a> Pass<'a> {
         if self.branch.is_failed() {
             return Ok(Action::await_change());
         }
-        self.check_deadline().await?;
+        // What exists first, then the clock: whether the fork failed its
+        // deadline depends on when its branches became Ready, not on when
+        // this pass happens to look.
+        let mut branches = self.list_branches().await?;
+        self.check_deadline(&branches).await?;
         let capture = self.ensure_capture().await?;
-        let mut branches = self.list_branches(&capture).await?;
         self.create_missing(&mut branches, &capture).await?;
         self.trim_extra(&mut branches).await?;
         self.summarize(&branches, &capture.node).await
@@ -207,17 +214,33 @@ impl<'a> Pass<'a> {
     }
 
     /// Fails the SandboxBranch once its failure deadline has passed, unless
-    /// all its branches were ready by then.
-    async fn check_deadline(&mut self) -> Step {
+    /// all its branches were ready by then: as the status records, or as the
+    /// `branches` found show (each one's Ready transition). A fork whose last
+    /// branch became Ready after the deadline was not done in time and fails.
+    async fn check_deadline(&mut self, branches: &Branches) -> Step {
         let now = self.update.now;
-        if self.complete || deadline(self.branch).is_none_or(|deadline| now <= deadline) {
+        let Some(deadline) = deadline(self.branch) else {
+            return Ok(());
+        };
+        let completed = completed_at(branches, self.branch.spec.branches);
+        if self.complete || completed.is_some_and(|completed| completed <= deadline) {
+            // Done in time: the deadline no longer bounds how soon to look again.
+            self.poll = self.ctx.settings.poll;
             return Ok(());
         }
-        let last = conditions::find(&self.update.status.conditions, conditions::PROGRESSING)
-            .map(|c| format!(" (last: {}: {})", c.reason, c.message))
-            .unwrap_or_default();
+        if now <= deadline {
+            return Ok(());
+        }
+        let why = match completed {
+            Some(completed) => format!(
+                " (the last branch became Ready at {completed}, after the deadline {deadline})"
+            ),
+            None => conditions::find(&self.update.status.conditions, conditions::PROGRESSING)
+                .map(|c| format!(" (last: {}: {})", c.reason, c.message))
+                .unwrap_or_default(),
+        };
         let message = format!(
-            "the capture and branches were not done within failureDeadline {}{last}",
+            "the capture and branches were not done within failureDeadline {}{why}",
             self.branch.spec.failure_deadline
         );
         self.fail(reason::DEADLINE_EXCEEDED, message).await
@@ -442,10 +465,10 @@ impl<'a> Pass<'a> {
         Ok(note)
     }
 
-    /// The branches that exist: ours are those restoring from this UID. A
-    /// pass that has just captured knows there are none: branches are made
-    /// only once the status holds the capture (and a create that finds its
-    /// name taken checks whose the object is).
+    /// The branches that exist: ours are those restoring from this UID. While
+    /// the status holds no capture there are none: branches are made only
+    /// once it does (and a create that finds its name taken checks whose the
+    /// object is), so a pass that has yet to capture does not look.
     ///
     /// Read from the API server's watch cache as it is: a consistent list
     /// waits until that cache has caught up with etcd, up to the next
@@ -453,8 +476,8 @@ impl<'a> Pass<'a> {
     /// anything else was written since the last Sandbox event. The passes
     /// here are started by that cache's own watch events; if it lags
     /// (another API server), counting a branch short only means another pass.
-    async fn list_branches(&self, capture: &Capture) -> Result<Branches> {
-        if capture.fresh.is_some() {
+    async fn list_branches(&self) -> Result<Branches> {
+        if self.update.status.capture.is_none() {
             return Ok(Branches::new());
         }
         Ok(our_branches(
@@ -627,8 +650,11 @@ impl<'a> Pass<'a> {
         self.update
             .set(true, false, false, reason::BRANCHES_READY, &message);
         let first = self.update.status.completion_time.is_none();
+        // Complete when the last branch became Ready, which a pass may see
+        // only later.
+        let completed = completed_at(branches, wanted).unwrap_or(now);
         if first {
-            self.update.status.completion_time = Some(Time(now));
+            self.update.status.completion_time = Some(Time(completed));
         }
         self.update.write(ctx).await?;
         if first {
@@ -638,7 +664,7 @@ impl<'a> Pass<'a> {
                     .get_or_create(&KindLabels {
                         kind: "SandboxBranch",
                     })
-                    .observe(now.duration_since(created.0).as_secs_f64().max(0.0));
+                    .observe(completed.duration_since(created.0).as_secs_f64().max(0.0));
             }
             ctx.event(branch, EventType::Normal, "Ready", "Restore", message)
                 .await;
@@ -717,6 +743,21 @@ fn copy_pending(status: &SandboxBranchStatus) -> bool {
         .capture
         .as_ref()
         .is_some_and(|figures| figures.copy_duration_millis.is_none())
+}
+
+/// When the `wanted` branches were all Ready: the latest of their Ready
+/// conditions' transitions. `None` while one is missing or not Ready.
+fn completed_at(branches: &Branches, wanted: u32) -> Option<Timestamp> {
+    let mut latest = None;
+    for index in 0..wanted {
+        let status = branches.get(&index)?.status.as_ref()?;
+        let ready = conditions::find(&status.conditions, conditions::READY)?;
+        if ready.status != conditions::TRUE {
+            return None;
+        }
+        latest = latest.max(Some(ready.last_transition_time.0));
+    }
+    latest
 }
 
 /// Why `sandbox`, a branch, failed for good, if it did.

@@ -733,3 +733,145 @@ async fn a_live_copy_whose_capture_is_gone_is_not_asked_about_again() {
     assert_eq!(status.capture.unwrap().copy_duration_millis, None);
     assert_eq!(condition(&status.conditions, READY).0, "True");
 }
+
+/// A fork whose first pass captured and created `branches` branches (status
+/// `Progressing`), the first `ready_now` of which become Ready at once.
+async fn fork_with_branches(branches: u32, ready_now: u32) -> Harness {
+    let h = setup(branches, DeletionPolicy::Delete).await;
+    h.reconcile_branch("fork").await.unwrap();
+    for index in 0..ready_now {
+        h.settle_sandbox(&format!("fork-{index}")).await;
+        assert!(h.sandbox(&format!("fork-{index}")).unwrap().is_ready());
+    }
+    let status = h.branch("fork").unwrap().status.unwrap();
+    let (progressing, why, _) = condition(&status.conditions, PROGRESSING);
+    assert_eq!(
+        (progressing.as_str(), why.as_str()),
+        ("True", reason::RESTORING)
+    );
+    assert!(status.completion_time.is_none());
+    h
+}
+
+/// The DELETE requests recorded since the last `clear_requests`.
+fn deletes(h: &Harness) -> Vec<String> {
+    h.api_requests()
+        .into_iter()
+        .filter(|r| r.method == Method::DELETE)
+        .map(|r| r.path)
+        .collect()
+}
+
+#[tokio::test]
+async fn branches_ready_before_the_deadline_make_it_ready_whenever_it_is_looked_at() {
+    // The operator wrote Progressing, the branches became Ready, and the
+    // next look (a new operator's) comes after the deadline.
+    let mut h = fork_with_branches(3, 3).await;
+    let became_ready = h.clock.now();
+    h.clock.advance(Duration::from_secs(61));
+    h.renew_agent_lease();
+    h.restart();
+    h.api.clear_requests();
+
+    h.reconcile_branch("fork").await.unwrap();
+
+    let status = h.branch("fork").unwrap().status.unwrap();
+    let (ready, why, message) = condition(&status.conditions, READY);
+    assert_eq!(
+        (ready.as_str(), why.as_str()),
+        ("True", reason::BRANCHES_READY),
+        "{message}"
+    );
+    assert_eq!(condition(&status.conditions, FAILED).0, "False");
+    assert_eq!(condition(&status.conditions, PROGRESSING).0, "False");
+    assert!(status.error.is_none());
+    assert_eq!(status.branches_ready.as_deref(), Some("3/3"));
+    // Completed when the last branch became Ready, not when it was seen.
+    assert_eq!(status.completion_time.unwrap().0, became_ready);
+    assert_eq!(h.events(), vec!["Ready"]);
+    assert!(h.agent_calls("DeleteCapture").is_empty());
+    assert!(deletes(&h).is_empty(), "{:#?}", deletes(&h));
+    assert!(created_sandboxes(&h).is_empty());
+
+    // Complete: the deadline no longer applies on later passes.
+    h.clock.advance(Duration::from_secs(600));
+    h.renew_agent_lease();
+    h.reconcile_branch("fork").await.unwrap();
+    let status = h.branch("fork").unwrap().status.unwrap();
+    assert_eq!(condition(&status.conditions, READY).0, "True");
+}
+
+#[tokio::test]
+async fn a_branch_not_ready_at_the_deadline_still_fails_the_fork_when_looked_at_late() {
+    let mut h = fork_with_branches(3, 2).await;
+    h.clock.advance(Duration::from_secs(61));
+    h.renew_agent_lease();
+    h.restart();
+    h.api.clear_requests();
+
+    assert_eq!(
+        h.reconcile_branch("fork").await.unwrap(),
+        Action::await_change()
+    );
+
+    let (status, message) = failed_status(&h, reason::DEADLINE_EXCEEDED);
+    assert!(message.contains("failureDeadline 60s"), "{message}");
+    assert_eq!(condition(&status.conditions, READY).0, "False");
+    assert!(status.completion_time.is_none());
+    let uid = h.branch("fork").unwrap().metadata.uid.unwrap();
+    assert_eq!(
+        h.agent_calls("DeleteCapture"),
+        vec![format!("DeleteCapture {uid}")]
+    );
+    assert_eq!(
+        deletes(&h),
+        vec!["/apis/sandfork.dev/v1alpha1/namespaces/team-a/sandboxes/fork-2"],
+        "only the branch that is not ready"
+    );
+}
+
+#[tokio::test]
+async fn a_fork_whose_last_branch_became_ready_after_the_deadline_fails() {
+    // The deadline bounds the fork's completion: the instant its last
+    // branch became Ready.
+    let mut h = fork_with_branches(3, 2).await;
+    h.clock.advance(Duration::from_secs(61));
+    h.renew_agent_lease();
+    h.settle_sandbox("fork-2").await;
+    assert!(h.sandbox("fork-2").unwrap().is_ready());
+    h.restart();
+    h.api.clear_requests();
+
+    assert_eq!(
+        h.reconcile_branch("fork").await.unwrap(),
+        Action::await_change()
+    );
+
+    let (status, message) = failed_status(&h, reason::DEADLINE_EXCEEDED);
+    assert!(message.contains("failureDeadline 60s"), "{message}");
+    assert!(message.contains("after the deadline"), "{message}");
+    assert!(status.completion_time.is_none());
+    assert_eq!(h.agent_calls("DeleteCapture").len(), 1);
+    assert!(deletes(&h).is_empty(), "the branches are Ready and kept");
+}
+
+#[tokio::test]
+async fn a_fork_complete_in_time_is_looked_at_again_at_the_poll_interval_after_its_deadline() {
+    let mut h = setup(1, DeletionPolicy::Delete).await;
+    h.agent.state.lock().unwrap().copy_in_background = true;
+    h.reconcile_branch("fork").await.unwrap();
+    h.settle_sandbox("fork-0").await;
+    h.clock.advance(Duration::from_secs(61));
+    h.renew_agent_lease();
+
+    // Completed in time, seen late, its live copy still going on: looked at
+    // again for the copy's figures, at the poll interval, not at once.
+    let action = h.reconcile_branch("fork").await.unwrap();
+    assert_eq!(action, Action::requeue(h.ctx.settings.poll));
+    let status = h.branch("fork").unwrap().status.unwrap();
+    assert_eq!(condition(&status.conditions, READY).0, "True");
+
+    let action = h.reconcile_branch("fork").await.unwrap();
+    assert_eq!(action, Action::requeue(h.ctx.settings.poll));
+    assert_eq!(h.agent_calls("GetCapture").len(), 1);
+}
