@@ -122,9 +122,9 @@ fn main() -> anyhow::Result<()> {
             &state_dir::captures(&cli.state_dir),
         )?),
         Command::Bench(args) => sandfork_bench::run(&args),
-        Command::Serve(config) => {
-            sandfork_node_agent::service::run(config.with_state_dir(cli.state_dir))
-        }
+        Command::Serve(config) => Ok(sandfork_node_agent::service::run(
+            config.with_state_dir(cli.state_dir),
+        )?),
         command => run_local(&cli.state_dir, command),
     }
 }

@@ -216,7 +216,7 @@ async fn start_server(
 ) -> (
     String,
     tokio::sync::oneshot::Sender<()>,
-    tokio::task::JoinHandle<anyhow::Result<()>>,
+    tokio::task::JoinHandle<Result<(), sandfork_node_agent::service::ServeError>>,
 ) {
     let server = pki.ca.server(&[DEFAULT_TLS_SERVER_NAME]);
     let config = ServeConfig {

@@ -18,7 +18,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::Context as _;
 use k8s_openapi::api::coordination::v1::Lease;
 use sandfork_api::agent::v1::agent_server::AgentServer;
 use tokio::net::TcpListener;
@@ -26,6 +25,52 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 pub use health::Capacity;
+
+/// Why the agent could not start serving, or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("the node name is empty: set NODE_NAME or --node-name")]
+    NoNodeName,
+    #[error(
+        "listening on a wildcard address: set --advertise (or POD_IP) to the address the operator should dial"
+    )]
+    NoAdvertisedAddress,
+    #[error("reading the {what} {path}")]
+    ReadTls {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("opening the state directory {path}")]
+    StateDir {
+        path: PathBuf,
+        #[source]
+        source: crate::manager::ManagerError,
+    },
+    #[error("{what} {addr}")]
+    Listen {
+        what: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("starting the async runtime")]
+    Runtime(#[source] std::io::Error),
+    #[error("finding Kubernetes credentials to register (use --register=false to run without)")]
+    Credentials(#[source] kube::config::InferConfigError),
+    #[error("building the Kubernetes client")]
+    Client(#[source] kube::Error),
+    #[error("writing the Lease {name} in namespace {namespace}")]
+    Register {
+        name: String,
+        namespace: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("serving gRPC")]
+    Grpc(#[source] tonic::transport::Error),
+}
 pub use server::AgentService;
 
 use crate::manager::Manager;
@@ -121,14 +166,12 @@ impl ServeConfig {
     }
 
     /// What the operator should dial, given the address actually bound.
-    pub fn advertised_endpoint(&self, bound: SocketAddr) -> anyhow::Result<String> {
+    pub fn advertised_endpoint(&self, bound: SocketAddr) -> Result<String, ServeError> {
         if let Some(advertise) = &self.advertise {
             return Ok(advertise.clone());
         }
         let ip = if bound.ip().is_unspecified() {
-            self.pod_ip.context(
-                "listening on a wildcard address: set --advertise (or POD_IP) to the address the operator should dial",
-            )?
+            self.pod_ip.ok_or(ServeError::NoAdvertisedAddress)?
         } else {
             bound.ip()
         };
@@ -136,9 +179,13 @@ impl ServeConfig {
     }
 
     /// Server TLS that requires client certificates signed by the client CA.
-    pub fn tls(&self) -> anyhow::Result<ServerTlsConfig> {
-        let read = |path: &PathBuf, what: &str| {
-            std::fs::read(path).with_context(|| format!("reading the {what} {}", path.display()))
+    pub fn tls(&self) -> Result<ServerTlsConfig, ServeError> {
+        let read = |path: &PathBuf, what: &'static str| {
+            std::fs::read(path).map_err(|source| ServeError::ReadTls {
+                what,
+                path: path.clone(),
+                source,
+            })
         };
         let cert = read(&self.tls_cert, "TLS certificate")?;
         let key = read(&self.tls_key, "TLS key")?;
@@ -151,19 +198,23 @@ impl ServeConfig {
 }
 
 /// Runs [`serve`] on a new Tokio runtime (for the synchronous `main`).
-pub fn run(config: ServeConfig) -> anyhow::Result<()> {
+pub fn run(config: ServeConfig) -> Result<(), ServeError> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .context("starting the async runtime")?
+        .map_err(ServeError::Runtime)?
         .block_on(serve(config))
 }
 
 /// Serves until SIGTERM or Ctrl-C.
-pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
+pub async fn serve(config: ServeConfig) -> Result<(), ServeError> {
     let listener = TcpListener::bind(config.listen)
         .await
-        .with_context(|| format!("listening on {}", config.listen))?;
+        .map_err(|source| ServeError::Listen {
+            what: "listening on",
+            addr: config.listen,
+            source,
+        })?;
     serve_on(config, listener, shutdown_signal()).await
 }
 
@@ -172,16 +223,18 @@ pub async fn serve_on(
     config: ServeConfig,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
-) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        !config.node_name.is_empty(),
-        "the node name is empty: set NODE_NAME or --node-name"
-    );
+) -> Result<(), ServeError> {
+    if config.node_name.is_empty() {
+        return Err(ServeError::NoNodeName);
+    }
     let manager = match &config.agent_binary {
         Some(binary) => Manager::with_agent_binary(&config.state_dir, binary),
         None => Manager::open(&config.state_dir),
     }
-    .with_context(|| format!("opening the state directory {}", config.state_dir.display()))?;
+    .map_err(|source| ServeError::StateDir {
+        path: config.state_dir.clone(),
+        source,
+    })?;
     let capacity = Capacity::detect(
         config.memory_mib,
         config.reserved_memory_mib,
@@ -190,7 +243,11 @@ pub async fn serve_on(
     // Read the certificates before registering: an agent that cannot serve
     // must not advertise itself.
     let tls = config.tls()?;
-    let bound = listener.local_addr()?;
+    let bound = listener.local_addr().map_err(|source| ServeError::Listen {
+        what: "reading the address bound for",
+        addr: config.listen,
+        source,
+    })?;
     let endpoint = config.advertised_endpoint(bound)?;
     let devices = health::check();
     if !devices.all_ok() {
@@ -209,13 +266,12 @@ pub async fn serve_on(
     }
 
     let heartbeat = if config.register {
-        let mut kube_config = kube::Config::infer().await.context(
-            "finding Kubernetes credentials to register (use --register=false to run without)",
-        )?;
+        let mut kube_config = kube::Config::infer()
+            .await
+            .map_err(ServeError::Credentials)?;
         // The agent only makes short calls: none may hang the heartbeat.
         kube_config.read_timeout = Some(Duration::from_secs(20));
-        let client =
-            kube::Client::try_from(kube_config).context("building the Kubernetes client")?;
+        let client = kube::Client::try_from(kube_config).map_err(ServeError::Client)?;
         let api = kube::Api::<Lease>::namespaced(client, &config.namespace);
         let registration = lease::Registration {
             namespace: config.namespace.clone(),
@@ -229,12 +285,10 @@ pub async fn serve_on(
         let acquired = k8s_openapi::jiff::Timestamp::now();
         let devices = lease::renew(&api, &registration, acquired)
             .await
-            .with_context(|| {
-                format!(
-                    "writing the Lease {} in namespace {}",
-                    sandfork_api::agent::lease::name(&config.node_name),
-                    config.namespace
-                )
+            .map_err(|source| ServeError::Register {
+                name: sandfork_api::agent::lease::name(&config.node_name),
+                namespace: config.namespace.clone(),
+                source,
             })?;
         readiness.record(devices);
         Some(tokio::spawn(lease::heartbeat(
@@ -249,11 +303,17 @@ pub async fn serve_on(
     };
 
     let probes = match config.health_listen {
-        Some(addr) => Some(
-            probes::spawn(addr, readiness)
-                .await
-                .with_context(|| format!("listening for probes on {addr}"))?,
-        ),
+        Some(addr) => {
+            Some(
+                probes::spawn(addr, readiness)
+                    .await
+                    .map_err(|source| ServeError::Listen {
+                        what: "listening for probes on",
+                        addr,
+                        source,
+                    })?,
+            )
+        }
         None => None,
     };
     tracing::info!(
@@ -266,7 +326,8 @@ pub async fn serve_on(
     );
     let service = AgentService::new(manager, config.node_name.clone(), capacity);
     let result = Server::builder()
-        .tls_config(tls)?
+        .tls_config(tls)
+        .map_err(ServeError::Grpc)?
         .add_service(InterceptedService::new(
             AgentServer::new(service),
             client_check(config.tls_client_name.clone()),
@@ -279,7 +340,7 @@ pub async fn serve_on(
     for task in [heartbeat, probes].into_iter().flatten() {
         task.abort();
     }
-    result.context("serving gRPC")?;
+    result.map_err(ServeError::Grpc)?;
     tracing::info!("agent stopped; its VMs keep running");
     Ok(())
 }
