@@ -21,11 +21,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Secret};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use libtest_mimic::{Arguments, Failed, Trial};
 use sandfork_api::agent::v1 as pb;
 use sandfork_api::conditions::{FAILED, READY};
+use sandfork_api::deviceplugin::KVM_RESOURCE;
 use sandfork_api::labels;
 use sandfork_e2e::bench::{self, Step};
 use sandfork_e2e::env::Env;
@@ -96,7 +98,7 @@ fn main() -> ExitCode {
     });
 
     // (name, needs VMs, body)
-    let scenarios: [(&str, bool, Body); 13] = [
+    let scenarios: [(&str, bool, Body); 14] = [
         (
             "chart_accepted_by_api_server",
             false,
@@ -114,6 +116,7 @@ fn main() -> ExitCode {
             missing_source_fails_cleanly,
         ),
         ("sandbox_becomes_ready", true, sandbox_becomes_ready),
+        ("device_plugin_serves_kvm", true, device_plugin_serves_kvm),
         (
             "branches_continue_from_capture",
             true,
@@ -592,6 +595,191 @@ fn sandbox_becomes_ready(env: &Env) -> anyhow::Result<()> {
         counter_reports(env, &node, &uid, first + 1, Duration::from_secs(60)).await?;
         Ok(())
     })
+}
+
+/// Units of `sandfork.dev/kvm` each agent node offers: the chart's
+/// `agent.maxSandboxes`.
+const KVM_UNITS: &str = "64";
+
+/// The agents' device plugin: every agent node reports `sandfork.dev/kvm`
+/// in its capacity and allocatable, an unprivileged Pod that asks for one
+/// unit opens /dev/kvm and /dev/userfaultfd read-write (the agent image's
+/// `check-devices`), and the same Pod without the limit cannot.
+fn device_plugin_serves_kvm(env: &Env) -> anyhow::Result<()> {
+    env.scenario("device-plugin", false, |ns| async move {
+        let client = env.client();
+        let nodes = env.agent_nodes().await?;
+        ensure!(!nodes.is_empty(), "no agent has registered");
+        let node_api = Api::<Node>::all(client.clone());
+        for node in &nodes {
+            let started = Instant::now();
+            let (capacity, allocatable) = wait::until(
+                &format!("{KVM_RESOURCE} on node {node}"),
+                Duration::from_secs(60),
+                || async {
+                    let status = node_api.get(node).await?.status.unwrap_or_default();
+                    let units = |list: &Option<std::collections::BTreeMap<String, Quantity>>| {
+                        list.as_ref()
+                            .and_then(|list| list.get(KVM_RESOURCE))
+                            .map(|quantity| quantity.0.clone())
+                    };
+                    let (capacity, allocatable) = (units(&status.capacity), units(&status.allocatable));
+                    Ok(
+                        if capacity.as_deref() == Some(KVM_UNITS)
+                            && allocatable.as_deref() == Some(KVM_UNITS)
+                        {
+                            Look::Done((capacity, allocatable))
+                        } else {
+                            Look::NotYet(format!(
+                                "capacity {capacity:?}, allocatable {allocatable:?}"
+                            ))
+                        },
+                    )
+                },
+            )
+            .await?;
+            eprintln!(
+                "e2e: node {node}: {KVM_RESOURCE} capacity {capacity:?}, allocatable {allocatable:?} \
+                 (seen after {:.1?})",
+                started.elapsed()
+            );
+        }
+
+        // The Pods must meet the baseline Pod Security Standard.
+        Api::<Namespace>::all(client.clone())
+            .patch(
+                &ns,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"labels": {
+                    "pod-security.kubernetes.io/enforce": "baseline",
+                }}})),
+            )
+            .await?;
+        // The agent image, as the DaemonSet runs it (the harness imported it).
+        let agents = pods::of_component(&client, &env.namespace, "agent").await?;
+        let image = agents
+            .iter()
+            .find_map(|pod| pod.spec.as_ref()?.containers.first()?.image.clone())
+            .context("no agent Pod to take the image from")?;
+        let pod_api = Api::<Pod>::namespaced(client.clone(), &ns);
+
+        let started = Instant::now();
+        let granted = check_devices_pod(&pod_api, "with-kvm", &image, true).await?;
+        let log = pod_api.logs("with-kvm", &Default::default()).await?;
+        eprintln!(
+            "e2e: Pod with {KVM_RESOURCE}: {granted} after {:.1?}; it printed:\n{log}",
+            started.elapsed()
+        );
+        ensure!(
+            granted == "Succeeded",
+            "the Pod with {KVM_RESOURCE}: 1 ended {granted}; its output:\n{log}"
+        );
+        for device in ["/dev/kvm", "/dev/userfaultfd"] {
+            ensure!(
+                log.contains(&format!("{device}: opened read-write")),
+                "the Pod with {KVM_RESOURCE} did not open {device}:\n{log}"
+            );
+        }
+
+        let started = Instant::now();
+        let denied = check_devices_pod(&pod_api, "without-kvm", &image, false).await?;
+        let log = pod_api.logs("without-kvm", &Default::default()).await?;
+        eprintln!(
+            "e2e: Pod without {KVM_RESOURCE}: {denied} after {:.1?}; it printed:\n{log}",
+            started.elapsed()
+        );
+        ensure!(
+            denied == "Failed",
+            "the Pod without {KVM_RESOURCE} ended {denied}; its output:\n{log}"
+        );
+        ensure!(
+            !log.contains("/dev/kvm: opened read-write"),
+            "the Pod without {KVM_RESOURCE} opened /dev/kvm:\n{log}"
+        );
+        Ok(())
+    })
+}
+
+/// Runs `sandfork-agent check-devices` in an unprivileged Pod, with one unit
+/// of `sandfork.dev/kvm` or none, and returns the phase it ended in.
+async fn check_devices_pod(
+    pods: &Api<Pod>,
+    name: &str,
+    image: &str,
+    with_kvm: bool,
+) -> anyhow::Result<String> {
+    let resources = if with_kvm {
+        json!({"limits": {KVM_RESOURCE: "1"}})
+    } else {
+        json!({})
+    };
+    let pod: Pod = serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name},
+        "spec": {
+            "restartPolicy": "Never",
+            "automountServiceAccountToken": false,
+            // Where the agents are; with the limit the scheduler picks a node
+            // that has a unit free.
+            "nodeSelector": {"sandfork.dev/kvm": "true"},
+            "securityContext": {
+                // The device files are root's and mode 0600 on these nodes,
+                // and the runtime gives the container's device nodes the
+                // host's owner and mode: only uid 0 may open them, so the Pod
+                // runs as root. Still unprivileged: no capability at all, no
+                // privilege escalation, the runtime's seccomp profile. What
+                // lets it open them is the device cgroup grant from the
+                // agent's Allocate answer.
+                "runAsUser": 0,
+                "runAsGroup": 0,
+                "runAsNonRoot": false,
+                "seccompProfile": {"type": "RuntimeDefault"},
+            },
+            "containers": [{
+                "name": "check",
+                "image": image,
+                "imagePullPolicy": "Never",
+                "args": ["check-devices"],
+                "resources": resources,
+                "securityContext": {
+                    "privileged": false,
+                    "allowPrivilegeEscalation": false,
+                    "capabilities": {"drop": ["ALL"]},
+                },
+            }],
+        },
+    }))?;
+    // A new namespace's default ServiceAccount may not exist yet.
+    wait::until(
+        &format!("creating Pod {name}"),
+        Duration::from_secs(30),
+        || async {
+            match pods.create(&Default::default(), &pod).await {
+                Ok(_) => Ok(Look::Done(())),
+                Err(kube::Error::Api(err)) if err.code == 409 => Ok(Look::Done(())),
+                Err(err) => Ok(Look::NotYet(format!("{err}"))),
+            }
+        },
+    )
+    .await?;
+    wait::until(
+        &format!("Pod {name} to end"),
+        Duration::from_secs(120),
+        || async {
+            let phase = pods
+                .get(name)
+                .await?
+                .status
+                .and_then(|status| status.phase)
+                .unwrap_or_default();
+            Ok(match phase.as_str() {
+                "Succeeded" | "Failed" => Look::Done(phase),
+                _ => Look::NotYet(format!("phase {phase:?}")),
+            })
+        },
+    )
+    .await
 }
 
 /// Starts a counter Sandbox and waits until it is Ready and has finished

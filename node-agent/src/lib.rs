@@ -8,9 +8,11 @@
 //! `vmhost` (the VM process: boots or restores the VM and runs captures
 //! with `sandfork_vmm`, answering over a Unix socket with an error kind).
 //! The VMM itself (memory, vCPUs, capture, snapshots) is `sandfork_vmm`,
-//! the benchmark `sandfork_bench`.
+//! the benchmark `sandfork_bench`. Beside the service, `device_plugin`
+//! offers the node's KVM to the kubelet as the resource `sandfork.dev/kvm`.
 #![forbid(unsafe_code)]
 
+pub mod device_plugin;
 pub mod manager;
 pub mod service;
 pub mod state_dir;

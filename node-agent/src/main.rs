@@ -88,6 +88,10 @@ enum Command {
     Import { file: PathBuf, capture: String },
     /// Measure capture and restore on this machine; see the README.
     Bench(BenchArgs),
+    /// Open /dev/kvm and /dev/userfaultfd read-write and say whether each
+    /// worked; exits non-zero when one did not (e.g. in a Pod without the
+    /// `sandfork.dev/kvm` resource). Needs no state directory.
+    CheckDevices,
     /// Serve the gRPC API to the operator (mutual TLS) and keep this node's Lease.
     Serve(Box<sandfork_node_agent::service::ServeConfig>),
     /// (internal) Run one sandbox's VM; started by the agent.
@@ -122,6 +126,7 @@ fn main() -> anyhow::Result<()> {
             &state_dir::captures(&cli.state_dir),
         )?),
         Command::Bench(args) => sandfork_bench::run(&args),
+        Command::CheckDevices => check_devices(),
         Command::Serve(config) => Ok(sandfork_node_agent::service::run(
             config.with_state_dir(cli.state_dir),
         )?),
@@ -212,10 +217,34 @@ fn run_local(root: &std::path::Path, command: Command) -> anyhow::Result<()> {
             state_dir::capture(root, &capture).import(&file)?;
             Ok(())
         }
-        Command::Bench(_) | Command::Serve(_) | Command::VmHost { .. } => {
+        Command::Bench(_) | Command::CheckDevices | Command::Serve(_) | Command::VmHost { .. } => {
             unreachable!("handled in main")
         }
     }
+}
+
+/// `check-devices`: one line per device on stdout, an error if one failed.
+fn check_devices() -> anyhow::Result<()> {
+    let devices = sandfork_node_agent::service::health::check();
+    println!(
+        "uid {} gid {}",
+        rustix::process::getuid().as_raw(),
+        rustix::process::getgid().as_raw()
+    );
+    for (path, result) in [
+        (sandfork_vmm::devices::KVM, &devices.kvm),
+        (sandfork_vmm::devices::USERFAULTFD, &devices.userfaultfd),
+    ] {
+        match result {
+            Ok(()) => println!("{path}: opened read-write"),
+            Err(err) => println!("{path}: {err}"),
+        }
+    }
+    anyhow::ensure!(
+        devices.all_ok(),
+        "not every device opens read-write: {devices:?}"
+    );
+    Ok(())
 }
 
 fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {

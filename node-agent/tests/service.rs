@@ -239,6 +239,10 @@ async fn start_server(
         pod_name: None,
         pod_uid: None,
         agent_binary: Some(AGENT.into()),
+        device_plugin: sandfork_node_agent::device_plugin::DevicePluginArgs {
+            enabled: false,
+            dir: PathBuf::from("/nonexistent"),
+        },
         state_dir: PathBuf::new(),
     }
     .with_state_dir(state.path());

@@ -153,6 +153,9 @@ pub struct ServeConfig {
     /// The executable started as each sandbox's VM process [default: this one].
     #[arg(long, env = "SANDFORK_AGENT_BINARY", hide = true)]
     pub agent_binary: Option<PathBuf>,
+    /// The kubelet device plugin for `sandfork.dev/kvm`.
+    #[command(flatten)]
+    pub device_plugin: crate::device_plugin::DevicePluginArgs,
     /// The state directory: set from the command line's global --state-dir.
     #[arg(skip)]
     pub state_dir: PathBuf,
@@ -324,6 +327,33 @@ pub async fn serve_on(
         max_sandboxes = capacity.max_sandboxes,
         "agent serving"
     );
+    // Stops the device plugin too when serving ends, however it ends.
+    let stop = std::sync::Arc::new(tokio::sync::watch::channel(false).0);
+    let device_plugin = config.device_plugin.enabled.then(|| {
+        let options =
+            crate::device_plugin::Options::new(&config.device_plugin.dir, capacity.max_sandboxes);
+        let mut stopped = stop.subscribe();
+        tokio::spawn(async move {
+            let run = crate::device_plugin::run(options, || health::check().all_ok(), async move {
+                let _ = stopped.wait_for(|stop| *stop).await;
+            });
+            if let Err(err) = run.await {
+                // The agent still serves the operator: sandboxes do not need
+                // the plugin yet.
+                tracing::error!(
+                    err = sandfork_vmm::error::chain(&err),
+                    "the device plugin stopped"
+                );
+            }
+        })
+    });
+    let shutdown = {
+        let stop = stop.clone();
+        async move {
+            shutdown.await;
+            stop.send_replace(true);
+        }
+    };
     let service = AgentService::new(manager, config.node_name.clone(), capacity);
     let result = Server::builder()
         .tls_config(tls)
@@ -339,6 +369,12 @@ pub async fn serve_on(
         .await;
     for task in [heartbeat, probes].into_iter().flatten() {
         task.abort();
+    }
+    stop.send_replace(true);
+    if let Some(task) = device_plugin
+        && let Err(err) = task.await
+    {
+        tracing::warn!(%err, "the device plugin's task failed");
     }
     result.map_err(ServeError::Grpc)?;
     tracing::info!("agent stopped; its VMs keep running");
