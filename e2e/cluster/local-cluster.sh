@@ -96,12 +96,26 @@ listening_ports() {
   return 0
 }
 
-# free_port EXCLUDED...: a random port in 20000-59999 that nothing listens on.
+# Local ports of every TCP socket (any state, v4 and v6), decimal.
+used_ports() {
+  local f local_addr
+  for f in /proc/net/tcp /proc/net/tcp6; do
+    [[ -r $f ]] || continue
+    while read -r _ local_addr _; do echo $((16#${local_addr##*:})); done < <(tail -n +2 "$f")
+  done
+  return 0
+}
+
+# free_port EXCLUDED...: a random port that no socket uses, from 20000 up to
+# the kernel's ephemeral range (a port picked inside it can be taken by an
+# outgoing connection before the component binds it).
 free_port() {
-  local used p
-  used=" $(listening_ports | tr '\n' ' ') $* "
+  local used p low
+  low=$(cut -f1 /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
+  ((low > 21000)) || low=60000
+  used=" $(used_ports | tr '\n' ' ') $* "
   for _ in $(seq 1 200); do
-    p=$((20000 + (RANDOM * 32768 + RANDOM) % 40000))
+    p=$((20000 + (RANDOM * 32768 + RANDOM) % (low - 20000)))
     [[ "$used" == *" $p "* ]] || { echo "$p"; return; }
   done
   die "no free port found"

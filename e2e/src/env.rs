@@ -183,7 +183,15 @@ impl Env {
         );
         let started = Instant::now();
         let cluster =
-            LocalCluster::up(&repo, &root.join("cluster"), &root.join("logs/cluster.log"))?;
+            match LocalCluster::up(&repo, &root.join("cluster"), &root.join("logs/cluster.log")) {
+                Ok(cluster) => cluster,
+                Err(err) => {
+                    if !keep {
+                        let _ = std::fs::remove_dir_all(&root);
+                    }
+                    return Err(err);
+                }
+            };
         eprintln!("e2e: cluster and nodes up in {:.1?}", started.elapsed());
         let mut local = Local {
             root: root.clone(),
