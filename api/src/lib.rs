@@ -10,6 +10,7 @@ pub mod branch;
 pub mod conditions;
 pub mod crdgen;
 pub mod deviceplugin;
+pub mod pod;
 pub mod sandbox;
 #[cfg(feature = "test-pki")]
 pub mod test_pki;

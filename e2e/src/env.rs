@@ -434,13 +434,12 @@ impl Env {
         guard.as_ref()?.cluster.node(node)?.state_dir()
     }
 
-    /// Whether the VM process that the agent on local node `node` reports
-    /// as `pid` (a pid of the agent container's namespace) still runs
-    /// (local mode only).
-    pub fn vm_process_alive(&self, node: &str, pid: u32) -> Option<bool> {
+    /// Whether the VMM of the sandbox Pod with UID `pod_uid` still runs
+    /// (local mode only: the nodes' processes are this machine's).
+    pub fn vm_process_alive(&self, pod_uid: &str) -> Option<bool> {
         let guard = self.local.lock().expect("local lock");
-        let node = guard.as_ref()?.cluster.node(node)?;
-        Some(process::vm_alive_in_node(&node.netns, pid))
+        guard.as_ref()?;
+        Some(process::vm_alive_in_pod(pod_uid))
     }
 
     /// The last `lines` lines of a Pod's log in the release namespace.

@@ -126,3 +126,14 @@ pub async fn delete(client: &kube::Client, namespace: &str, name: &str) -> kube:
         .await?;
     Ok(())
 }
+
+/// The Pod the operator runs Sandbox `sandbox` in, if there is one.
+pub async fn of_sandbox(
+    client: &kube::Client,
+    namespace: &str,
+    sandbox: &str,
+) -> kube::Result<Option<Pod>> {
+    Api::<Pod>::namespaced(client.clone(), namespace)
+        .get_opt(&format!("sandbox-{sandbox}"))
+        .await
+}

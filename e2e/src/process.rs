@@ -128,41 +128,26 @@ pub fn tail(path: &Path, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-/// The inode of the namespace that `path` (`/proc/<pid>/ns/net`, or a
-/// bind mount of one such as `/run/netns/NAME`) stands for.
-fn net_namespace(path: &Path) -> Option<u64> {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(path).ok().map(|meta| meta.ino())
-}
-
-/// Whether a `sandfork-agent vm-host` process whose pid in its own pid
-/// namespace (the agent container's) is `pid` runs in the network
-/// namespace `netns` (a node's: the agent uses the node's network).
-pub fn vm_alive_in_node(netns: &Path, pid: u32) -> bool {
-    let Some(wanted) = net_namespace(netns) else {
-        return false;
-    };
+/// Whether a `sandfork-agent vm-host` process runs in the cgroup of the Pod
+/// with UID `pod_uid` (the kubelet names a Pod's cgroup after its UID, with
+/// `_` for `-` under the systemd driver).
+pub fn vm_alive_in_pod(pod_uid: &str) -> bool {
+    let (dashed, underscored) = (
+        format!("pod{pod_uid}"),
+        format!("pod{}", pod_uid.replace('-', "_")),
+    );
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return false;
     };
     entries
         .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|&host_pid| alive(host_pid))
-        .filter(|host_pid| {
-            net_namespace(Path::new(&format!("/proc/{host_pid}/ns/net"))) == Some(wanted)
-        })
-        .filter(|host_pid| {
-            std::fs::read(format!("/proc/{host_pid}/cmdline"))
+        .filter(|&pid| alive(pid))
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
                 .is_ok_and(|cmdline| String::from_utf8_lossy(&cmdline).contains("vm-host"))
         })
-        .any(|host_pid| {
-            // The last pid of "NSpid:" is the one in the innermost namespace.
-            std::fs::read_to_string(format!("/proc/{host_pid}/status")).is_ok_and(|status| {
-                status
-                    .lines()
-                    .find_map(|line| line.strip_prefix("NSpid:"))
-                    .and_then(|pids| pids.split_whitespace().last()?.parse::<u32>().ok())
-                    == Some(pid)
-            })
+        .any(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+                .is_ok_and(|cgroups| cgroups.contains(&dashed) || cgroups.contains(&underscored))
         })
 }

@@ -549,7 +549,8 @@ fn counter_spec() -> serde_json::Value {
     json!({"guest": {"builtin": "Counter"}, "memoryMiB": MEMORY_MIB, "vcpus": 1})
 }
 
-/// A Sandbox is placed on a node with an agent and runs there.
+/// A Sandbox runs in a Pod of its own, which the scheduler binds to a node
+/// with an agent; its VM runs in that Pod.
 fn sandbox_becomes_ready(env: &Env) -> anyhow::Result<()> {
     env.scenario("sandbox-ready", false, |ns| async move {
         objects::create_sandbox(env, &ns, "counter", counter_spec()).await?;
@@ -582,14 +583,47 @@ fn sandbox_becomes_ready(env: &Env) -> anyhow::Result<()> {
             "the agent runs {} MiB, not {MEMORY_MIB}",
             vm.memory_mib
         );
-        let pid = status.vm.as_ref().and_then(|vm| vm.pid);
+        let pod = pods::of_sandbox(&env.client(), &ns, "counter")
+            .await?
+            .context("no Pod for Sandbox counter")?;
         ensure!(
-            pid.is_some() && pid == vm.pid,
-            "status.vm.pid {pid:?}, agent pid {:?}",
-            vm.pid
+            pods::node_of(&pod).as_deref() == Some(node.as_str()),
+            "status.node {node}, its Pod's node {:?}",
+            pods::node_of(&pod)
         );
-        if let Some(alive) = env.vm_process_alive(&node, pid.unwrap_or_default()) {
-            ensure!(alive, "VM process {pid:?} is not running on {node}");
+        let owner = pod
+            .metadata
+            .owner_references
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .find(|owner| owner.controller == Some(true));
+        ensure!(
+            owner.as_ref().map(|o| (o.kind.as_str(), o.uid.as_str()))
+                == Some(("Sandbox", uid.as_str())),
+            "the Pod's controller is {owner:?}"
+        );
+        let container = pod
+            .spec
+            .as_ref()
+            .and_then(|spec| spec.containers.first())
+            .context("a Pod without containers")?;
+        let limits = container
+            .resources
+            .as_ref()
+            .and_then(|r| r.limits.clone())
+            .unwrap_or_default();
+        ensure!(
+            limits.get(KVM_RESOURCE).map(|q| q.0.as_str()) == Some("1"),
+            "the Pod does not ask for {KVM_RESOURCE}: {limits:?}"
+        );
+        let security = container.security_context.clone().unwrap_or_default();
+        ensure!(
+            security.privileged != Some(true) && security.allow_privilege_escalation == Some(false),
+            "the sandbox Pod is privileged: {security:?}"
+        );
+        if let Some(alive) = env.vm_process_alive(&pods::uid(&pod)) {
+            ensure!(alive, "no VMM runs in the Pod {}", pods::uid(&pod));
         }
         let (first, _) = counter_reports(env, &node, &uid, 1, Duration::from_secs(60)).await?;
         counter_reports(env, &node, &uid, first + 1, Duration::from_secs(60)).await?;
@@ -1007,12 +1041,8 @@ fn deleting_branch_frees_node(env: &Env) -> anyhow::Result<()> {
         for entry in branch.status.clone().unwrap_or_default().branches {
             let sandbox = objects::sandboxes(env, &ns).get(&entry.name).await?;
             let (_, uid) = placement(&sandbox)?;
-            let pid = sandbox
-                .status
-                .and_then(|s| s.vm)
-                .and_then(|vm| vm.pid)
-                .context("no status.vm.pid")?;
-            vms.push((entry.name, uid, pid));
+            let pod = vm_pod(env, &ns, &entry.name).await?;
+            vms.push((entry.name, uid, pod));
         }
         let mut agent = env.agent(&node).await?;
         let info_before = agent.get_info(pb::GetInfoRequest {}).await?.into_inner();
@@ -1052,13 +1082,17 @@ fn deleting_branch_frees_node(env: &Env) -> anyhow::Result<()> {
             .into_iter()
             .map(|s| s.uid)
             .collect();
-        for (name, uid, pid) in &vms {
+        for (name, uid, pod) in &vms {
             ensure!(
                 !running.contains(uid),
                 "the agent still runs branch {name} ({uid})"
             );
-            if let Some(alive) = env.vm_process_alive(&node, *pid) {
-                ensure!(!alive, "branch {name}'s VM process {pid} still runs");
+            ensure!(
+                pods::of_sandbox(&env.client(), &ns, name).await?.is_none(),
+                "branch {name}'s Pod is still there"
+            );
+            if let Some(alive) = env.vm_process_alive(pod) {
+                ensure!(!alive, "branch {name}'s VMM (Pod {pod}) still runs");
             }
         }
         ensure!(running.contains(&source_uid), "the source stopped running");
@@ -1100,12 +1134,7 @@ fn deleting_branch_frees_node(env: &Env) -> anyhow::Result<()> {
 fn missing_source_fails_cleanly(env: &Env) -> anyhow::Result<()> {
     env.scenario("missing-source", false, |ns| async move {
         let (node, bystander_uid, _) = running_counter(env, &ns, "bystander", 1).await?;
-        let bystander_pid = objects::sandboxes(env, &ns)
-            .get("bystander")
-            .await?
-            .status
-            .and_then(|s| s.vm)
-            .and_then(|vm| vm.pid);
+        let bystander_pod = vm_pod(env, &ns, "bystander").await?;
 
         objects::create_branch(
             env,
@@ -1154,10 +1183,10 @@ fn missing_source_fails_cleanly(env: &Env) -> anyhow::Result<()> {
         }
         let bystander = objects::sandboxes(env, &ns).get("bystander").await?;
         ensure!(bystander.is_ready(), "the bystander is no longer Ready");
-        let pid = bystander.status.and_then(|s| s.vm).and_then(|vm| vm.pid);
+        let pod = vm_pod(env, &ns, "bystander").await?;
         ensure!(
-            pid == bystander_pid,
-            "the bystander's VM changed: {bystander_pid:?} -> {pid:?}"
+            pod == bystander_pod,
+            "the bystander's Pod changed: {bystander_pod} -> {pod}"
         );
         let (_, reports) = objects::counter(env, &node, &bystander_uid).await?;
         counter_reports(
@@ -1247,15 +1276,12 @@ fn fork_is_timed_by_watch(env: &Env) -> anyhow::Result<()> {
     })
 }
 
-/// The pid the Sandbox's status gives its VM (in its agent's container).
-async fn vm_pid(env: &Env, ns: &str, name: &str) -> anyhow::Result<u32> {
-    objects::sandboxes(env, ns)
-        .get(name)
+/// The UID of the Pod that runs Sandbox `name`'s VM.
+async fn vm_pod(env: &Env, ns: &str, name: &str) -> anyhow::Result<String> {
+    let pod = pods::of_sandbox(&env.client(), ns, name)
         .await?
-        .status
-        .and_then(|s| s.vm)
-        .and_then(|vm| vm.pid)
-        .with_context(|| format!("Sandbox {name} has no status.vm.pid"))
+        .with_context(|| format!("Sandbox {name} has no Pod"))?;
+    Ok(pods::uid(&pod))
 }
 
 /// The agent's Lease on `node`: (acquireTime, the UID of the Pod that owns it).
@@ -1312,13 +1338,14 @@ async fn agent_replaced(env: &Env, node: &str, old_uid: &str) -> anyhow::Result<
 }
 
 /// An agent Pod deleted: the DaemonSet's replacement registers again (a
-/// new Lease owned by the new Pod) and runs new sandboxes. Today a
-/// sandbox's VM is a process inside the agent's container and ends with it:
-/// the Sandbox must then say so (not Ready), never claim a VM that is gone.
+/// new Lease owned by the new Pod) and adopts the sandbox that kept running
+/// in its own Pod meanwhile: the same Pod, its counter guest's passes going
+/// on, its Sandbox Ready. The new agent runs new sandboxes too.
 fn agent_pod_replaced(env: &Env) -> anyhow::Result<()> {
     env.scenario("agent-replaced", true, |ns| async move {
-        let (node, _, _) = running_counter(env, &ns, "before", 1).await?;
-        let pid = vm_pid(env, &ns, "before").await?;
+        let (node, uid, _) = running_counter(env, &ns, "before", 1).await?;
+        let pod = vm_pod(env, &ns, "before").await?;
+        let (_, reports_before) = objects::counter(env, &node, &uid).await?;
         let client = env.client();
         let old = pods::agent_on(&client, &env.namespace, &node)
             .await?
@@ -1331,26 +1358,21 @@ fn agent_pod_replaced(env: &Env) -> anyhow::Result<()> {
             "e2e: agent Pod {old_name} on {node} replaced by {new_uid}, registered and answering after {:.1?}",
             started.elapsed()
         );
-        let sandboxes = objects::sandboxes(env, &ns);
-        let reason = wait::until(
-            "the Sandbox whose VM ended with the agent's container to say so",
-            Duration::from_secs(120),
-            || async {
-                let sandbox = sandboxes.get("before").await?;
-                let conditions = sandbox.status.map(|s| s.conditions).unwrap_or_default();
-                Ok(match condition(&conditions, READY) {
-                    Some(ready) if ready.status == "False" => {
-                        Look::Done(format!("{}: {}", ready.reason, ready.message))
-                    }
-                    other => Look::NotYet(format!("{other:?}")),
-                })
-            },
-        )
-        .await?;
-        if let Some(alive) = env.vm_process_alive(&node, pid) {
-            ensure!(!alive, "the VM outlived its agent's container: update this scenario");
+        ensure!(
+            vm_pod(env, &ns, "before").await? == pod,
+            "the sandbox's Pod was replaced"
+        );
+        if let Some(alive) = env.vm_process_alive(&pod) {
+            ensure!(alive, "the VMM of Pod {pod} did not outlive the agent");
         }
-        eprintln!("e2e: the sandbox on {node} did not survive the agent Pod's deletion: {reason}");
+        // The new agent finds the same VM, which went on counting.
+        let (pass, reports) =
+            counter_reports(env, &node, &uid, reports_before + 2, Duration::from_secs(60)).await?;
+        let sandbox = objects::sandbox_ready(env, &ns, "before", SANDBOX_READY).await?;
+        ensure!(sandbox.is_ready(), "the adopted Sandbox is not Ready");
+        eprintln!(
+            "e2e: the sandbox on {node} outlived its agent: {reports_before} -> {reports} reports (pass {pass})"
+        );
         // The new agent runs sandboxes.
         objects::create_sandbox(
             env,
@@ -1444,12 +1466,13 @@ fn helm_upgrade_rolls_pods(env: &Env) -> anyhow::Result<()> {
     })
 }
 
-/// `helm uninstall` leaves no Pod, Lease, Secret or VM of the release; a
-/// reinstall serves again (the Sandbox left from before is reported lost).
+/// `helm uninstall` leaves no Pod, Lease or Secret of the release. A
+/// Sandbox is the user's, not the release's: its Pod runs on, and a
+/// reinstall serves again and adopts it.
 fn helm_uninstall_leaves_nothing(env: &Env) -> anyhow::Result<()> {
     env.scenario("helm-uninstall", true, |ns| async move {
-        let (node, _, _) = running_counter(env, &ns, "orphan", 1).await?;
-        let pid = vm_pid(env, &ns, "orphan").await?;
+        let (node, uid, _) = running_counter(env, &ns, "orphan", 1).await?;
+        let pod = vm_pod(env, &ns, "orphan").await?;
         env.helm_release("uninstall", ["--wait", "--timeout", "3m"])?;
         let client = env.client();
         let release_ns = env.namespace.clone();
@@ -1485,10 +1508,10 @@ fn helm_uninstall_leaves_nothing(env: &Env) -> anyhow::Result<()> {
             },
         )
         .await?;
-        if let Some(alive) = env.vm_process_alive(&node, pid) {
+        if let Some(alive) = env.vm_process_alive(&pod) {
             ensure!(
-                !alive,
-                "VM process {pid} still runs on {node} after helm uninstall"
+                alive,
+                "the Sandbox's VMM (Pod {pod}) ended with the release"
             );
         }
         let started = Instant::now();
@@ -1496,6 +1519,9 @@ fn helm_uninstall_leaves_nothing(env: &Env) -> anyhow::Result<()> {
         env.wait_for_rollout(Duration::from_secs(180))?;
         env.reinstalled().await?;
         eprintln!("e2e: reinstalled and serving in {:.1?}", started.elapsed());
+        let (_, reports) = objects::counter(env, &node, &uid).await?;
+        counter_reports(env, &node, &uid, reports + 1, Duration::from_secs(60)).await?;
+        objects::sandbox_ready(env, &ns, "orphan", SANDBOX_READY).await?;
         Ok(())
     })
 }

@@ -17,3 +17,4 @@ pub mod manager;
 pub mod service;
 pub mod state_dir;
 pub mod vmhost;
+pub mod wire;

@@ -94,11 +94,12 @@ enum Command {
     CheckDevices,
     /// Serve the gRPC API to the operator (mutual TLS) and keep this node's Lease.
     Serve(Box<sandfork_node_agent::service::ServeConfig>),
-    /// (internal) Run one sandbox's VM; started by the agent.
-    #[command(hide = true)]
+    /// Run one sandbox's VMM: serve a control socket in --dir and run the VM
+    /// the agent starts there (the container of a sandbox Pod, or a process
+    /// the agent starts itself). Needs no state directory.
     VmHost {
         #[arg(long)]
-        name: String,
+        dir: PathBuf,
     },
 }
 
@@ -121,10 +122,7 @@ fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Command::VmHost { name } => Ok(vmhost::serve(
-            &state_dir::sandbox(&cli.state_dir, &name),
-            &state_dir::captures(&cli.state_dir),
-        )?),
+        Command::VmHost { dir } => Ok(vmhost::serve(&dir)?),
         Command::Bench(args) => sandfork_bench::run(&args),
         Command::CheckDevices => check_devices(),
         Command::Serve(config) => Ok(sandfork_node_agent::service::run(

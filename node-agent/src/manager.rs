@@ -1,15 +1,19 @@
 //! Sandboxes and captures on one node, kept in a state directory:
 //!
 //! ```text
-//! <state>/sandboxes/<name>/sandbox.json  what the sandbox is
-//!                          control.sock  its VM process's control socket
-//!                          pid, vm.log
+//! <state>/sandboxes/<name>/sandbox.json  what the sandbox is, and its Pod
+//!                          control.sock  its VMM's control socket, pid, vm.log
+//!                                        (a VMM process the agent started)
 //! <state>/captures/<name>/memory, state.json
 //! ```
 //!
-//! Everything is found again from these files, so a restarted agent adopts
-//! the VM processes that kept running. Every call is idempotent.
+//! A sandbox in a Pod has its VMM's control socket in the Pod's `vmm`
+//! emptyDir volume, which the agent reaches under the kubelet's pods
+//! directory, as the kubelet lays it out. Everything is found again from
+//! these files, so a restarted agent adopts the VMMs that kept running.
+//! Every call is idempotent.
 
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -31,6 +35,10 @@ use crate::vmhost::{
 pub use crate::vmhost::CaptureInfo as Capture;
 
 const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a Pod's VMM may take to open its socket once the Pod runs.
+const POD_VMM_TIMEOUT: Duration = Duration::from_secs(10);
+/// Where the kubelet keeps its Pods' volumes.
+pub const KUBELET_PODS_DIR: &str = "/var/lib/kubelet/pods";
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
 const CAPTURE_TIMEOUT: Duration = Duration::from_secs(600);
@@ -63,6 +71,10 @@ pub enum ManagerError {
         #[source]
         source: VmHostError,
     },
+    #[error("sandbox {name:?}: the VMM of Pod {pod_uid} is not on this node or not up yet")]
+    PodVmmNotReady { name: String, pod_uid: String },
+    #[error("invalid Pod UID {0:?}")]
+    InvalidPodUid(String),
     #[error("sandbox {name:?}: VM process not reachable")]
     VmUnreachable {
         name: String,
@@ -144,6 +156,9 @@ pub struct SandboxInfo {
     pub vcpus: u8,
     pub workload: Workload,
     pub origin: Option<String>,
+    /// The Pod whose VMM runs it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_uid: Option<String>,
     pub reports: Vec<u64>,
     pub report_counts: Vec<u64>,
 }
@@ -168,8 +183,24 @@ pub fn check_devices() -> Result<(), ManagerError> {
 
 pub struct Manager {
     root: PathBuf,
-    /// The agent binary, started as `vm-host` for each sandbox.
+    /// The agent binary, started as `vm-host` for a sandbox without a Pod.
     exe: PathBuf,
+    /// The kubelet's pods directory, where Pods' VMM sockets are.
+    pods_dir: PathBuf,
+}
+
+/// The Pod UIDs the API server makes are UUIDs; nothing else becomes a path.
+pub fn validate_pod_uid(uid: &str) -> Result<(), ManagerError> {
+    let valid = !uid.is_empty()
+        && uid.len() <= 64
+        && uid
+            .bytes()
+            .all(|byte| byte.is_ascii_hexdigit() || byte == b'-');
+    if valid {
+        Ok(())
+    } else {
+        Err(ManagerError::InvalidPodUid(uid.to_owned()))
+    }
 }
 
 impl Manager {
@@ -201,7 +232,27 @@ impl Manager {
         Ok(Self {
             root,
             exe: exe.into(),
+            pods_dir: KUBELET_PODS_DIR.into(),
         })
+    }
+
+    /// Looks for Pods' VMM sockets under `dir` instead of the kubelet's
+    /// default pods directory.
+    pub fn with_pods_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.pods_dir = dir.into();
+        self
+    }
+
+    /// Where the VMM of `record` has its control socket.
+    fn control_dir(&self, record: &SandboxRecord) -> PathBuf {
+        match &record.pod_uid {
+            Some(uid) => self
+                .pods_dir
+                .join(uid)
+                .join("volumes/kubernetes.io~empty-dir")
+                .join(sandfork_api::pod::VMM_VOLUME),
+            None => self.sandbox_dir(&record.name),
+        }
     }
 
     pub fn root(&self) -> &Path {
@@ -223,7 +274,18 @@ impl Manager {
     /// Starts a sandbox. Running an identical spec again returns the
     /// existing sandbox.
     pub fn run(&self, spec: &SandboxSpec) -> Result<SandboxInfo, ManagerError> {
+        self.run_on(spec, None)
+    }
+
+    /// Starts a sandbox in the VMM of Pod `pod_uid`, or (with `None`) in a
+    /// VMM process started now.
+    pub fn run_on(
+        &self,
+        spec: &SandboxSpec,
+        pod_uid: Option<&str>,
+    ) -> Result<SandboxInfo, ManagerError> {
         validate_name(&spec.name)?;
+        pod_uid.map(validate_pod_uid).transpose()?;
         sandfork_vmm::vm::check_vcpu_count(spec.vcpus.into())
             .map_err(|err| ManagerError::InvalidSpec(err.to_string()))?;
         let bytes = spec
@@ -245,13 +307,26 @@ impl Manager {
             vcpus: spec.vcpus,
             workload: spec.workload.clone(),
             origin: None,
+            pod_uid: pod_uid.map(str::to_owned),
         })
     }
 
     /// Starts sandbox `name` as a branch of `capture`.
     pub fn branch(&self, name: &str, capture: &str) -> Result<SandboxInfo, ManagerError> {
+        self.branch_on(name, capture, None)
+    }
+
+    /// Starts sandbox `name` as a branch of `capture`, in the VMM of Pod
+    /// `pod_uid` or in a VMM process started now.
+    pub fn branch_on(
+        &self,
+        name: &str,
+        capture: &str,
+        pod_uid: Option<&str>,
+    ) -> Result<SandboxInfo, ManagerError> {
         validate_name(name)?;
         validate_name(capture)?;
+        pod_uid.map(validate_pod_uid).transpose()?;
         let dir = self.capture_dir(capture);
         let state = dir.restorable_state().map_err(|err| match err {
             SnapshotError::NotFound(_) => ManagerError::NotFound {
@@ -267,6 +342,7 @@ impl Manager {
             vcpus: state.vcpus.len() as u8,
             workload: source.map_or(Workload::Idle, |record| record.workload),
             origin: Some(capture.to_owned()),
+            pod_uid: pod_uid.map(str::to_owned),
         })
     }
 
@@ -287,8 +363,13 @@ impl Manager {
             {
                 return Ok(info);
             }
-            // A record without a live VM (a crash mid-start): start afresh.
-            self.delete(&record.name)?;
+            // A record without a live VM (a crash mid-start): start afresh;
+            // a Pod's VMM stays, waiting for its start.
+            if record.pod_uid.is_some() {
+                std::fs::remove_dir_all(&dir).map_err(io_err("remove", &dir))?;
+            } else {
+                self.delete(&record.name)?;
+            }
         }
         std::fs::DirBuilder::new()
             .mode(0o700)
@@ -306,7 +387,7 @@ impl Manager {
             let _ = std::fs::remove_dir_all(&dir);
             return Err(err);
         }
-        match self.spawn_vm_process(&record.name, &dir) {
+        match self.launch(&record, &dir) {
             Ok(info) => Ok(info),
             Err(err) => {
                 let _ = self.delete(&record.name);
@@ -315,17 +396,89 @@ impl Manager {
         }
     }
 
-    fn spawn_vm_process(&self, name: &str, dir: &Path) -> Result<SandboxInfo, ManagerError> {
+    /// Finds the sandbox's VMM (its Pod's, or a process started now) and has
+    /// it start the VM.
+    fn launch(&self, record: &SandboxRecord, dir: &Path) -> Result<SandboxInfo, ManagerError> {
+        let name = record.name.as_str();
+        let control = self.control_dir(record);
+        let mut child = match &record.pod_uid {
+            Some(pod_uid) => {
+                wait_for_vmm(&control, POD_VMM_TIMEOUT).map_err(|()| {
+                    ManagerError::PodVmmNotReady {
+                        name: name.to_owned(),
+                        pod_uid: pod_uid.clone(),
+                    }
+                })?;
+                None
+            }
+            None => Some(self.spawn_vm_process(name, dir)?),
+        };
+        let (restore, fds) = match &record.origin {
+            Some(capture) => {
+                let (state, fill) = self.capture_dir(capture).parts_for_restore()?;
+                let memory = self.capture_dir(capture).open_memory()?;
+                let mut fds: Vec<OwnedFd> = vec![memory.into()];
+                fds.extend(fill.map(OwnedFd::from));
+                (Some(Box::new(state)), fds)
+            }
+            None => (None, Vec::new()),
+        };
+        let borrowed: Vec<_> = fds.iter().map(|fd| fd.as_fd()).collect();
+        let request = Request::Start {
+            record: record.clone(),
+            restore,
+        };
+        let reply = vmhost::call_with(&control, &request, &borrowed, START_TIMEOUT);
+        drop(fds);
+        let result = match reply {
+            Ok(Response::Started(status)) => match status.failure {
+                None => self.status(name),
+                Some(reason) => Err(ManagerError::VmStart {
+                    name: name.to_owned(),
+                    reason,
+                }),
+            },
+            Ok(Response::Error { kind, message }) => Err(ManagerError::Vm {
+                name: name.to_owned(),
+                source: VmHostError { kind, message },
+            }),
+            Ok(other) => Err(ManagerError::UnexpectedReply {
+                name: name.to_owned(),
+                reply: format!("{other:?}"),
+            }),
+            Err(source) => Err(ManagerError::VmUnreachable {
+                name: name.to_owned(),
+                source,
+            }),
+        };
+        if let Some(mut child) = child.take() {
+            if result.is_err() {
+                let _ = vmhost::call(&control, &Request::Stop, STATUS_TIMEOUT);
+                let _ = child.kill();
+                let _ = child.wait();
+            } else {
+                // Reap the VM process whenever it exits, so no zombie stays.
+                std::thread::spawn(move || child.wait());
+            }
+        }
+        result
+    }
+
+    /// Starts a VMM process for the sandbox in `dir`; returns once it
+    /// serves its control socket.
+    fn spawn_vm_process(
+        &self,
+        name: &str,
+        dir: &Path,
+    ) -> Result<std::process::Child, ManagerError> {
         let log_path = dir.join(LOG_FILE);
         let log = std::fs::File::create(&log_path).map_err(io_err("create", &log_path))?;
         let log_err = log.try_clone().map_err(io_err("dup", &log_path))?;
         let mut command = Command::new(&self.exe);
         command
             .arg("vm-host")
-            .arg("--state-dir")
-            .arg(&self.root)
-            .arg("--name")
-            .arg(name)
+            .arg("--dir")
+            .arg(dir)
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err);
@@ -333,18 +486,8 @@ impl Manager {
         let mut child = command.spawn().map_err(io_err("start", &self.exe))?;
         let started = Instant::now();
         loop {
-            if let Ok(Response::Status(status)) =
-                vmhost::call(dir, &Request::Status, STATUS_TIMEOUT)
-            {
-                // Reap the VM process whenever it exits, so no zombie stays.
-                std::thread::spawn(move || child.wait());
-                return match status.failure {
-                    None => self.status(name),
-                    Some(reason) => Err(ManagerError::VmStart {
-                        name: name.to_owned(),
-                        reason,
-                    }),
-                };
+            if let Ok(Response::Status(_)) = vmhost::call(dir, &Request::Status, STATUS_TIMEOUT) {
+                return Ok(child);
             }
             if let Ok(Some(status)) = child.try_wait() {
                 return Err(ManagerError::VmStart {
@@ -384,20 +527,31 @@ impl Manager {
     pub fn status(&self, name: &str) -> Result<SandboxInfo, ManagerError> {
         validate_name(name)?;
         let record = self.read_record(name)?;
+        let control = self.control_dir(&record);
+        let in_pod = record.pod_uid.is_some();
         let mut info = SandboxInfo {
             name: record.name,
-            pid: self.pid_of(name),
+            // A Pod's VMM has its pid in the Pod's namespace: none to report.
+            pid: if in_pod { None } else { self.pid_of(name) },
             state: SandboxState::Running,
             memory_mib: record.memory_mib,
             vcpus: record.vcpus,
             workload: record.workload,
             origin: record.origin,
+            pod_uid: record.pod_uid,
             reports: Vec::new(),
             report_counts: Vec::new(),
         };
-        match vmhost::call(&self.sandbox_dir(name), &Request::Status, STATUS_TIMEOUT) {
+        match vmhost::call(&control, &Request::Status, STATUS_TIMEOUT) {
+            Ok(Response::Status(status)) if !status.started => {
+                info.state = SandboxState::Failed {
+                    reason: "its VMM has not started the VM".into(),
+                };
+            }
             Ok(Response::Status(status)) => {
-                info.pid = Some(status.pid);
+                if !in_pod {
+                    info.pid = Some(status.pid);
+                }
                 info.reports = status.reports;
                 info.report_counts = status.report_counts;
                 if let Some(reason) = status.failure {
@@ -454,14 +608,14 @@ impl Manager {
                 });
             }
             if let Ok(state) = dir.restorable_state() {
-                return Ok(vmhost::capture_info(&dir, &state, None));
+                return Ok(vmhost::capture_info(capture, &state, None));
             }
             // Its copy ended without completing (the VM process died).
             tracing::warn!(capture, "removing a capture whose copy never completed");
         }
         // A directory without state is what a crash mid-capture leaves.
         dir.remove()?;
-        self.read_record(sandbox)?;
+        let record = self.read_record(sandbox)?;
         let request = Request::Capture {
             capture: capture.to_owned(),
             mode,
@@ -469,7 +623,31 @@ impl Manager {
             wait,
         };
         let name = sandbox.to_owned();
-        match vmhost::call(&self.sandbox_dir(sandbox), &request, CAPTURE_TIMEOUT) {
+        // The VMM fills a directory made here, handed over as a descriptor:
+        // it sees this capture and nothing else of the state directory.
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(dir.path())
+            .map_err(io_err("create", dir.path()))?;
+        let handed = rustix::fs::open(
+            dir.path(),
+            rustix::fs::OFlags::RDONLY
+                | rustix::fs::OFlags::DIRECTORY
+                | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .map_err(|errno| io_err("open", dir.path())(errno.into()))?;
+        let reply = vmhost::call_with(
+            &self.control_dir(&record),
+            &request,
+            &[handed.as_fd()],
+            CAPTURE_TIMEOUT,
+        );
+        drop(handed);
+        if !matches!(reply, Ok(Response::Captured(_))) {
+            let _ = dir.remove();
+        }
+        match reply {
             Ok(Response::Captured(info)) => Ok(info),
             Ok(Response::Error { kind, message }) => Err(ManagerError::Vm {
                 name,
@@ -491,7 +669,7 @@ impl Manager {
             .filter_map(|name| {
                 let dir = self.capture_dir(name);
                 let state = dir.read_state().ok()?;
-                Some(vmhost::capture_info(&dir, &state, None))
+                Some(vmhost::capture_info(name, &state, None))
             })
             .collect())
     }
@@ -522,6 +700,21 @@ impl Manager {
         if !dir.exists() {
             return Ok(());
         }
+        if let Ok(record) = self.read_record(name)
+            && record.pod_uid.is_some()
+        {
+            // The VMM finishes its captures' copies, then exits; its Pod is
+            // the operator's to delete.
+            let control = self.control_dir(&record);
+            let _ = vmhost::call(&control, &Request::Stop, STATUS_TIMEOUT);
+            let deadline = Instant::now() + CAPTURE_TIMEOUT;
+            while vmhost::call(&control, &Request::Status, STATUS_TIMEOUT).is_ok()
+                && Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            return std::fs::remove_dir_all(&dir).map_err(io_err("remove", &dir));
+        }
         let pid = self.pid_of(name);
         // A VM process finishes its captures' copies before it exits:
         // branches started during a copy still need it.
@@ -533,7 +726,7 @@ impl Manager {
         let _ = vmhost::call(&dir, &Request::Stop, STATUS_TIMEOUT);
         if let Some(pid) = pid
             && !wait_for_exit(pid, timeout)
-            && is_vm_host_of(pid, name)
+            && is_vm_host_of(pid, &dir)
         {
             tracing::warn!(sandbox = name, pid, "VM process ignored stop; killing it");
             if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
@@ -553,13 +746,27 @@ fn list_dir(dir: &Path) -> Result<Vec<String>, ManagerError> {
         .collect())
 }
 
-/// Whether `pid` is still a VM host for sandbox `name` (guards against
+/// Whether `pid` is still the VM host serving `dir` (guards against
 /// signalling a reused pid).
-fn is_vm_host_of(pid: u32, name: &str) -> bool {
+fn is_vm_host_of(pid: u32, dir: &Path) -> bool {
     std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| {
         let args: Vec<&[u8]> = cmdline.split(|&byte| byte == 0).collect();
-        args.contains(&b"vm-host".as_slice()) && args.contains(&name.as_bytes())
+        args.contains(&b"vm-host".as_slice()) && args.contains(&dir.as_os_str().as_encoded_bytes())
     })
+}
+
+/// Waits until the VMM in `dir` answers; `Err` after `timeout`.
+fn wait_for_vmm(dir: &Path, timeout: Duration) -> Result<(), ()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Response::Status(_)) = vmhost::call(dir, &Request::Status, STATUS_TIMEOUT) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 fn process_alive(pid: u32) -> bool {

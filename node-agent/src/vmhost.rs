@@ -1,12 +1,18 @@
-//! The per-sandbox VM process and the protocol the agent uses to talk to it.
+//! The VMM process of one sandbox and the protocol the agent uses to talk
+//! to it.
 //!
-//! Each sandbox runs in its own process (`sandfork-agent vm-host`), in its
-//! own session, so that the agent can crash or restart without taking VMs
-//! down and a crashing VM cannot take the agent down. The process serves
-//! newline-delimited JSON requests on a Unix socket in the sandbox's
-//! directory; the agent re-adopts running VMs by finding those sockets.
+//! Each sandbox's VM runs in a process of its own (`sandfork-agent vm-host`):
+//! the sandbox's Pod's container on a Kubernetes node, or a process the
+//! agent starts itself (node tests, benchmarks). Either way the agent can
+//! crash or restart without taking VMs down, and a crashing VM cannot take
+//! the agent down. The process starts empty and serves newline-delimited
+//! JSON requests on a Unix socket in its directory (`wire`); the agent's
+//! `Start` says what to run, and hands a branch its capture's memory as a
+//! file descriptor, as it hands a capture the directory to fill. The VMM
+//! never sees the agent's state directory, other sandboxes or captures.
 
-use std::io::{BufRead, BufReader, Write};
+use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -25,7 +31,7 @@ use sandfork_vmm::snapshot::{CaptureDir, SnapshotError, SnapshotState};
 use sandfork_vmm::vcpu::VcpuError;
 use sandfork_vmm::vm::{Vm, VmError};
 
-use crate::state_dir;
+use crate::wire;
 
 pub const CONTROL_SOCKET: &str = "control.sock";
 pub const RECORD_FILE: &str = "sandbox.json";
@@ -41,13 +47,25 @@ pub struct SandboxRecord {
     /// The capture a branch was restored from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub origin: Option<String>,
+    /// The UID of the Pod whose VMM runs it; none for a VMM process the
+    /// agent started itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_uid: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "kebab-case")]
 pub enum Request {
     Status,
-    /// Capture into `<state>/captures/<capture>`.
+    /// Runs `record`'s VM: boots its guest or, for a branch, restores
+    /// `restore` from the capture memory file sent with it (and, while the
+    /// capture's copy runs, a connection to its fill socket).
+    Start {
+        record: SandboxRecord,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        restore: Option<Box<SnapshotState>>,
+    },
+    /// Capture into the (empty) directory sent with the request.
     Capture {
         capture: String,
         mode: CaptureMode,
@@ -71,6 +89,7 @@ fn wait_by_default() -> bool {
 #[serde(tag = "result", rename_all = "kebab-case")]
 pub enum Response {
     Status(VmStatus),
+    Started(VmStatus),
     Captured(CaptureInfo),
     Stopped,
     Error {
@@ -149,6 +168,14 @@ pub enum HostError {
     WorkerGone,
     #[error("bad request")]
     BadRequest(#[source] serde_json::Error),
+    #[error("a {0} request needs its descriptors")]
+    MissingDescriptors(&'static str),
+    #[error("no VM runs here yet")]
+    NotStarted,
+    #[error("a VM runs here already")]
+    AlreadyStarted,
+    #[error("cannot start the VM")]
+    Start(#[source] Box<ServeError>),
 }
 
 impl HostError {
@@ -156,8 +183,11 @@ impl HostError {
         match self {
             Self::Snapshot(err) => ErrorKind::of_snapshot(err),
             Self::Verification(_) => ErrorKind::Internal,
-            Self::Stopping | Self::WorkerGone => ErrorKind::FailedPrecondition,
-            Self::BadRequest(_) => ErrorKind::InvalidArgument,
+            Self::Stopping | Self::WorkerGone | Self::NotStarted | Self::AlreadyStarted => {
+                ErrorKind::FailedPrecondition
+            }
+            Self::BadRequest(_) | Self::MissingDescriptors(_) => ErrorKind::InvalidArgument,
+            Self::Start(err) => err.kind(),
         }
     }
 
@@ -172,6 +202,9 @@ impl HostError {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct VmStatus {
     pub pid: u32,
+    /// False while the VMM waits for its `Start`.
+    #[serde(default = "started_by_default")]
+    pub started: bool,
     /// Why the VM stopped running, if it did.
     pub failure: Option<String>,
     /// Last value each vCPU reported, and how many reports it made.
@@ -196,34 +229,55 @@ pub struct CaptureInfo {
     pub memory_complete: bool,
 }
 
-/// Sends one request to the VM process of the sandbox in `dir`.
+fn started_by_default() -> bool {
+    true
+}
+
+/// Sends one request to the VMM whose control socket is in `dir`.
 pub fn call(dir: &Path, request: &Request, timeout: Duration) -> std::io::Result<Response> {
-    let stream = UnixStream::connect(dir.join(CONTROL_SOCKET))?;
+    call_with(dir, request, &[], timeout)
+}
+
+/// Like `call`, handing the VMM `fds` with the request.
+pub fn call_with(
+    dir: &Path,
+    request: &Request,
+    fds: &[std::os::fd::BorrowedFd<'_>],
+    timeout: Duration,
+) -> std::io::Result<Response> {
+    let stream = connect(dir)?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
-    let mut line = serde_json::to_vec(request)?;
-    line.push(b'\n');
-    (&stream).write_all(&line)?;
-    let mut reply = String::new();
-    BufReader::new(&stream).read_line(&mut reply)?;
-    if reply.is_empty() {
-        return Err(std::io::Error::new(
+    wire::send(&stream, request, fds)?;
+    match wire::Reader::new(&stream).next_line()? {
+        Some((reply, _)) => Ok(serde_json::from_slice(&reply)?),
+        None => Err(std::io::Error::new(
             std::io::ErrorKind::UnexpectedEof,
             "VM process closed the connection",
-        ));
+        )),
     }
-    Ok(serde_json::from_str(&reply)?)
+}
+
+/// Connects to the control socket in `dir` through a descriptor of the
+/// directory: a Pod's volume path under the kubelet's directory can be
+/// longer than a socket address may be.
+fn connect(dir: &Path) -> std::io::Result<UnixStream> {
+    let dir = rustix::fs::open(
+        dir,
+        rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )?;
+    UnixStream::connect(fd_path(&dir).join(CONTROL_SOCKET))
+}
+
+/// The path that names the open file `fd` in this process.
+pub fn fd_path(fd: &impl AsRawFd) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
 }
 
 /// Why the VM host could not start its VM or its control socket.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error("invalid sandbox record {path}")]
-    Record {
-        path: PathBuf,
-        #[source]
-        source: serde_json::Error,
-    },
     #[error("cannot use KVM")]
     Kvm(#[from] VcpuError),
     #[error(transparent)]
@@ -232,6 +286,8 @@ pub enum ServeError {
     Boot(#[from] VmError),
     #[error("cannot restore the branch")]
     Restore(#[from] SnapshotError),
+    #[error("a branch needs its capture's state")]
+    NoCaptureState,
     #[error("{op} {path}")]
     Io {
         op: &'static str,
@@ -239,6 +295,18 @@ pub enum ServeError {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl ServeError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            Self::Kvm(VcpuError::OpenKvm(_)) => ErrorKind::FailedPrecondition,
+            Self::Guest(_) | Self::NoCaptureState => ErrorKind::InvalidArgument,
+            Self::Boot(err) => ErrorKind::of_vm(err),
+            Self::Restore(err) => ErrorKind::of_snapshot(err),
+            _ => ErrorKind::Internal,
+        }
+    }
 }
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> ServeError + 'a {
@@ -249,29 +317,10 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -
     }
 }
 
-/// Runs the VM of the sandbox in `dir` and serves its control socket until
-/// asked to stop. `captures` is where captures are written.
-pub fn serve(dir: &Path, captures: &Path) -> Result<(), ServeError> {
-    let record_path = dir.join(RECORD_FILE);
-    let record = std::fs::read(&record_path).map_err(io_err("read", &record_path))?;
-    let record: SandboxRecord =
-        serde_json::from_slice(&record).map_err(|source| ServeError::Record {
-            path: record_path.clone(),
-            source,
-        })?;
-    let vm = match &record.origin {
-        None => {
-            let tsc_khz = sandfork_vmm::vcpu::HostKvm::get()?.tsc_khz();
-            let image = GuestImage::for_workload(&record.workload, tsc_khz)?;
-            Vm::boot(
-                &record.name,
-                record.memory_mib << 20,
-                record.vcpus.into(),
-                &image,
-            )?
-        }
-        Some(capture) => state_dir::capture_in(captures, capture).restore()?,
-    };
+/// Serves the control socket in `dir`: waits for the agent's `Start`, runs
+/// that VM, and serves it until asked to stop (a `Stop`, or SIGTERM, as when
+/// its Pod is deleted).
+pub fn serve(dir: &Path) -> Result<(), ServeError> {
     let socket_path = dir.join(CONTROL_SOCKET);
     let _ = std::fs::remove_file(&socket_path);
     let listener = UnixListener::bind(&socket_path).map_err(io_err("bind", &socket_path))?;
@@ -280,29 +329,148 @@ pub fn serve(dir: &Path, captures: &Path) -> Result<(), ServeError> {
     let pid_path = dir.join(PID_FILE);
     std::fs::write(&pid_path, std::process::id().to_string())
         .map_err(io_err("write", &pid_path))?;
-    tracing::info!(sandbox = %record.name, pid = std::process::id(), "VM running");
+    stop_on_sigterm(socket_path.clone());
+    tracing::info!(pid = std::process::id(), "VMM waiting for its sandbox");
+    if let Some((vm, record)) = await_start(&listener) {
+        serve_vm(&listener, &socket_path, &vm, &record);
+    }
+    let _ = std::fs::remove_file(&socket_path);
+    Ok(())
+}
 
+/// Turns SIGTERM into a `Stop` request to this process's own socket, so that
+/// a capture still copying completes before the process exits.
+fn stop_on_sigterm(socket_path: PathBuf) {
+    let spawned = std::thread::Builder::new()
+        .name("sigterm".into())
+        .spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_io()
+                .build();
+            let Ok(runtime) = runtime else { return };
+            runtime.block_on(async {
+                let Ok(mut term) =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                else {
+                    return;
+                };
+                term.recv().await;
+            });
+            tracing::info!("SIGTERM: stopping the VM");
+            let dir = socket_path.parent().unwrap_or(Path::new("/"));
+            if let Err(err) = call(dir, &Request::Stop, Duration::from_secs(5)) {
+                tracing::warn!(error = %err, "could not ask to stop; exiting");
+                std::process::exit(0);
+            }
+        });
+    if let Err(err) = spawned {
+        tracing::warn!(error = %err, "no SIGTERM handler");
+    }
+}
+
+/// Answers requests one at a time until a `Start` succeeds (the VM and what
+/// it is) or a `Stop` arrives (`None`).
+fn await_start(listener: &UnixListener) -> Option<(Vm, SandboxRecord)> {
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        let mut reader = wire::Reader::new(&stream);
+        while let Ok(Some((line, fds))) = reader.next_line() {
+            let (response, outcome) = match serde_json::from_slice::<Request>(&line) {
+                Ok(Request::Status) => (Response::Status(waiting_status()), None),
+                Ok(Request::Start { record, restore }) => match start(&record, restore, fds) {
+                    Ok(vm) => {
+                        tracing::info!(sandbox = %record.name, "VM running");
+                        (Response::Started(status(&vm)), Some(Some((vm, record))))
+                    }
+                    Err(err) => {
+                        tracing::warn!(sandbox = %record.name,
+                            error = %sandfork_vmm::error::chain(&err), "VM did not start");
+                        (HostError::Start(Box::new(err)).response(), None)
+                    }
+                },
+                Ok(Request::Capture { .. }) => (HostError::NotStarted.response(), None),
+                Ok(Request::Stop) => (Response::Stopped, Some(None)),
+                Err(err) => (HostError::BadRequest(err).response(), None),
+            };
+            if wire::send(&stream, &response, &[]).is_err() {
+                break;
+            }
+            if let Some(outcome) = outcome {
+                return outcome;
+            }
+        }
+    }
+    None
+}
+
+fn waiting_status() -> VmStatus {
+    VmStatus {
+        pid: std::process::id(),
+        started: false,
+        failure: None,
+        reports: Vec::new(),
+        report_counts: Vec::new(),
+    }
+}
+
+/// Boots `record`'s guest, or restores its branch from the capture memory
+/// file in `fds` (then, while the copy runs, the capture's fill connection).
+fn start(
+    record: &SandboxRecord,
+    restore: Option<Box<SnapshotState>>,
+    fds: Vec<OwnedFd>,
+) -> Result<Vm, ServeError> {
+    match &record.origin {
+        None => {
+            let tsc_khz = sandfork_vmm::vcpu::HostKvm::get()?.tsc_khz();
+            let image = GuestImage::for_workload(&record.workload, tsc_khz)?;
+            Ok(Vm::boot(
+                &record.name,
+                record.memory_mib << 20,
+                record.vcpus.into(),
+                &image,
+            )?)
+        }
+        Some(capture) => {
+            let state = restore.ok_or(ServeError::NoCaptureState)?;
+            let mut fds = fds.into_iter();
+            let memory = File::from(fds.next().ok_or(ServeError::NoCaptureState)?);
+            // The agent cannot be asked whether a copy that went quiet
+            // completed: a fill connection closed without a word fails the
+            // branch rather than letting it read a hole.
+            let fill = fds.next().map(|fd| {
+                let complete: sandfork_vmm::fill::CompleteCheck = Box::new(|| false);
+                (UnixStream::from(fd), complete)
+            });
+            Ok(sandfork_vmm::snapshot::restore(
+                memory,
+                fill,
+                &state,
+                Path::new(capture),
+            )?)
+        }
+    }
+}
+
+/// Serves the running VM until asked to stop.
+fn serve_vm(listener: &UnixListener, socket_path: &Path, vm: &Vm, record: &SandboxRecord) {
     // One thread per connection, so that status requests are answered while
     // a capture runs; captures themselves take turns on one worker thread,
     // which also finishes each live capture's copy after answering.
     let stopping = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|scope| {
         let (jobs, queue) = mpsc::channel::<CaptureJob>();
-        {
-            let (vm, record) = (&vm, &record);
-            scope.spawn(move || {
-                for job in queue {
-                    run_capture(vm, record, captures, job);
-                }
-            });
-        }
+        scope.spawn(move || {
+            for job in queue {
+                run_capture(vm, record, job);
+            }
+        });
         for stream in listener.incoming() {
             if stopping.load(Ordering::Acquire) {
                 break;
             }
             let Ok(stream) = stream else { continue };
-            let (vm, stopping, jobs) = (&vm, &stopping, jobs.clone());
-            let socket_path = &socket_path;
+            let (stopping, jobs) = (&stopping, jobs.clone());
             scope.spawn(move || match serve_connection(vm, &jobs, stream) {
                 Ok(true) => {
                     stopping.store(true, Ordering::Release);
@@ -316,13 +484,13 @@ pub fn serve(dir: &Path, captures: &Path) -> Result<(), ServeError> {
         drop(jobs);
     });
     tracing::info!(sandbox = %record.name, "VM stopping");
-    let _ = std::fs::remove_file(&socket_path);
-    Ok(())
 }
 
 /// A capture request for the capture worker; it answers on `reply` once the
 /// VM runs again and, for a live capture, again once the copy is complete.
 struct CaptureJob {
+    /// The directory to fill, handed over by the agent.
+    dir: OwnedFd,
     capture: String,
     mode: CaptureMode,
     verify: bool,
@@ -335,20 +503,23 @@ fn serve_connection(
     jobs: &mpsc::Sender<CaptureJob>,
     stream: UnixStream,
 ) -> std::io::Result<bool> {
-    let mut reader = BufReader::new(&stream);
-    let mut line = String::new();
-    while reader.read_line(&mut line)? != 0 {
-        let (response, stop) = match serde_json::from_str::<Request>(&line) {
+    let mut reader = wire::Reader::new(&stream);
+    while let Some((line, fds)) = reader.next_line()? {
+        let (response, stop) = match serde_json::from_slice::<Request>(&line) {
             Ok(Request::Status) => (Response::Status(status(vm)), false),
+            Ok(Request::Start { .. }) => (HostError::AlreadyStarted.response(), false),
             Ok(Request::Capture {
                 capture,
                 mode,
                 verify,
                 wait,
             }) => (
-                match request_capture(jobs, capture, mode, verify, wait) {
-                    Ok(info) => Response::Captured(info),
-                    Err(err) => err.response(),
+                match fds.into_iter().next() {
+                    Some(dir) => match request_capture(jobs, dir, capture, mode, verify, wait) {
+                        Ok(info) => Response::Captured(info),
+                        Err(err) => err.response(),
+                    },
+                    None => HostError::MissingDescriptors("capture").response(),
                 },
                 false,
             ),
@@ -361,19 +532,17 @@ fn serve_connection(
             }
             Err(err) => (HostError::BadRequest(err).response(), false),
         };
-        let mut reply = serde_json::to_vec(&response)?;
-        reply.push(b'\n');
-        (&stream).write_all(&reply)?;
+        wire::send(&stream, &response, &[])?;
         if stop {
             return Ok(true);
         }
-        line.clear();
     }
     Ok(false)
 }
 
 fn request_capture(
     jobs: &mpsc::Sender<CaptureJob>,
+    dir: OwnedFd,
     capture: String,
     mode: CaptureMode,
     verify: bool,
@@ -381,6 +550,7 @@ fn request_capture(
 ) -> Result<CaptureInfo, HostError> {
     let (reply, answers) = mpsc::channel();
     jobs.send(CaptureJob {
+        dir,
         capture,
         mode,
         verify,
@@ -400,12 +570,15 @@ fn request_capture(
 /// Captures as `job` asks: a live capture answers once the VM runs again
 /// (unless it is to be verified, which needs the whole memory) and again
 /// when its copy is complete.
-fn run_capture(vm: &Vm, record: &SandboxRecord, captures: &Path, job: CaptureJob) {
-    let dir = state_dir::capture_in(captures, &job.capture);
+fn run_capture(vm: &Vm, record: &SandboxRecord, job: CaptureJob) {
+    // The directory stays open (and so reachable by this path) until the
+    // job, and with it the copy, is done.
+    let dir = CaptureDir::handed_over(fd_path(&job.dir.as_fd()));
+    let name = job.capture.as_str();
     if job.mode == CaptureMode::StopAndCopy || job.verify {
         let _ = job
             .reply
-            .send(capture_into(vm, record, &dir, job.mode, job.verify));
+            .send(capture_into(vm, record, &dir, name, job.mode, job.verify));
         return;
     }
     let running = match dir.start_live(vm, &record.name, Arm::AheadOfPause) {
@@ -417,14 +590,14 @@ fn run_capture(vm: &Vm, record: &SandboxRecord, captures: &Path, job: CaptureJob
     };
     let _ = job
         .reply
-        .send(Ok(capture_info(&dir, running.state(), None)));
+        .send(Ok(capture_info(name, running.state(), None)));
     let finished = running.finish();
     if let Err(err) = &finished {
-        tracing::warn!(capture = %job.capture, error = %err, "live capture failed during its copy");
+        tracing::warn!(capture = name, error = %err, "live capture failed during its copy");
     }
     let _ = job.reply.send(
         finished
-            .map(|state| capture_info(&dir, &state, None))
+            .map(|state| capture_info(name, &state, None))
             .map_err(Into::into),
     );
 }
@@ -432,6 +605,7 @@ fn run_capture(vm: &Vm, record: &SandboxRecord, captures: &Path, job: CaptureJob
 fn status(vm: &Vm) -> VmStatus {
     VmStatus {
         pid: std::process::id(),
+        started: true,
         failure: vm.failure(),
         reports: vm
             .reports()
@@ -450,6 +624,7 @@ fn capture_into(
     vm: &Vm,
     record: &SandboxRecord,
     dir: &CaptureDir,
+    name: &str,
     mode: CaptureMode,
     verify: bool,
 ) -> Result<CaptureInfo, HostError> {
@@ -467,20 +642,16 @@ fn capture_into(
     } else {
         None
     };
-    Ok(capture_info(dir, &state, counter))
+    Ok(capture_info(name, &state, counter))
 }
 
 pub fn capture_info(
-    dir: &CaptureDir,
+    name: &str,
     state: &SnapshotState,
     counter: Option<CounterState>,
 ) -> CaptureInfo {
     CaptureInfo {
-        name: dir
-            .path()
-            .file_name()
-            .map(|name| name.to_string_lossy().into_owned())
-            .unwrap_or_default(),
+        name: name.to_owned(),
         source: state.source.clone(),
         memory_bytes: state.memory_bytes,
         stats: state.stats.clone(),

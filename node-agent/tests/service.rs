@@ -44,6 +44,7 @@ fn create(uid: &str, memory_mib: u64) -> pb::CreateSandboxRequest {
         memory_mib,
         vcpus: 1,
         workload: counter(),
+        ..Default::default()
     }
 }
 
@@ -103,6 +104,7 @@ async fn bad_requests_get_the_right_codes_in_process() {
             .restore_branch(Request::new(pb::RestoreBranchRequest {
                 uid: "b".into(),
                 capture_uid: "no-capture".into(),
+                ..Default::default()
             }))
             .await,
     );
@@ -239,6 +241,7 @@ async fn start_server(
         pod_name: None,
         pod_uid: None,
         agent_binary: Some(AGENT.into()),
+        kubelet_pods_dir: sandfork_node_agent::manager::KUBELET_PODS_DIR.into(),
         device_plugin: sandfork_node_agent::device_plugin::DevicePluginArgs {
             enabled: false,
             dir: PathBuf::from("/nonexistent"),
@@ -423,6 +426,7 @@ async fn sandboxes_capture_and_branch_over_mutual_tls() {
         .restore_branch(pb::RestoreBranchRequest {
             uid: "b0-uid".into(),
             capture_uid: "branch-uid".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -433,6 +437,7 @@ async fn sandboxes_capture_and_branch_over_mutual_tls() {
         .restore_branch(pb::RestoreBranchRequest {
             uid: "b0-uid".into(),
             capture_uid: "branch-uid".into(),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -16,10 +16,15 @@ use crate::vmhost::ErrorKind;
 /// reports.
 impl From<ManagerError> for Status {
     fn from(err: ManagerError) -> Self {
+        if let ManagerError::PodVmmNotReady { .. } = &err {
+            // Its Pod is still starting, or not yet seen here: ask again.
+            return Status::unavailable(error_chain(&err));
+        }
         let kind = match &err {
-            ManagerError::InvalidName(_) | ManagerError::InvalidSpec(_) => {
-                ErrorKind::InvalidArgument
-            }
+            ManagerError::InvalidName(_)
+            | ManagerError::InvalidSpec(_)
+            | ManagerError::InvalidPodUid(_) => ErrorKind::InvalidArgument,
+            ManagerError::PodVmmNotReady { .. } => ErrorKind::Internal,
             ManagerError::NotFound { .. } => ErrorKind::NotFound,
             ManagerError::AlreadyExists { .. } => ErrorKind::AlreadyExists,
             ManagerError::Memory(err) => ErrorKind::of_memory(err),

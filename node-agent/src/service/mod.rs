@@ -153,6 +153,9 @@ pub struct ServeConfig {
     /// The executable started as each sandbox's VM process [default: this one].
     #[arg(long, env = "SANDFORK_AGENT_BINARY", hide = true)]
     pub agent_binary: Option<PathBuf>,
+    /// The kubelet's pods directory, where sandbox Pods' VMM sockets are.
+    #[arg(long, env = "SANDFORK_KUBELET_PODS_DIR", default_value = crate::manager::KUBELET_PODS_DIR)]
+    pub kubelet_pods_dir: PathBuf,
     /// The kubelet device plugin for `sandfork.dev/kvm`.
     #[command(flatten)]
     pub device_plugin: crate::device_plugin::DevicePluginArgs,
@@ -234,6 +237,7 @@ pub async fn serve_on(
         Some(binary) => Manager::with_agent_binary(&config.state_dir, binary),
         None => Manager::open(&config.state_dir),
     }
+    .map(|manager| manager.with_pods_dir(&config.kubelet_pods_dir))
     .map_err(|source| ServeError::StateDir {
         path: config.state_dir.clone(),
         source,

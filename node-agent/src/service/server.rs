@@ -204,6 +204,7 @@ impl pb::agent_server::Agent for AgentService {
             workload: convert::workload_from_pb(request.workload)?,
         };
         let max = self.capacity.max_sandboxes;
+        let pod = pod_of(&request.pod_uid);
         let sandbox = self
             .blocking(vec![lock_key("sandbox", &request.uid)], move |manager| {
                 if manager.status(&spec.name).is_err() {
@@ -214,7 +215,7 @@ impl pb::agent_server::Agent for AgentService {
                         )));
                     }
                 }
-                Ok(sandbox_to_pb(&manager.run(&spec)?))
+                Ok(sandbox_to_pb(&manager.run_on(&spec, pod.as_deref())?))
             })
             .await?;
         Ok(Response::new(sandbox))
@@ -240,9 +241,11 @@ impl pb::agent_server::Agent for AgentService {
                         )));
                     }
                 }
-                Ok(sandbox_to_pb(
-                    &manager.branch(&request.uid, &request.capture_uid)?,
-                ))
+                Ok(sandbox_to_pb(&manager.branch_on(
+                    &request.uid,
+                    &request.capture_uid,
+                    pod_of(&request.pod_uid).as_deref(),
+                )?))
             })
             .await?;
         Ok(Response::new(sandbox))
@@ -376,4 +379,9 @@ impl pb::agent_server::Agent for AgentService {
             .await?;
         Ok(Response::new(pb::DeleteCaptureResponse { existed }))
     }
+}
+
+/// A request's Pod UID: empty means none.
+fn pod_of(uid: &str) -> Option<String> {
+    (!uid.is_empty()).then(|| uid.to_owned())
 }

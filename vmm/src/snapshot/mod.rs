@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::capture::{self, Arm, CaptureError, CaptureMode, LiveCapture};
-use crate::fill::{FILL_SOCKET, FillError, FillServer, Filler};
+use crate::fill::{CompleteCheck, FILL_SOCKET, FillError, FillServer, Filler};
 use crate::memory::{self, GuestMemory, MemoryError, SnapshotMapping};
 use crate::vm::{Vm, VmError};
 pub use format::{
@@ -97,11 +97,26 @@ fn io_err<'a>(
 #[derive(Clone, Debug)]
 pub struct CaptureDir {
     path: PathBuf,
+    /// Made by whoever owns the captures and handed over (as an open
+    /// descriptor's `/proc/self/fd/N` path): this side fills it, but neither
+    /// creates nor removes the directory itself.
+    handed_over: bool,
 }
 
 impl CaptureDir {
     pub fn new(path: impl Into<PathBuf>) -> Self {
-        Self { path: path.into() }
+        Self {
+            path: path.into(),
+            handed_over: false,
+        }
+    }
+
+    /// An existing, empty directory to capture into, made by the caller.
+    pub fn handed_over(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            handed_over: true,
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -149,17 +164,19 @@ impl CaptureDir {
     /// Creates the directory and a memory file of `memory_bytes`, mapped and
     /// ready to be filled by a capture.
     pub fn create(&self, memory_bytes: u64) -> Result<SnapshotMapping, SnapshotError> {
-        std::fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&self.path)
-            .map_err(|source| match source.kind() {
-                std::io::ErrorKind::AlreadyExists => SnapshotError::Exists(self.path.clone()),
-                _ => SnapshotError::Io {
-                    op: "create",
-                    path: self.path.clone(),
-                    source,
-                },
-            })?;
+        let made = if self.handed_over {
+            Ok(())
+        } else {
+            std::fs::DirBuilder::new().mode(0o700).create(&self.path)
+        };
+        made.map_err(|source| match source.kind() {
+            std::io::ErrorKind::AlreadyExists => SnapshotError::Exists(self.path.clone()),
+            _ => SnapshotError::Io {
+                op: "create",
+                path: self.path.clone(),
+                source,
+            },
+        })?;
         let result = (|| {
             self.check_space(memory_bytes)?;
             let file = create_private(&self.memory_path())?;
@@ -273,22 +290,25 @@ impl CaptureDir {
     /// A capture whose copy is still running works too: the branch's first
     /// touches of pages not copied yet are served by the capturing process.
     pub fn restore(&self) -> Result<Vm, SnapshotError> {
-        let (state, fill) = self.state_for_restore()?;
-        let memory = GuestMemory::map_private(self.open_memory()?, state.memory_bytes)?;
-        let filler = match fill {
-            Some(stream) => {
-                let dir = self.clone();
-                Some(Filler::start(
-                    &memory,
-                    stream,
-                    &self.path,
-                    Box::new(move || dir.read_state().is_ok_and(|state| state.memory_complete)),
-                    &first_touched_pages(&state),
-                )?)
-            }
-            None => None,
-        };
-        Ok(Vm::restore(memory, filler, &state.vm, &state.vcpus)?)
+        let (state, fill) = self.parts_for_restore()?;
+        let dir = self.clone();
+        restore(
+            self.open_memory()?,
+            fill.map(|stream| {
+                let complete: CompleteCheck =
+                    Box::new(move || dir.read_state().is_ok_and(|state| state.memory_complete));
+                (stream, complete)
+            }),
+            &state,
+            &self.path,
+        )
+    }
+
+    /// What a branch is restored from: the state and, while the copy runs,
+    /// a connection to the capturing process's fill socket. For handing a
+    /// branch its capture as descriptors (with `open_memory`).
+    pub fn parts_for_restore(&self) -> Result<(SnapshotState, Option<UnixStream>), SnapshotError> {
+        self.state_for_restore()
     }
 
     /// Records the state, making the capture complete.
@@ -325,7 +345,24 @@ impl CaptureDir {
     }
 
     /// Deletes the capture. Branches that map its memory keep their view.
+    /// A handed-over directory is emptied; its owner removes it.
     pub fn remove(&self) -> Result<(), SnapshotError> {
+        if self.handed_over {
+            for name in [MEMORY_FILE, STATE_FILE, "state.json.tmp", FILL_SOCKET] {
+                let path = self.path.join(name);
+                match std::fs::remove_file(&path) {
+                    Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(SnapshotError::Io {
+                            op: "remove",
+                            path,
+                            source: err,
+                        });
+                    }
+                    _ => {}
+                }
+            }
+            return Ok(());
+        }
         match std::fs::remove_dir_all(&self.path) {
             Err(err) if err.kind() != std::io::ErrorKind::NotFound => Err(SnapshotError::Io {
                 op: "remove",
@@ -418,6 +455,33 @@ impl CaptureDir {
         }
         Ok(state)
     }
+}
+
+/// Starts a branch from its capture's parts: a new VM on a copy-on-write
+/// mapping of `memory` (the capture's memory file, which may be opened
+/// read-only), continuing from `state`. `fill` is, while the copy runs, a
+/// connection to the capturing process's fill socket and the check that
+/// tells whether a connection closed without a word means complete.
+/// `capture` names the capture in messages.
+pub fn restore(
+    memory: File,
+    fill: Option<(UnixStream, CompleteCheck)>,
+    state: &SnapshotState,
+    capture: &Path,
+) -> Result<Vm, SnapshotError> {
+    state.check().map_err(format_err(capture))?;
+    let memory = GuestMemory::map_private(memory, state.memory_bytes)?;
+    let filler = match fill {
+        Some((stream, complete)) => Some(Filler::start(
+            &memory,
+            stream,
+            capture,
+            complete,
+            &first_touched_pages(state),
+        )?),
+        None => None,
+    };
+    Ok(Vm::restore(memory, filler, &state.vm, &state.vcpus)?)
 }
 
 /// Pages a restored VM is likely to touch first: where each vCPU's
