@@ -88,6 +88,10 @@ pub fn sandbox_object(name: &str, memory_mib: u64) -> Sandbox {
             vcpus: 1,
             node_selector: None,
             node_name: None,
+            affinity: None,
+            tolerations: Vec::new(),
+            priority_class_name: None,
+            resources: None,
             restore_from: None,
         },
     );
