@@ -41,6 +41,31 @@ wait_and_show() {
   show kubectl -n "$demo_ns" apply -f examples/branch.yaml
   show kubectl -n "$demo_ns" wait --for=condition=Ready sandboxbranch/counter-fork --timeout=300s
   show kubectl -n "$demo_ns" get sandboxes,sandboxbranches -o wide
+  # One Pod per Sandbox, placed by the scheduler: its VMM runs the VM.
+  show kubectl -n "$demo_ns" get pods -o wide -l app.kubernetes.io/component=sandbox
+  show kubectl -n "$demo_ns" logs sandbox-counter --tail=5
+}
+
+# Sandboxes outlive their node's agent: delete the agent Pod of the source's
+# node, wait for the DaemonSet's replacement, and show the same sandbox Pods
+# still Running and their Sandboxes Ready.
+agent_restart_keeps_sandboxes() {
+  local node agent_pod before after
+  node=$(kubectl -n "$demo_ns" get sandbox counter -o jsonpath='{.status.node}')
+  agent_pod=$(kubectl -n "$namespace" get pods -l app.kubernetes.io/component=agent \
+    --field-selector "spec.nodeName=$node" -o jsonpath='{.items[0].metadata.name}')
+  before=$(kubectl -n "$demo_ns" get pods -l app.kubernetes.io/component=sandbox \
+    -o jsonpath='{range .items[*]}{.metadata.uid}{"\n"}{end}' | sort)
+  log "deleting the agent Pod $agent_pod of node $node; its sandboxes run in their own Pods"
+  show kubectl -n "$namespace" delete pod "$agent_pod" --wait=true
+  show kubectl -n "$namespace" rollout status daemonset/"$release"-agent --timeout=180s
+  show kubectl -n "$namespace" get pods -o wide -l app.kubernetes.io/component=agent
+  show kubectl -n "$demo_ns" get pods -o wide -l app.kubernetes.io/component=sandbox
+  after=$(kubectl -n "$demo_ns" get pods -l app.kubernetes.io/component=sandbox \
+    -o jsonpath='{range .items[*]}{.metadata.uid}{"\n"}{end}' | sort)
+  [[ $before == "$after" ]] || die "the sandbox Pods changed across the agent's restart"
+  show kubectl -n "$demo_ns" wait --for=condition=Ready sandbox --all --timeout=120s
+  show kubectl -n "$demo_ns" get sandboxes -o wide
 }
 
 # --- a configured cluster -------------------------------------------------------
@@ -59,6 +84,7 @@ if [[ -n ${KUBECONFIG:-} || -f $HOME/.kube/config ]]; then
   show helm upgrade --install "$release" charts/sandfork --namespace "$namespace" --create-namespace \
     --wait --timeout 5m ${SANDFORK_HELM_ARGS:-}
   wait_and_show
+  agent_restart_keeps_sandboxes
   exit 0
 fi
 

@@ -10,6 +10,7 @@ pub mod branch;
 pub mod conditions;
 pub mod crdgen;
 pub mod deviceplugin;
+pub mod labels;
 pub mod pod;
 pub mod sandbox;
 #[cfg(feature = "test-pki")]
@@ -22,18 +23,3 @@ pub use sandbox::{Sandbox, SandboxSpec, SandboxStatus};
 pub const GROUP: &str = "sandfork.dev";
 /// The API version of both custom resources.
 pub const VERSION: &str = "v1alpha1";
-
-/// Labels the operator puts on the Sandboxes a SandboxBranch creates.
-pub mod labels {
-    /// Name of the SandboxBranch that created the Sandbox.
-    pub const BRANCH: &str = "sandfork.dev/sandbox-branch";
-    /// The Sandbox's index among that SandboxBranch's branches (0-based).
-    pub const BRANCH_INDEX: &str = "sandfork.dev/branch-index";
-    /// Name of the Sandbox the branch was captured from.
-    pub const SOURCE: &str = "sandfork.dev/source";
-
-    /// Label selector matching the Sandboxes SandboxBranch `name` created.
-    pub fn branch_selector(name: &str) -> String {
-        format!("{BRANCH}={name}")
-    }
-}

@@ -1,7 +1,25 @@
-//! What the operator's sandbox Pods and the node agent agree on.
+//! The Pod each Sandbox runs in: what the operator that makes it and the
+//! agent that starts the VM inside it both rely on.
 
-/// The emptyDir volume of a sandbox Pod where its VMM serves its control
-/// socket; the agent reaches it under the kubelet's pods directory.
+/// Name of the Pod's only container, the one that runs the VMM.
+pub const VMM_CONTAINER: &str = "vmm";
+/// Name of the emptyDir volume through which the agent reaches the VMM.
 pub const VMM_VOLUME: &str = "vmm";
-/// Where the VMM container mounts `VMM_VOLUME`.
+/// Where the VMM container mounts [`VMM_VOLUME`].
 pub const VMM_DIR: &str = "/run/sandfork-vmm";
+
+/// Memory the Pod asks for on top of the guest's when the Sandbox does not
+/// say (the VMM process, its page tables and buffers), in MiB.
+pub const DEFAULT_OVERHEAD_MIB: u64 = 64;
+/// Largest overhead a Sandbox may ask for, in MiB (64 GiB).
+pub const MAX_OVERHEAD_MIB: u64 = 65_536;
+/// CPU the Pod requests per vCPU when the Sandbox does not say, in millicores.
+pub const DEFAULT_CPU_REQUEST_MILLIS_PER_VCPU: u32 = 100;
+
+/// Prefix of sandbox Pod names; the Sandbox's name follows.
+pub const NAME_PREFIX: &str = "sandbox-";
+
+/// Name of the Pod of Sandbox `sandbox`.
+pub fn name(sandbox: &str) -> String {
+    format!("{NAME_PREFIX}{sandbox}")
+}

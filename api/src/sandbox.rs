@@ -2,6 +2,8 @@
 
 use std::collections::BTreeMap;
 
+use k8s_openapi::api::core::v1::{Affinity, Toleration};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
@@ -80,16 +82,62 @@ pub struct SandboxSpec {
     #[schemars(schema_with = "label_map")]
     pub node_selector: Option<BTreeMap<String, String>>,
 
-    /// Run on this node; placement is skipped. The operator sets it on the
-    /// branches it creates (they run on their source's node).
+    /// The Sandbox's Pod must run on this node: it gets a required node
+    /// affinity for it, and the scheduler still binds it (and accounts for
+    /// what it asks). The operator sets it on the branches it creates (they
+    /// run on their source's node).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
     pub node_name: Option<String>,
+
+    /// Affinity of the Sandbox's Pod, as the scheduler reads it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+
+    /// Tolerations of the Sandbox's Pod.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub tolerations: Vec<Toleration>,
+
+    /// PriorityClass of the Sandbox's Pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub priority_class_name: Option<String>,
+
+    /// What the Sandbox's Pod asks of its node beyond the guest's memory
+    /// and vCPUs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<SandboxResources>,
 
     /// Start from a SandboxBranch's capture instead of booting the guest. Set
     /// by the operator on the Sandboxes a SandboxBranch creates.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restore_from: Option<RestoreSource>,
+}
+
+/// What a Sandbox's Pod asks of its node. Its memory request and limit are
+/// the guest's memory plus `overheadMiB`; its CPU limit is `vcpus` cores.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[x_kube(validation = Rule::new("!(has(self.cpuRequest) && has(self.guaranteedCpu) && self.guaranteedCpu)").message("set at most one of resources.cpuRequest and resources.guaranteedCpu: true"))]
+#[serde(rename_all = "camelCase")]
+pub struct SandboxResources {
+    /// Memory for the VMM beyond the guest's, in MiB (default 64).
+    #[serde(
+        rename = "overheadMiB",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schemars(range(max = crate::pod::MAX_OVERHEAD_MIB))]
+    pub overhead_mib: Option<u64>,
+
+    /// CPU the Pod requests, e.g. `250m` (default 100m per vCPU); at most `vcpus`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_request: Option<Quantity>,
+
+    /// Request as much CPU as the limit (`vcpus` cores): with memory also
+    /// requested at its limit, the Pod is of the Guaranteed QoS class.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guaranteed_cpu: Option<bool>,
 }
 
 fn default_vcpus() -> u32 {
@@ -184,10 +232,19 @@ pub struct RestoreSource {
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct SandboxStatus {
-    /// The node the sandbox is bound to. Set once, before the agent is asked
-    /// to start it, so that a restarted operator never starts it twice.
+    /// The node the scheduler bound the sandbox's Pod to. Set once, before
+    /// the agent is asked to start it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
+
+    /// Name of the sandbox's Pod, recorded once it exists: a Pod that is
+    /// gone after that is not replaced (the VM's state died with it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+
+    /// UID of that Pod, so that another Pod of the same name is not taken for it.
+    #[serde(default, rename = "podUID", skip_serializing_if = "Option::is_none")]
+    pub pod_uid: Option<String>,
 
     /// `Ready` is the summary: `True` while the VM runs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -134,6 +134,6 @@ pub async fn of_sandbox(
     sandbox: &str,
 ) -> kube::Result<Option<Pod>> {
     Api::<Pod>::namespaced(client.clone(), namespace)
-        .get_opt(&format!("sandbox-{sandbox}"))
+        .get_opt(&sandfork_api::pod::name(sandbox))
         .await
 }

@@ -355,8 +355,28 @@ fn chart_rbac_is_least_privilege(env: &Env) -> anyhow::Result<()> {
             "update sandboxbranches.sandfork.dev --subresource=finalizers -n x",
             true,
         ),
+        (
+            "operator",
+            "update sandboxes.sandfork.dev --subresource=finalizers -n x",
+            true,
+        ),
         ("operator", "create events.events.k8s.io -n anywhere", true),
-        ("operator", "get nodes", true),
+        ("operator", "create pods -n anywhere", true),
+        ("operator", "delete pods -n anywhere", true),
+        ("operator", "watch pods -A", true),
+        ("operator", "patch pods -n anywhere", false),
+        ("operator", "update pods -n anywhere", false),
+        (
+            "operator",
+            "create pods --subresource=exec -n anywhere",
+            false,
+        ),
+        (
+            "operator",
+            "create pods --subresource=binding -n anywhere",
+            false,
+        ),
+        ("operator", "get nodes", false),
         ("operator", "watch leases.coordination.k8s.io -n NS", true),
         (
             "operator",
@@ -374,7 +394,6 @@ fn chart_rbac_is_least_privilege(env: &Env) -> anyhow::Result<()> {
             false,
         ),
         ("operator", "get secrets -n NS", false),
-        ("operator", "list pods -A", false),
         ("operator", "list nodes", false),
         (
             "operator",

@@ -939,8 +939,15 @@ pub fn branch_object(
             guest: template.guest.clone(),
             memory_mib: template.memory_mib,
             vcpus: template.vcpus,
+            // The source's node is chosen: its selector and affinity were
+            // for choosing it (and might now exclude it, or the source).
+            // Its taints still apply, so the tolerations go along.
             node_selector: None,
             node_name: Some(node.to_string()),
+            affinity: None,
+            tolerations: template.tolerations.clone(),
+            priority_class_name: template.priority_class_name.clone(),
+            resources: template.resources.clone(),
             restore_from: Some(RestoreSource {
                 sandbox_branch: name,
                 uid: uid.to_string(),

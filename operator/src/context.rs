@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
 use kube::Client;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -15,13 +16,19 @@ use sandfork_api::{Sandbox, SandboxBranch};
 use crate::agents::Agents;
 use crate::error::ErrorChain;
 use crate::metrics::Metrics;
+use crate::pod::VmmImage;
 
 /// The field manager of every write the operator makes.
 pub const FIELD_MANAGER: &str = "sandfork-operator";
 /// The finalizer on both kinds.
 pub const FINALIZER: &str = "sandfork.dev/cleanup";
 
-/// Timings of the controllers.
+/// The image sandbox Pods run when none is configured: the agent's.
+pub const DEFAULT_VMM_IMAGE: &str = "docker.io/sandfork/agent:0.1.0";
+/// Its pull policy when none is configured.
+pub const DEFAULT_VMM_IMAGE_PULL_POLICY: &str = "IfNotPresent";
+
+/// Timings of the controllers, and what sandbox Pods run.
 #[derive(Clone, Debug)]
 pub struct Settings {
     /// How often to look again while something is in progress.
@@ -41,6 +48,8 @@ pub struct Settings {
     pub max_backoff: Duration,
     /// A reconcile that runs longer is abandoned and retried.
     pub reconcile_timeout: Duration,
+    /// The image of the `vmm` container of sandbox Pods.
+    pub vmm_image: VmmImage,
 }
 
 impl Default for Settings {
@@ -54,6 +63,10 @@ impl Default for Settings {
             capture_timeout: Duration::from_secs(600),
             max_backoff: Duration::from_secs(300),
             reconcile_timeout: Duration::from_secs(720),
+            vmm_image: VmmImage {
+                image: DEFAULT_VMM_IMAGE.into(),
+                pull_policy: DEFAULT_VMM_IMAGE_PULL_POLICY.into(),
+            },
         }
     }
 }
@@ -94,19 +107,19 @@ pub struct Caches {
     pub sandboxes: Store<Sandbox>,
     /// All SandboxBranches (the SandboxBranch controller's cache).
     pub branches: Store<SandboxBranch>,
+    /// Sandbox Pods (labelled `app.kubernetes.io/component=sandbox`).
+    pub pods: Store<Pod>,
 }
 
 pub struct Context {
     pub client: Client,
     pub agents: Agents,
-    /// For placement, and to spare lookups of what they already show.
+    /// To spare lookups of what they already show.
     pub caches: Caches,
     pub metrics: Arc<Metrics>,
     pub recorder: Recorder,
     pub clock: Clock,
     pub settings: Settings,
-    /// Placements not yet visible in `sandboxes`.
-    pub reservations: crate::placement::Reservations,
     failures: Mutex<HashMap<String, u32>>,
 }
 
@@ -128,7 +141,6 @@ impl Context {
             metrics,
             clock,
             settings,
-            reservations: Default::default(),
             failures: Mutex::new(HashMap::new()),
         }
     }

@@ -6,7 +6,9 @@
 //! with equality label selectors, create, replace with resourceVersion
 //! checks, JSON patch (finalizers), server-side apply of the status
 //! subresource, delete with finalizers, and Events. It does no garbage
-//! collection and no watches; tests call the reconcilers directly.
+//! collection and no watches; tests call the reconcilers directly. Unless
+//! told to hold them, it also plays the scheduler and the kubelet: a Pod is
+//! bound and running as soon as it is created.
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
@@ -41,6 +43,9 @@ struct State {
     next_uid: u64,
     resource_version: u64,
     faults: Vec<Fault>,
+    /// Where created Pods are bound at once when their affinity names no
+    /// node; `None`: they stay pending.
+    instant_pods: Option<String>,
 }
 
 struct Fault {
@@ -267,6 +272,13 @@ impl FakeApi {
                 {
                     return status(409, "AlreadyExists", format!("{name:?} already exists"));
                 }
+                if target.collection.ends_with("/pods")
+                    && let Some(default_node) = state.instant_pods.clone()
+                {
+                    let node = required_node(&object).unwrap_or(default_node);
+                    bind_pod(&mut object, &node);
+                    run_pod(&mut object);
+                }
                 state.next_uid += 1;
                 state.resource_version += 1;
                 let meta = &mut object["metadata"];
@@ -486,6 +498,28 @@ impl FakeApi {
         edit(object);
     }
 
+    /// Created Pods are bound to `node` (or the one their affinity
+    /// requires) and running at once.
+    pub fn run_pods_at_once(&self, node: &str) {
+        self.state.lock().expect("fake api lock").instant_pods = Some(node.to_string());
+    }
+
+    /// Created Pods stay unbound and pending until a test edits them.
+    pub fn hold_pods(&self) {
+        self.state.lock().expect("fake api lock").instant_pods = None;
+    }
+
+    /// Removes a stored object at once, as the API server does once its
+    /// finalizers are gone.
+    pub fn remove<K: kube::Resource<DynamicType = ()>>(&self, namespace: Option<&str>, name: &str) {
+        let mut state = self.state.lock().expect("fake api lock");
+        state
+            .objects
+            .get_mut(&collection_of::<K>(namespace))
+            .and_then(|c| c.remove(name))
+            .expect("object to remove exists");
+    }
+
     pub fn requests(&self) -> Vec<Recorded> {
         self.state.lock().expect("fake api lock").requests.clone()
     }
@@ -513,6 +547,36 @@ impl FakeApi {
                 times,
             });
     }
+}
+
+/// The node a Pod's required node affinity names by `metadata.name`.
+pub fn required_node(pod: &Value) -> Option<String> {
+    let terms = pod["spec"]["affinity"]["nodeAffinity"]
+        ["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+        .as_array()?;
+    terms.iter().find_map(|term| {
+        term["matchFields"].as_array()?.iter().find_map(|field| {
+            (field["key"] == "metadata.name" && field["operator"] == "In")
+                .then(|| field["values"][0].as_str().map(String::from))
+                .flatten()
+        })
+    })
+}
+
+/// Binds a Pod to `node`, as the scheduler does.
+pub fn bind_pod(pod: &mut Value, node: &str) {
+    pod["spec"]["nodeName"] = json!(node);
+    pod["status"]["phase"] = json!("Pending");
+    pod["status"]["conditions"] = json!([{"type": "PodScheduled", "status": "True"}]);
+}
+
+/// Runs a bound Pod's containers, as the kubelet does.
+pub fn run_pod(pod: &mut Value) {
+    pod["status"]["phase"] = json!("Running");
+    pod["status"]["containerStatuses"] = json!([{
+        "name": "vmm", "image": "sandfork/agent", "imageID": "", "ready": true,
+        "restartCount": 0, "state": {"running": {"startedAt": "2026-03-01T12:00:00Z"}},
+    }]);
 }
 
 /// The collection path of kind `K`.
@@ -544,6 +608,8 @@ pub struct AgentState {
     pub captures: BTreeMap<String, pb::Capture>,
     /// `method uid` of every call.
     pub calls: Vec<String>,
+    /// The Pod UID each sandbox was started in, by sandbox UID.
+    pub pod_uids: BTreeMap<String, String>,
     /// Errors to return from the next calls of a method, by method name.
     pub faults: HashMap<&'static str, Vec<Status>>,
     /// New sandboxes start in this state.
@@ -617,6 +683,9 @@ impl pb::agent_server::Agent for MockAgent {
     ) -> Result<tonic::Response<pb::Sandbox>, Status> {
         let request = request.into_inner();
         let mut state = self.enter("CreateSandbox", &request.uid)?;
+        state
+            .pod_uids
+            .insert(request.uid.clone(), request.pod_uid.clone());
         let start_state = state.start_state.unwrap_or(pb::SandboxState::Running);
         let sandbox = state
             .sandboxes
@@ -640,6 +709,9 @@ impl pb::agent_server::Agent for MockAgent {
     ) -> Result<tonic::Response<pb::Sandbox>, Status> {
         let request = request.into_inner();
         let mut state = self.enter("RestoreBranch", &request.uid)?;
+        state
+            .pod_uids
+            .insert(request.uid.clone(), request.pod_uid.clone());
         let capture = found(&state.captures, "capture", &request.capture_uid)?;
         let start_state = state.start_state.unwrap_or(pb::SandboxState::Running);
         let sandbox = state

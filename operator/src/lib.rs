@@ -1,5 +1,6 @@
-//! The Sandfork operator: a Sandbox controller that places sandboxes on
-//! nodes and has the node agents run them, and a SandboxBranch controller
+//! The Sandfork operator: a Sandbox controller that runs each sandbox in a
+//! Pod of its own, placed by the scheduler, and has the agent of the Pod's
+//! node start the VM in it, and a SandboxBranch controller
 //! that captures a running Sandbox and starts branches from the capture.
 #![forbid(unsafe_code)]
 
@@ -12,7 +13,7 @@ pub mod error;
 pub mod http;
 pub mod leader;
 pub mod metrics;
-pub mod placement;
+pub mod pod;
 pub mod run;
 pub mod sandbox;
 

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Pod;
 use kube::api::Api;
 use kube::runtime::controller::{Config, Controller};
 use kube::runtime::events::Reporter;
@@ -16,12 +17,16 @@ use kube::{Client, ResourceExt};
 use sandfork_api::{Sandbox, SandboxBranch, labels};
 
 use crate::agents::{AgentTlsArgs, Agents, Dial, TlsDialer};
-use crate::context::{Caches, Clock, Context, FIELD_MANAGER, Settings};
+use crate::context::{
+    Caches, Clock, Context, DEFAULT_VMM_IMAGE, DEFAULT_VMM_IMAGE_PULL_POLICY, FIELD_MANAGER,
+    Settings,
+};
 use crate::controller::{error_policy, reconcile};
 use crate::error::{ErrorChain, RunError};
 use crate::http::{self, HttpState};
 use crate::leader::{self, LeaderArgs, LeaderElector};
 use crate::metrics::Metrics;
+use crate::pod::VmmImage;
 
 #[derive(Clone, Debug, clap::Parser)]
 #[command(
@@ -45,6 +50,17 @@ pub struct Args {
     /// Concurrent reconciles per controller.
     #[arg(long, default_value_t = 16)]
     pub concurrency: u16,
+    /// Image of the `vmm` container of sandbox Pods: the agent's image.
+    #[arg(long, env = "SANDFORK_VMM_IMAGE", default_value = DEFAULT_VMM_IMAGE)]
+    pub vmm_image: String,
+    /// Pull policy of that image.
+    #[arg(
+        long,
+        env = "SANDFORK_VMM_IMAGE_PULL_POLICY",
+        default_value = DEFAULT_VMM_IMAGE_PULL_POLICY,
+        value_parser = ["Always", "IfNotPresent", "Never"]
+    )]
+    pub vmm_image_pull_policy: String,
     #[command(flatten)]
     pub tls: AgentTlsArgs,
     #[command(flatten)]
@@ -168,11 +184,27 @@ async fn controllers(
         "agent Leases read"
     );
 
+    // The controller's own watch of the Pods it owns only triggers
+    // reconciles (a stream it could share is an unstable kube feature);
+    // this one keeps them at hand.
+    let sandbox_pods = || watcher::Config::default().labels(&labels::sandbox_pod_selector());
+    let (pods, pod_writer) = reflector::store::<Pod>();
+    let pod_watch = watcher(Api::<Pod>::all(client.clone()), sandbox_pods())
+        .default_backoff()
+        .reflect(pod_writer)
+        .for_each(|event| async move {
+            if let Err(err) = event {
+                tracing::warn!(error = %ErrorChain(&err), "watching sandbox Pods");
+            }
+        });
+    tokio::spawn(pod_watch);
+
     let config = Config::default().concurrency(args.concurrency);
     let sandbox_controller = Controller::new(
         Api::<Sandbox>::all(client.clone()),
         watcher::Config::default(),
     )
+    .owns(Api::<Pod>::all(client.clone()), sandbox_pods())
     .with_config(config.clone())
     .shutdown_on_signal();
     let branch_controller = Controller::new(
@@ -187,6 +219,7 @@ async fn controllers(
         Caches {
             sandboxes: sandbox_controller.store(),
             branches: branches.clone(),
+            pods,
         },
         metrics,
         Reporter {
@@ -194,7 +227,13 @@ async fn controllers(
             instance: Some(identity.to_string()),
         },
         Clock::system(),
-        Settings::default(),
+        Settings {
+            vmm_image: VmmImage {
+                image: args.vmm_image.clone(),
+                pull_policy: args.vmm_image_pull_policy.clone(),
+            },
+            ..Settings::default()
+        },
     ));
     let branch_controller = branch_controller
         .watches(

@@ -1,19 +1,21 @@
-//! The Sandbox controller: binds each Sandbox to a node, has that node's
-//! agent start (or, for a branch, restore) its VM, and reports the VM's state.
+//! The Sandbox controller: runs each Sandbox in a Pod of its own (see
+//! [`crate::pod`]), which the scheduler binds to a node and the kubelet
+//! starts; then has the agent of that node start (or, for a branch,
+//! restore) the VM inside the Pod, and reports the VM's state.
 //!
-//! Restart safety: a Sandbox is bound to its node before the agent is asked
-//! to start anything (by its spec's `nodeName`, else by writing the node into
-//! its status), and every agent call is keyed by the Sandbox's UID, so a
-//! reconcile interrupted at any point repeats harmlessly.
+//! Restart safety: the Pod has a fixed name, so creating it again finds the
+//! one made before; its name, UID and node are written into the status
+//! before the agent is asked to start anything; and every agent call is
+//! keyed by the Sandbox's UID. A reconcile interrupted at any point repeats
+//! harmlessly, and a Pod that is gone once recorded is never replaced (the
+//! VM's state died with it).
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use k8s_openapi::api::core::v1::Node;
-use k8s_openapi::jiff::Timestamp;
+use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
-use kube::api::Api;
+use kube::api::{Api, DeleteParams, PostParams, Preconditions};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
@@ -28,8 +30,8 @@ use tonic::transport::Channel;
 use crate::agents::with_timeout;
 use crate::context::Context;
 use crate::controller::{Reconcile, StatusUpdate, Step, Stop, done, give_up_or_retry};
-use crate::error::{Error, Result, agent_code_is_transient};
-use crate::placement;
+use crate::error::{Error, Result, agent_code_is_transient, is_already_exists, is_not_found};
+use crate::pod::sandbox_pod;
 
 pub const CONTROLLER: &str = "sandbox";
 
@@ -40,13 +42,20 @@ pub const PERMANENT_REASONS: &[&str] = &[
     reason::CAPTURE_NOT_FOUND,
     reason::VM_FAILED,
     reason::LOST,
+    reason::POD_DELETED,
+    reason::POD_FAILED,
 ];
 
 /// Reasons of the `Ready` condition.
 pub mod reason {
     pub const RUNNING: &str = "Running";
+    pub const POD_CREATED: &str = "PodCreated";
+    pub const SCHEDULING: &str = "Scheduling";
     pub const UNSCHEDULABLE: &str = "Unschedulable";
     pub const SCHEDULED: &str = "Scheduled";
+    pub const POD_STARTING: &str = "PodStarting";
+    pub const POD_DELETED: &str = "PodDeleted";
+    pub const POD_FAILED: &str = "PodFailed";
     pub const AGENT_UNAVAILABLE: &str = "AgentUnavailable";
     pub const INSUFFICIENT_MEMORY: &str = "InsufficientMemory";
     pub const START_FAILED: &str = "StartFailed";
@@ -66,8 +75,9 @@ impl Reconcile for Sandbox {
         self.status.as_ref()
     }
 
-    /// Checks the guest and, for a branch, its origin; binds the Sandbox to a
-    /// node; has that node's agent start the VM if it never ran; reports it.
+    /// Checks the guest and, for a branch, its origin; makes the Sandbox's
+    /// Pod and waits for it to be bound and running; has the agent of its
+    /// node start the VM in it if it never ran; reports it.
     async fn apply(&self, ctx: &Context) -> Result<Action> {
         Pass::new(self, ctx)?.run().await.or_else(Stop::into_result)
     }
@@ -143,9 +153,14 @@ impl<'a> Pass<'a> {
         self.check_not_failed()?;
         let workload = self.check_guest().await?;
         self.check_origin().await?;
-        let node = self.bind().await?;
+        let pod = self.ensure_pod().await?;
+        let node = self.scheduled(&pod).await?;
+        self.pod_running(&pod).await?;
+        let pod_uid = pod.uid().unwrap_or_default();
         let mut client = self.reach_agent(&node).await?;
-        let (vm, start_event) = self.observe_or_start(&mut client, &node, workload).await?;
+        let (vm, start_event) = self
+            .observe_or_start(&mut client, &node, &pod_uid, workload)
+            .await?;
         self.report(&node, vm, start_event).await
     }
 
@@ -238,45 +253,175 @@ impl<'a> Pass<'a> {
         }
     }
 
-    /// The Sandbox's node: its spec's, the one its status is bound to, or
-    /// one chosen now and bound by a status write before anything starts
-    /// there, so that no later pass places it elsewhere.
-    async fn bind(&mut self) -> Step<String> {
-        let (sandbox, ctx) = (self.sandbox, self.ctx);
-        let bound = self.update.status.node.clone();
-        let node = match bound.or_else(|| sandbox.spec.node_name.clone()) {
-            Some(node) => node,
-            None => match place(sandbox, &self.uid, ctx, self.update.now).await? {
-                Ok(node) => node,
-                Err(why) => {
-                    self.update.ready(false, reason::UNSCHEDULABLE, why);
-                    self.update.write(ctx).await?;
-                    return done(Action::requeue(ctx.settings.poll * 5));
-                }
-            },
+    /// The Sandbox's Pod: made if the Sandbox never had one, else the one
+    /// recorded. One that is gone, being deleted, replaced or ended fails
+    /// the Sandbox for good: its VM cannot be brought back.
+    async fn ensure_pod(&mut self) -> Step<Pod> {
+        let name = sandfork_api::pod::name(&self.sandbox.name_any());
+        let recorded = self.update.status.pod_uid.clone();
+        let pod = match self.find_pod(&name, recorded.as_deref()).await? {
+            Some(pod) => pod,
+            None if recorded.is_some() => {
+                let message = format!("the Sandbox's Pod {name} was deleted, and its VM with it");
+                return self.fail(reason::POD_DELETED, "Observe", message).await;
+            }
+            None if self.update.status.vm.is_some() => {
+                let message = format!(
+                    "the VM ran without a Pod (started by an earlier operator) and Pod {name} does not exist; recreate the Sandbox"
+                );
+                return self.fail(reason::POD_DELETED, "Observe", message).await;
+            }
+            None => self.create_pod().await?,
         };
-        if self.update.status.node.as_deref() != Some(node.as_str()) {
-            self.update.status.node = Some(node.clone());
-            // One whose spec names its node (a branch) is bound by its spec:
-            // the node goes into the status with the next write.
-            if sandbox.spec.node_name.is_none() {
-                self.update
-                    .ready(false, reason::SCHEDULED, format!("bound to node {node}"));
-                if let Err(err) = self.update.write(ctx).await {
-                    ctx.reservations.release(&self.uid);
-                    return Err(err.into());
-                }
+        if !is_owned_by(&pod, &self.uid) {
+            let message = format!(
+                "a Pod named {name} already exists and does not belong to this Sandbox; delete it or rename the Sandbox"
+            );
+            return self.fail(reason::INVALID_SPEC, "CreatePod", message).await;
+        }
+        let pod_uid = pod.uid().unwrap_or_default();
+        if recorded.as_ref().is_some_and(|r| *r != pod_uid) {
+            let message = format!(
+                "the Sandbox's Pod {name} was deleted and replaced by another, and its VM is gone"
+            );
+            return self.fail(reason::POD_DELETED, "Observe", message).await;
+        }
+        if pod.metadata.deletion_timestamp.is_some() {
+            let message = format!("the Sandbox's Pod {name} is being deleted, and its VM with it");
+            return self.fail(reason::POD_DELETED, "Observe", message).await;
+        }
+        if let Some(why) = pod_ended(&pod) {
+            let message = format!("the Sandbox's Pod {name} {why}");
+            return self.fail(reason::POD_FAILED, "Observe", message).await;
+        }
+        self.update.status.pod = Some(name);
+        self.update.status.pod_uid = Some(pod_uid);
+        Ok(pod)
+    }
+
+    /// The Pod `name` from the cache when it shows the one expected, else
+    /// from the API server.
+    async fn find_pod(&self, name: &str, recorded: Option<&str>) -> Result<Option<Pod>> {
+        let namespace = self.sandbox.namespace().unwrap_or_default();
+        let cached = self
+            .ctx
+            .caches
+            .pods
+            .get(&ObjectRef::new(name).within(&namespace))
+            .filter(|pod| match recorded {
+                Some(uid) => pod.uid().as_deref() == Some(uid),
+                None => is_owned_by(pod, &self.uid),
+            });
+        if let Some(pod) = cached {
+            return Ok(Some(pod.as_ref().clone()));
+        }
+        let pods: Api<Pod> = Api::namespaced(self.ctx.client.clone(), &namespace);
+        Ok(pods.get_opt(name).await?)
+    }
+
+    /// Creates the Pod; one made by an earlier, interrupted pass is read back.
+    async fn create_pod(&mut self) -> Step<Pod> {
+        let (sandbox, ctx) = (self.sandbox, self.ctx);
+        let pod = match sandbox_pod(sandbox, &ctx.settings.vmm_image) {
+            Ok(pod) => pod,
+            Err(message) => return self.fail(reason::INVALID_SPEC, "CreatePod", message).await,
+        };
+        let name = pod.name_any();
+        let pods: Api<Pod> =
+            Api::namespaced(ctx.client.clone(), &sandbox.namespace().unwrap_or_default());
+        match pods.create(&PostParams::default(), &pod).await {
+            Ok(created) => {
                 ctx.event(
                     sandbox,
                     EventType::Normal,
-                    reason::SCHEDULED,
-                    "Bind",
-                    format!("bound to node {node}"),
+                    reason::POD_CREATED,
+                    "CreatePod",
+                    format!("created Pod {name}"),
                 )
                 .await;
+                Ok(created)
             }
+            Err(err) if is_already_exists(&err) => Ok(pods.get(&name).await?),
+            Err(err) => Err(Error::from(err).into()),
+        }
+    }
+
+    /// The node the scheduler bound the Pod to, recorded in the status
+    /// before anything starts there; waits until there is one.
+    async fn scheduled(&mut self, pod: &Pod) -> Step<String> {
+        let (sandbox, ctx) = (self.sandbox, self.ctx);
+        let name = pod.name_any();
+        let node = pod
+            .spec
+            .as_ref()
+            .and_then(|spec| spec.node_name.clone())
+            .filter(|node| !node.is_empty());
+        let Some(node) = node else {
+            let unschedulable = pod_condition(pod, "PodScheduled")
+                .filter(|c| c.status == "False" && c.reason.as_deref() == Some("Unschedulable"));
+            match unschedulable {
+                Some(condition) => {
+                    let message = condition
+                        .message
+                        .clone()
+                        .unwrap_or_else(|| format!("no node fits Pod {name}"));
+                    self.update.ready(false, reason::UNSCHEDULABLE, message);
+                }
+                None => self.update.ready(
+                    false,
+                    reason::SCHEDULING,
+                    format!("Pod {name} waits for the scheduler"),
+                ),
+            }
+            self.update.write(ctx).await?;
+            // A change to the Pod triggers a reconcile; this is a backstop.
+            return done(Action::requeue(ctx.settings.poll * 5));
+        };
+        if self.update.status.node.as_deref() != Some(node.as_str()) {
+            self.update.status.node = Some(node.clone());
+            let message = format!("Pod {name} bound to node {node}");
+            self.update.ready(false, reason::SCHEDULED, message.clone());
+            self.update.write(ctx).await?;
+            ctx.event(
+                sandbox,
+                EventType::Normal,
+                reason::SCHEDULED,
+                "Bind",
+                message,
+            )
+            .await;
         }
         Ok(node)
+    }
+
+    /// Waits until the Pod runs, and so its VMM.
+    async fn pod_running(&mut self, pod: &Pod) -> Step {
+        let status = pod.status.clone().unwrap_or_default();
+        let vmm = status
+            .container_statuses
+            .iter()
+            .flatten()
+            .find(|c| c.name == sandfork_api::pod::VMM_CONTAINER);
+        let state = vmm.and_then(|c| c.state.as_ref());
+        if status.phase.as_deref() == Some("Running") && state.is_some_and(|s| s.running.is_some())
+        {
+            return Ok(());
+        }
+        let name = pod.name_any();
+        let waiting = state.and_then(|s| s.waiting.as_ref());
+        let message = match waiting.and_then(|w| w.reason.as_deref()) {
+            Some(why) => match waiting.and_then(|w| w.message.as_deref()) {
+                Some(detail) => format!("Pod {name}: {why}: {detail}"),
+                None => format!("Pod {name}: {why}"),
+            },
+            None => format!(
+                "Pod {name} is {}",
+                status.phase.as_deref().unwrap_or("Pending")
+            ),
+        };
+        self.update.ready(false, reason::POD_STARTING, message);
+        self.update.write(self.ctx).await?;
+        done(Action::requeue(self.ctx.settings.poll * 5))
     }
 
     /// A client for the agent of `node`; waits while there is none ready.
@@ -299,6 +444,7 @@ impl<'a> Pass<'a> {
         &mut self,
         client: &mut AgentClient<Channel>,
         node: &str,
+        pod_uid: &str,
         workload: pb::Workload,
     ) -> Step<(pb::Sandbox, StartEvent)> {
         let observed = match client
@@ -323,15 +469,17 @@ impl<'a> Pass<'a> {
                 self.update.status.vm = None;
                 self.fail(reason::LOST, "Observe", message).await
             }
-            None => self.start(client, node, workload).await,
+            None => self.start(client, node, pod_uid, workload).await,
         }
     }
 
-    /// Has the agent create the VM, or restore it from its capture.
+    /// Has the agent create the VM in Pod `pod_uid`, or restore it there
+    /// from its capture.
     async fn start(
         &mut self,
         client: &mut AgentClient<Channel>,
         node: &str,
+        pod_uid: &str,
         workload: pb::Workload,
     ) -> Step<(pb::Sandbox, StartEvent)> {
         let (sandbox, ctx) = (self.sandbox, self.ctx);
@@ -342,6 +490,7 @@ impl<'a> Pass<'a> {
                     pb::RestoreBranchRequest {
                         uid: self.uid.clone(),
                         capture_uid: restore.uid.clone(),
+                        pod_uid: pod_uid.to_string(),
                     },
                     ctx.settings.start_timeout,
                 ))
@@ -359,6 +508,7 @@ impl<'a> Pass<'a> {
                             memory_mib: sandbox.spec.memory_mib,
                             vcpus: sandbox.spec.vcpus,
                             workload: Some(workload),
+                            pod_uid: pod_uid.to_string(),
                         },
                         ctx.settings.start_timeout,
                     ))
@@ -498,52 +648,79 @@ async fn publish_start(sandbox: &Sandbox, ctx: &Context, started: StartEvent) {
     }
 }
 
-/// Chooses a node; the outer error is a failed API call, the inner one why
-/// no node fits.
-async fn place(
-    sandbox: &Sandbox,
-    uid: &str,
-    ctx: &Context,
-    now: Timestamp,
-) -> Result<Result<String, String>> {
-    let _placing = ctx.reservations.lock.lock().await;
-    let agents = ctx.agents.all();
-    let state = ctx.caches.sandboxes.state();
-    let mut load = placement::load_by_node(state.iter().map(|s| s.as_ref()), uid);
-    ctx.reservations
-        .add_to(&mut load, state.iter().map(|s| s.as_ref()), uid);
-    let selector = sandbox.spec.node_selector.clone().unwrap_or_default();
-    let mut allowed: BTreeMap<String, bool> = BTreeMap::new();
-    if !selector.is_empty() {
-        let nodes: Api<Node> = Api::all(ctx.client.clone());
-        for agent in &agents {
-            let labels = nodes
-                .get_opt(&agent.node)
-                .await?
-                .and_then(|node| node.metadata.labels)
-                .unwrap_or_default();
-            let matches = selector.iter().all(|(k, v)| labels.get(k) == Some(v));
-            allowed.insert(agent.node.clone(), matches);
-        }
-    }
-    let chosen = placement::choose(
-        &agents,
-        &load,
-        sandbox.spec.memory_mib,
-        |node| selector.is_empty() || allowed.get(node).copied().unwrap_or(false),
-        now,
-    );
-    if let Ok(node) = &chosen {
-        ctx.reservations.reserve(uid, node, sandbox.spec.memory_mib);
-    }
-    Ok(chosen)
+/// Whether `pod` is controlled by the Sandbox with UID `uid`.
+fn is_owned_by(pod: &Pod, uid: &str) -> bool {
+    pod.owner_references()
+        .iter()
+        .any(|owner| owner.controller == Some(true) && owner.uid == uid)
 }
 
-/// Stops the VM. Tolerates a Sandbox that was never bound or started.
+/// A condition of `pod` by type.
+fn pod_condition<'p>(
+    pod: &'p Pod,
+    type_: &str,
+) -> Option<&'p k8s_openapi::api::core::v1::PodCondition> {
+    pod.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == type_)
+}
+
+/// How `pod` ended, if it did (it never restarts): the Pod's reason (e.g.
+/// `Evicted`), else how its `vmm` container terminated (e.g. `OOMKilled`).
+fn pod_ended(pod: &Pod) -> Option<String> {
+    let status = pod.status.as_ref()?;
+    let phase = status.phase.as_deref()?;
+    if phase != "Failed" && phase != "Succeeded" {
+        return None;
+    }
+    let verb = if phase == "Failed" { "failed" } else { "ended" };
+    if let Some(reason) = &status.reason {
+        let message = status.message.as_deref().unwrap_or_default();
+        return Some(
+            format!("{verb}: {reason}: {message}")
+                .trim_end_matches([':', ' '])
+                .to_string(),
+        );
+    }
+    let terminated = status
+        .container_statuses
+        .iter()
+        .flatten()
+        .find(|c| c.name == sandfork_api::pod::VMM_CONTAINER)
+        .and_then(|c| c.state.as_ref()?.terminated.as_ref());
+    Some(match terminated {
+        Some(t) => {
+            let mut why = format!(
+                "{verb}: container {} terminated: {} (exit code {})",
+                sandfork_api::pod::VMM_CONTAINER,
+                t.reason.as_deref().unwrap_or("no reason given"),
+                t.exit_code
+            );
+            if let Some(message) = t.message.as_deref().filter(|m| !m.is_empty()) {
+                why.push_str(&format!(": {message}"));
+            }
+            why
+        }
+        None => format!("{verb} (phase {phase})"),
+    })
+}
+
+/// Stops the VM, then deletes the Pod it ran in. Tolerates a Sandbox whose
+/// Pod was never made or never bound (no agent holds anything for it).
 async fn cleanup(sandbox: &Sandbox, ctx: &Context) -> Result<Action> {
-    let Some(node) = sandbox.node().or(sandbox.spec.node_name.as_deref()) else {
-        return Ok(Action::await_change());
-    };
+    if let Some(node) = sandbox.node() {
+        stop_vm(sandbox, ctx, node).await?;
+    }
+    delete_pod(sandbox, ctx).await?;
+    Ok(Action::await_change())
+}
+
+/// Has the agent of `node` stop the VM and forget it (a capture's copy from
+/// it finishes first); gives up after a while on an unreachable agent.
+async fn stop_vm(sandbox: &Sandbox, ctx: &Context, node: &str) -> Result<()> {
     let uid = sandbox.uid().unwrap_or_default();
     let now = ctx.clock.now();
     match ctx.agents.client(node, now) {
@@ -555,17 +732,44 @@ async fn cleanup(sandbox: &Sandbox, ctx: &Context) -> Result<Action> {
                 ))
                 .await
             {
-                Ok(_) => {}
-                Err(status) if status.code() == Code::NotFound => {}
-                Err(status) => {
-                    return Err(Error::agent(node, status));
-                }
+                Ok(_) => Ok(()),
+                Err(status) if status.code() == Code::NotFound => Ok(()),
+                Err(status) => Err(Error::agent(node, status)),
             }
-            Ok(Action::await_change())
         }
         Err(Error::AgentUnavailable { reason, .. }) => {
-            give_up_or_retry(sandbox, ctx, node, &reason, now).await
+            give_up_or_retry(sandbox, ctx, node, &reason, now)
+                .await
+                .map(drop)
         }
         Err(err) => Err(err),
+    }
+}
+
+/// Deletes the Sandbox's Pod, if it has one (the garbage collector would
+/// too, through the owner reference; this is sooner). A Pod of that name
+/// that is not the Sandbox's is left alone.
+async fn delete_pod(sandbox: &Sandbox, ctx: &Context) -> Result<()> {
+    let uid = sandbox.uid().unwrap_or_default();
+    let name = sandfork_api::pod::name(&sandbox.name_any());
+    let pods: Api<Pod> =
+        Api::namespaced(ctx.client.clone(), &sandbox.namespace().unwrap_or_default());
+    let Some(pod) = pods.get_opt(&name).await? else {
+        return Ok(());
+    };
+    if !is_owned_by(&pod, &uid) || pod.metadata.deletion_timestamp.is_some() {
+        return Ok(());
+    }
+    let params = DeleteParams {
+        preconditions: Some(Preconditions {
+            uid: pod.uid(),
+            resource_version: None,
+        }),
+        ..DeleteParams::default()
+    };
+    match pods.delete(&name, &params).await {
+        Ok(_) => Ok(()),
+        Err(err) if is_not_found(&err) => Ok(()),
+        Err(err) => Err(err.into()),
     }
 }

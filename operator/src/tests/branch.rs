@@ -592,31 +592,36 @@ async fn the_capturing_pass_goes_straight_from_the_capture_to_the_branches() {
 }
 
 #[tokio::test]
-async fn a_branch_restores_on_its_first_pass_with_one_status_write() {
+async fn a_branch_restores_on_its_first_pass_once_its_pod_runs() {
     let h = setup(1, DeletionPolicy::Delete).await;
     h.reconcile_branch("fork").await.unwrap();
     assert!(h.sandbox("fork-0").is_some());
     h.api.clear_requests();
 
-    // Made with its finalizer and bound by its spec: the first pass
-    // restores, then writes the whole status once.
+    // Made with its finalizer: the first pass makes its Pod (bound and
+    // running at once here), records where it runs, restores, then reports.
     h.reconcile_sandbox("fork-0").await.unwrap();
 
     assert_eq!(h.agent_calls("RestoreBranch").len(), 1);
     let requests = h.api.requests();
     assert!(!requests.iter().any(adds_finalizer), "{requests:#?}");
     let writes: Vec<_> = requests.iter().filter(|r| is_status_apply(r)).collect();
-    assert_eq!(writes.len(), 1, "{writes:#?}");
+    assert_eq!(writes.len(), 2, "{writes:#?}");
     assert_eq!(writes[0].body["status"]["node"], NODE);
-    assert_eq!(writes[0].body["status"]["conditions"][0]["status"], "True");
+    assert_eq!(writes[0].body["status"]["pod"], "sandbox-fork-0");
+    assert_eq!(
+        writes[0].body["status"]["conditions"][0]["reason"],
+        crate::sandbox::reason::SCHEDULED
+    );
+    assert_eq!(writes[1].body["status"]["conditions"][0]["status"], "True");
     // The Event follows the write that makes it Ready.
-    assert_eq!(h.events(), vec!["Restored"]);
-    let event = requests
+    assert_eq!(h.events(), vec!["PodCreated", "Scheduled", "Restored"]);
+    let restored = requests
         .iter()
-        .position(|r| r.path.ends_with("/events"))
+        .position(|r| r.path.ends_with("/events") && r.body["reason"] == "Restored")
         .unwrap();
-    let write = requests.iter().position(is_status_apply).unwrap();
-    assert!(write < event, "{requests:#?}");
+    let last_write = requests.iter().rposition(is_status_apply).unwrap();
+    assert!(last_write < restored, "{requests:#?}");
     assert!(h.sandbox("fork-0").unwrap().is_ready());
 }
 
@@ -874,4 +879,53 @@ async fn a_fork_complete_in_time_is_looked_at_again_at_the_poll_interval_after_i
     let action = h.reconcile_branch("fork").await.unwrap();
     assert_eq!(action, Action::requeue(h.ctx.settings.poll));
     assert_eq!(h.agent_calls("GetCapture").len(), 1);
+}
+
+#[tokio::test]
+async fn a_branchs_pod_is_required_on_the_source_node_and_restored_into() {
+    let h = setup(1, DeletionPolicy::Delete).await;
+    let mut src = h.sandbox("src").unwrap();
+    // The source tolerates its node's taint; the branch must too.
+    src.spec.tolerations = vec![k8s_openapi::api::core::v1::Toleration {
+        key: Some("sandfork.dev/dedicated".into()),
+        operator: Some("Exists".into()),
+        ..Default::default()
+    }];
+    h.api.edit::<Sandbox>(Some(NS), "src", |o| {
+        o["spec"]["tolerations"] = serde_json::to_value(&src.spec.tolerations).unwrap()
+    });
+    h.api.hold_pods();
+    h.reconcile_branch("fork").await.unwrap();
+    h.settle_sandbox("fork-0").await;
+
+    let pod = serde_json::to_value(h.pod("fork-0").unwrap()).unwrap();
+    assert!(pod["spec"]["nodeName"].is_null(), "the scheduler binds it");
+    let terms = &pod["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+        ["nodeSelectorTerms"];
+    assert_eq!(
+        terms,
+        &serde_json::json!([{"matchFields": [
+            {"key": "metadata.name", "operator": "In", "values": [NODE]},
+        ]}])
+    );
+    assert_eq!(
+        pod["spec"]["tolerations"][0]["key"],
+        "sandfork.dev/dedicated"
+    );
+    assert!(h.agent_calls("RestoreBranch").is_empty(), "not bound yet");
+
+    h.edit_pod("fork-0", |pod| {
+        crate::fixtures::bind_pod(pod, NODE);
+        crate::fixtures::run_pod(pod);
+    });
+    h.reconcile_sandbox("fork-0").await.unwrap();
+    let fork = h.sandbox("fork-0").unwrap();
+    assert!(fork.is_ready(), "{:?}", fork.status);
+    assert_eq!(fork.node(), Some(NODE));
+    let uid = fork.metadata.uid.unwrap();
+    let pod_uid = h.pod("fork-0").unwrap().metadata.uid.unwrap();
+    assert_eq!(
+        h.agent.state.lock().unwrap().pod_uids.get(&uid),
+        Some(&pod_uid)
+    );
 }

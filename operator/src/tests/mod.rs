@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use http::Method;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::ObjectMeta;
@@ -49,6 +50,9 @@ pub struct Harness {
     /// The SandboxBranch controller's cache (empty unless a test fills it).
     pub branches: Writer<SandboxBranch>,
     branch_store: reflector::Store<SandboxBranch>,
+    /// The sandbox Pod cache (empty unless a test fills it).
+    pub pods: Writer<Pod>,
+    pod_store: reflector::Store<Pod>,
     pub ctx: Arc<Context>,
 }
 
@@ -88,6 +92,10 @@ pub fn sandbox_object(name: &str, memory_mib: u64) -> Sandbox {
             vcpus: 1,
             node_selector: None,
             node_name: None,
+            affinity: None,
+            tolerations: Vec::new(),
+            priority_class_name: None,
+            resources: None,
             restore_from: None,
         },
     );
@@ -95,10 +103,19 @@ pub fn sandbox_object(name: &str, memory_mib: u64) -> Sandbox {
     sandbox
 }
 
+/// The caches a context reads.
+struct Stores {
+    leases: reflector::Store<Lease>,
+    sandboxes: reflector::Store<Sandbox>,
+    branches: reflector::Store<SandboxBranch>,
+    pods: reflector::Store<Pod>,
+}
+
 impl Harness {
     pub async fn new() -> Self {
         let clock = Clock::fixed(start_time());
         let (api, client) = FakeApi::new(clock.clone());
+        api.run_pods_at_once(NODE);
         let agent = Arc::new(MockAgent::default());
         let endpoint = serve_agent(agent.clone()).await;
         let (lease_store, mut leases) = reflector::store::<Lease>();
@@ -110,7 +127,14 @@ impl Harness {
         )));
         let (sandbox_store, sandboxes) = reflector::store::<Sandbox>();
         let (branch_store, branches) = reflector::store::<SandboxBranch>();
-        let ctx = Self::context(&client, &lease_store, &sandbox_store, &branch_store, &clock);
+        let (pod_store, pods) = reflector::store::<Pod>();
+        let stores = Stores {
+            leases: lease_store.clone(),
+            sandboxes: sandbox_store.clone(),
+            branches: branch_store.clone(),
+            pods: pod_store.clone(),
+        };
+        let ctx = Self::context(&client, &stores, &clock);
         Self {
             api,
             client,
@@ -123,23 +147,20 @@ impl Harness {
             sandbox_store,
             branches,
             branch_store,
+            pods,
+            pod_store,
             ctx,
         }
     }
 
-    fn context(
-        client: &kube::Client,
-        leases: &reflector::Store<Lease>,
-        sandboxes: &reflector::Store<Sandbox>,
-        branches: &reflector::Store<SandboxBranch>,
-        clock: &Clock,
-    ) -> Arc<Context> {
+    fn context(client: &kube::Client, stores: &Stores, clock: &Clock) -> Arc<Context> {
         Arc::new(Context::new(
             client.clone(),
-            Agents::new(leases.clone(), Arc::new(PlainDialer)),
+            Agents::new(stores.leases.clone(), Arc::new(PlainDialer)),
             Caches {
-                sandboxes: sandboxes.clone(),
-                branches: branches.clone(),
+                sandboxes: stores.sandboxes.clone(),
+                branches: stores.branches.clone(),
+                pods: stores.pods.clone(),
             },
             Arc::new(Metrics::default()),
             Reporter {
@@ -153,13 +174,13 @@ impl Harness {
 
     /// A fresh operator process (new caches of its own, same cluster and agents).
     pub fn restart(&mut self) {
-        self.ctx = Self::context(
-            &self.client,
-            &self.lease_store,
-            &self.sandbox_store,
-            &self.branch_store,
-            &self.clock,
-        );
+        let stores = Stores {
+            leases: self.lease_store.clone(),
+            sandboxes: self.sandbox_store.clone(),
+            branches: self.branch_store.clone(),
+            pods: self.pod_store.clone(),
+        };
+        self.ctx = Self::context(&self.client, &stores, &self.clock);
     }
 
     /// The agent renews its Lease now.
@@ -192,6 +213,18 @@ impl Harness {
 
     pub fn sandbox(&self, name: &str) -> Option<Sandbox> {
         self.api.get::<Sandbox>(Some(NS), name)
+    }
+
+    /// The Pod of Sandbox `sandbox`.
+    pub fn pod(&self, sandbox: &str) -> Option<Pod> {
+        self.api
+            .get::<Pod>(Some(NS), &sandfork_api::pod::name(sandbox))
+    }
+
+    /// Edits the Pod of Sandbox `sandbox`, as the scheduler or kubelet would.
+    pub fn edit_pod(&self, sandbox: &str, edit: impl FnOnce(&mut serde_json::Value)) {
+        self.api
+            .edit::<Pod>(Some(NS), &sandfork_api::pod::name(sandbox), edit);
     }
 
     pub fn branch(&self, name: &str) -> Option<SandboxBranch> {

@@ -1,6 +1,7 @@
 use std::time::Duration;
 
 use http::Method;
+use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::controller::Action;
 use kube::runtime::watcher;
 use sandfork_api::Sandbox;
@@ -34,8 +35,16 @@ async fn first_pass_only_adds_the_finalizer() {
     );
 }
 
+/// Requests to the Pods collection of the test namespace.
+fn pod_requests(h: &Harness, method: Method) -> Vec<Recorded> {
+    h.api_requests()
+        .into_iter()
+        .filter(|r| r.method == method && r.path.contains("/api/v1/namespaces/team-a/pods"))
+        .collect()
+}
+
 #[tokio::test]
-async fn binds_to_a_node_then_starts_and_reports_ready() {
+async fn makes_a_pod_then_starts_the_vm_in_it_and_reports_ready() {
     let h = Harness::new().await;
     h.api.insert(&sandbox_object("vm", 256));
     h.reconcile_sandbox("vm").await.unwrap();
@@ -44,6 +53,10 @@ async fn binds_to_a_node_then_starts_and_reports_ready() {
     let action = h.reconcile_sandbox("vm").await.unwrap();
     assert_eq!(action, Action::requeue(h.ctx.settings.resync));
 
+    let creates = pod_requests(&h, Method::POST);
+    assert_eq!(creates.len(), 1, "{creates:#?}");
+    assert_eq!(creates[0].path, "/api/v1/namespaces/team-a/pods");
+    assert_eq!(creates[0].body["metadata"]["name"], "sandbox-vm");
     let status_writes: Vec<_> = h
         .api_requests()
         .into_iter()
@@ -52,13 +65,15 @@ async fn binds_to_a_node_then_starts_and_reports_ready() {
     assert_eq!(
         status_writes.len(),
         2,
-        "bind, then ready: {status_writes:#?}"
+        "scheduled, then ready: {status_writes:#?}"
     );
-    assert_eq!(status_writes[0].body["status"]["node"], NODE);
-    assert_eq!(
-        status_writes[0].body["status"]["conditions"][0]["reason"],
-        reason::SCHEDULED
-    );
+    let pod = h.pod("vm").unwrap();
+    let pod_uid = pod.metadata.uid.clone().unwrap();
+    let scheduled = &status_writes[0].body["status"];
+    assert_eq!(scheduled["node"], NODE);
+    assert_eq!(scheduled["pod"], "sandbox-vm");
+    assert_eq!(scheduled["podUID"], pod_uid.as_str());
+    assert_eq!(scheduled["conditions"][0]["reason"], reason::SCHEDULED);
     assert_eq!(status_writes[0].body["kind"], "Sandbox");
     // Each write is conditional on the version it was computed from.
     assert!(status_writes[0].body["metadata"]["resourceVersion"].is_string());
@@ -77,20 +92,27 @@ async fn binds_to_a_node_then_starts_and_reports_ready() {
         h.agent_calls("CreateSandbox"),
         vec![format!("CreateSandbox {uid}")]
     );
+    assert_eq!(
+        h.agent.state.lock().unwrap().pod_uids.get(&uid),
+        Some(&pod_uid),
+        "the agent is told which Pod holds the VMM"
+    );
     let status = sandbox.status.unwrap();
     assert_eq!(status.node.as_deref(), Some(NODE));
+    assert_eq!(status.pod.as_deref(), Some("sandbox-vm"));
     assert_eq!(status.observed_generation, Some(1));
     assert_eq!(status.vm.unwrap().pid, Some(4242));
-    let (ready, why, _) = condition(&status.conditions, READY);
+    let (ready, why, message) = condition(&status.conditions, READY);
     assert_eq!((ready.as_str(), why.as_str()), ("True", reason::RUNNING));
-    assert_eq!(h.events(), vec!["Scheduled", "Started"]);
+    assert_eq!(message, "running on node node-a");
+    assert_eq!(h.events(), vec!["PodCreated", "Scheduled", "Started"]);
     let metrics = h.ctx.metrics.encode();
     assert!(
         metrics.contains("sandfork_apply_to_ready_seconds_count{kind=\"Sandbox\"} 1"),
         "{metrics}"
     );
 
-    // Nothing changes on a second pass: no writes, no second VM.
+    // Nothing changes on a second pass: no writes, no second Pod or VM.
     h.api.clear_requests();
     h.reconcile_sandbox("vm").await.unwrap();
     assert!(
@@ -99,6 +121,115 @@ async fn binds_to_a_node_then_starts_and_reports_ready() {
         h.api_requests()
     );
     assert_eq!(h.agent_calls("CreateSandbox").len(), 1);
+    assert_eq!(h.api.list::<Pod>(Some(NS)).len(), 1);
+}
+
+#[tokio::test]
+async fn the_pod_is_the_sandboxes_and_asks_for_what_it_needs() {
+    let h = Harness::new().await;
+    h.api.hold_pods();
+    let mut sandbox = sandbox_object("vm", 1024);
+    sandbox.spec.vcpus = 2;
+    sandbox.spec.node_selector = Some(BTreeMap::from([("disk".into(), "ssd".into())]));
+    sandbox.spec.priority_class_name = Some("sandboxes".into());
+    h.api.insert(&sandbox);
+    h.settle_sandbox("vm").await;
+
+    let uid = h.sandbox("vm").unwrap().metadata.uid.unwrap();
+    let pod = serde_json::to_value(h.pod("vm").unwrap()).unwrap();
+    let meta = &pod["metadata"];
+    assert_eq!(meta["labels"]["sandfork.dev/sandbox"], "vm");
+    assert_eq!(meta["labels"]["sandfork.dev/sandbox-uid"], uid.as_str());
+    assert_eq!(meta["labels"]["app.kubernetes.io/component"], "sandbox");
+    assert_eq!(meta["ownerReferences"][0]["kind"], "Sandbox");
+    assert_eq!(meta["ownerReferences"][0]["uid"], uid.as_str());
+    assert_eq!(meta["ownerReferences"][0]["controller"], true);
+    assert_eq!(meta["ownerReferences"][0]["blockOwnerDeletion"], true);
+    let spec = &pod["spec"];
+    assert_eq!(spec["restartPolicy"], "Never");
+    assert_eq!(spec["nodeSelector"]["disk"], "ssd");
+    assert_eq!(spec["priorityClassName"], "sandboxes");
+    assert!(spec["nodeName"].is_null(), "the scheduler binds it");
+    assert!(spec["affinity"].is_null());
+    let vmm = &spec["containers"][0];
+    assert_eq!(vmm["image"], crate::context::DEFAULT_VMM_IMAGE);
+    assert_eq!(vmm["imagePullPolicy"], "IfNotPresent");
+    assert_eq!(vmm["env"][0]["value"], "team-a/vm");
+    let memory = format!("{}Mi", 1024 + sandfork_api::pod::DEFAULT_OVERHEAD_MIB);
+    assert_eq!(vmm["resources"]["requests"]["memory"], memory.as_str());
+    assert_eq!(vmm["resources"]["limits"]["memory"], memory.as_str());
+    assert_eq!(vmm["resources"]["requests"]["cpu"], "200m");
+    assert_eq!(vmm["resources"]["limits"]["cpu"], "2");
+    assert_eq!(vmm["resources"]["limits"]["sandfork.dev/kvm"], "1");
+    assert_eq!(vmm["securityContext"]["privileged"], false);
+    assert_eq!(vmm["securityContext"]["capabilities"]["drop"][0], "ALL");
+}
+
+#[tokio::test]
+async fn the_agent_is_not_called_before_the_pod_is_bound_and_running() {
+    let h = Harness::new().await;
+    h.api.hold_pods();
+    h.api.insert(&sandbox_object("vm", 256));
+    h.reconcile_sandbox("vm").await.unwrap();
+
+    let action = h.reconcile_sandbox("vm").await.unwrap();
+    assert_eq!(action, Action::requeue(h.ctx.settings.poll * 5));
+    let status = h.sandbox("vm").unwrap().status.unwrap();
+    let (_, why, message) = condition(&status.conditions, READY);
+    assert_eq!(why, reason::SCHEDULING);
+    assert_eq!(message, "Pod sandbox-vm waits for the scheduler");
+    assert_eq!(status.node, None);
+    assert_eq!(status.pod.as_deref(), Some("sandbox-vm"));
+
+    // Bound, its image still being pulled.
+    h.edit_pod("vm", |pod| {
+        crate::fixtures::bind_pod(pod, NODE);
+        pod["status"]["containerStatuses"] = serde_json::json!([{
+            "name": "vmm", "image": "sandfork/agent", "imageID": "", "ready": false,
+            "restartCount": 0,
+            "state": {"waiting": {"reason": "ErrImagePull", "message": "pull access denied"}},
+        }]);
+    });
+    h.reconcile_sandbox("vm").await.unwrap();
+    let status = h.sandbox("vm").unwrap().status.unwrap();
+    assert_eq!(status.node.as_deref(), Some(NODE));
+    let (_, why, message) = condition(&status.conditions, READY);
+    assert_eq!(why, reason::POD_STARTING);
+    assert_eq!(message, "Pod sandbox-vm: ErrImagePull: pull access denied");
+    assert!(h.agent.calls().is_empty(), "{:?}", h.agent.calls());
+    assert_eq!(h.events(), vec!["PodCreated", "Scheduled"]);
+
+    h.edit_pod("vm", crate::fixtures::run_pod);
+    h.reconcile_sandbox("vm").await.unwrap();
+    assert!(h.sandbox("vm").unwrap().is_ready());
+    assert_eq!(h.agent_calls("CreateSandbox").len(), 1);
+    assert_eq!(h.events(), vec!["PodCreated", "Scheduled", "Started"]);
+}
+
+#[tokio::test]
+async fn unschedulable_carries_the_schedulers_message() {
+    let h = Harness::new().await;
+    h.api.hold_pods();
+    h.api.insert(&sandbox_object("vm", 256));
+    h.settle_sandbox("vm").await;
+    let why = "0/3 nodes are available: 3 Insufficient sandfork.dev/kvm.";
+    h.edit_pod("vm", |pod| {
+        pod["status"] = serde_json::json!({"phase": "Pending", "conditions": [{
+            "type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": why,
+        }]});
+    });
+
+    let action = h.reconcile_sandbox("vm").await.unwrap();
+
+    assert_eq!(action, Action::requeue(h.ctx.settings.poll * 5));
+    let status = h.sandbox("vm").unwrap().status.unwrap();
+    assert_eq!(status.node, None);
+    let (ready, reason_, message) = condition(&status.conditions, READY);
+    assert_eq!(
+        (ready.as_str(), reason_.as_str(), message.as_str()),
+        ("False", reason::UNSCHEDULABLE, why)
+    );
+    assert!(h.agent.calls().is_empty());
 }
 
 #[tokio::test]
@@ -112,6 +243,14 @@ async fn the_agent_is_not_asked_before_the_binding_is_written() {
     assert!(err.is_transient(), "{err}");
     assert!(h.agent.calls().is_empty(), "{:?}", h.agent.calls());
     assert!(h.sandbox("vm").unwrap().status.is_none());
+    assert!(
+        h.pod("vm").is_some(),
+        "the Pod is made, and found next time"
+    );
+
+    h.reconcile_sandbox("vm").await.unwrap();
+    assert!(h.sandbox("vm").unwrap().is_ready());
+    assert_eq!(h.api.list::<Pod>(Some(NS)).len(), 1);
 }
 
 #[tokio::test]
@@ -138,45 +277,7 @@ async fn a_restart_after_the_vm_started_makes_no_twin() {
         vec![format!("CreateSandbox {uid}")]
     );
     assert!(h.sandbox("vm").unwrap().is_ready());
-}
-
-#[tokio::test]
-async fn no_agent_means_unschedulable_with_a_reason() {
-    let mut h = Harness::new().await;
-    h.remove_agent_lease();
-    h.api.insert(&sandbox_object("vm", 256));
-    h.reconcile_sandbox("vm").await.unwrap();
-
-    let action = h.reconcile_sandbox("vm").await.unwrap();
-    assert_eq!(action, Action::requeue(h.ctx.settings.poll * 5));
-
-    let status = h.sandbox("vm").unwrap().status.unwrap();
-    assert_eq!(status.node, None);
-    let (ready, why, message) = condition(&status.conditions, READY);
-    assert_eq!(
-        (ready.as_str(), why.as_str()),
-        ("False", reason::UNSCHEDULABLE)
-    );
-    assert_eq!(message, "no node agent has registered");
-}
-
-#[tokio::test]
-async fn placement_skips_a_full_node_and_a_stale_agent() {
-    let mut h = Harness::new().await;
-    h.add_agent_lease("node-b", 8192, start_time());
-    let stale = start_time() - k8s_openapi::jiff::SignedDuration::from_secs(300);
-    h.add_agent_lease("node-c", 65536, stale);
-    // node-a already holds 8000 MiB of sandboxes.
-    let mut big = sandbox_object("big", 8000);
-    big.metadata.uid = Some("uid-big".into());
-    big.spec.node_name = Some(NODE.into());
-    h.sandboxes.apply_watcher_event(&watcher::Event::Apply(big));
-
-    h.api.insert(&sandbox_object("vm", 512));
-    h.reconcile_sandbox("vm").await.unwrap();
-    h.reconcile_sandbox("vm").await.unwrap();
-
-    assert_eq!(h.sandbox("vm").unwrap().node(), Some("node-b"));
+    assert_eq!(pod_requests(&h, Method::POST).len(), 1, "no second Pod");
 }
 
 #[tokio::test]
@@ -238,39 +339,284 @@ async fn a_user_image_is_refused_with_a_clear_reason() {
     assert_eq!(why, reason::IMAGE_UNSUPPORTED);
     assert!(message.contains("registry.example/guest:1"), "{message}");
     assert!(h.agent.calls().is_empty());
+    assert!(h.pod("vm").is_none());
 }
 
 #[tokio::test]
-async fn deletion_stops_the_vm_and_releases_the_finalizer() {
+async fn deletion_stops_the_vm_then_deletes_the_pod() {
     let h = Harness::new().await;
     h.api.insert(&sandbox_object("vm", 256));
     h.settle_sandbox("vm").await;
     let uid = h.sandbox("vm").unwrap().metadata.uid.unwrap();
+    let pod_uid = h.pod("vm").unwrap().metadata.uid.unwrap();
     h.mark_deleted::<Sandbox>("vm");
+    // The agent is asked first: while it cannot answer, the Pod stays.
+    h.agent
+        .fail_next("DeleteSandbox", Status::unavailable("agent restarting"));
+    h.reconcile_sandbox("vm").await.unwrap_err();
+    assert_eq!(h.pod("vm").unwrap().metadata.uid.unwrap(), pod_uid);
+    h.api.clear_requests();
 
     h.reconcile_sandbox("vm").await.unwrap();
 
     assert_eq!(
         h.agent_calls("DeleteSandbox"),
-        vec![format!("DeleteSandbox {uid}")]
+        vec![
+            format!("DeleteSandbox {uid}"),
+            format!("DeleteSandbox {uid}")
+        ]
     );
+    let deletes = pod_requests(&h, Method::DELETE);
+    assert_eq!(deletes.len(), 1, "{deletes:#?}");
+    assert_eq!(deletes[0].path, "/api/v1/namespaces/team-a/pods/sandbox-vm");
+    assert_eq!(
+        deletes[0].body["preconditions"]["uid"],
+        pod_uid.as_str(),
+        "only the Pod that was read"
+    );
+    assert!(h.pod("vm").is_none());
     assert!(h.sandbox("vm").is_none(), "finalizer removed, object gone");
     assert!(h.agent.state.lock().unwrap().sandboxes.is_empty());
 }
 
 #[tokio::test]
-async fn deleting_a_never_started_sandbox_needs_no_agent() {
+async fn deleting_a_never_bound_sandbox_needs_no_agent() {
     let mut h = Harness::new().await;
     h.remove_agent_lease();
+    h.api.hold_pods();
     h.api.insert(&sandbox_object("vm", 256));
-    h.reconcile_sandbox("vm").await.unwrap();
+    h.settle_sandbox("vm").await;
+    assert!(h.pod("vm").is_some());
     h.mark_deleted::<Sandbox>("vm");
+    h.api.clear_requests();
 
     h.reconcile_sandbox("vm").await.unwrap();
 
     assert!(h.sandbox("vm").is_none());
+    assert!(h.pod("vm").is_none(), "its unbound Pod is deleted");
     // Never bound: nothing was held anywhere, so no cleanup was skipped.
     assert!(h.events().is_empty(), "{:?}", h.events());
+    assert!(h.agent.calls().is_empty());
+}
+
+#[tokio::test]
+async fn a_pod_of_the_same_name_that_is_not_the_sandboxes_is_left_alone() {
+    let h = Harness::new().await;
+    let mut foreign = Pod::default();
+    foreign.metadata.name = Some("sandbox-vm".into());
+    foreign.metadata.namespace = Some(NS.into());
+    h.api.insert(&foreign);
+    h.api.insert(&sandbox_object("vm", 256));
+    h.settle_sandbox("vm").await;
+
+    let status = h.sandbox("vm").unwrap().status.unwrap();
+    let (_, why, message) = condition(&status.conditions, READY);
+    assert_eq!(why, reason::INVALID_SPEC);
+    assert!(
+        message.contains("does not belong to this Sandbox"),
+        "{message}"
+    );
+    assert!(h.agent.calls().is_empty());
+
+    h.mark_deleted::<Sandbox>("vm");
+    h.reconcile_sandbox("vm").await.unwrap();
+    assert!(h.sandbox("vm").is_none());
+    assert!(h.pod("vm").is_some(), "not ours to delete");
+}
+
+#[tokio::test]
+async fn a_spec_that_makes_no_valid_pod_fails_without_one() {
+    let h = Harness::new().await;
+    let mut sandbox = sandbox_object("vm", 256);
+    sandbox.spec.resources = Some(sandfork_api::sandbox::SandboxResources {
+        cpu_request: Some(k8s_openapi::apimachinery::pkg::api::resource::Quantity(
+            "3".into(),
+        )),
+        ..Default::default()
+    });
+    h.api.insert(&sandbox);
+    h.settle_sandbox("vm").await;
+
+    let status = h.sandbox("vm").unwrap().status.unwrap();
+    let (_, why, message) = condition(&status.conditions, READY);
+    assert_eq!(why, reason::INVALID_SPEC);
+    assert!(message.contains("at most the 1 vCPUs"), "{message}");
+    assert!(h.pod("vm").is_none());
+    assert!(pod_requests(&h, Method::POST).is_empty());
+}
+
+/// A ready Sandbox whose Pod then goes through `edit`; the Sandbox's `Ready`
+/// reason and message after one pass, checked to be final.
+async fn after_pod_change(h: &Harness, edit: impl FnOnce(&Harness)) -> (String, String) {
+    h.api.insert(&sandbox_object("vm", 256));
+    h.settle_sandbox("vm").await;
+    assert!(h.sandbox("vm").unwrap().is_ready());
+    edit(h);
+    h.api.clear_requests();
+    assert_eq!(
+        h.reconcile_sandbox("vm").await.unwrap(),
+        Action::await_change()
+    );
+    let status = h.sandbox("vm").unwrap().status.unwrap();
+    let (ready, why, message) = condition(&status.conditions, READY);
+    assert_eq!(ready, "False");
+    assert!(h.events().contains(&why), "{:?}", h.events());
+    assert!(pod_requests(h, Method::POST).is_empty(), "no new Pod");
+
+    // Final: no more calls, no new Pod.
+    let calls = h.agent.calls().len();
+    h.api.clear_requests();
+    h.reconcile_sandbox("vm").await.unwrap();
+    assert_eq!(h.agent.calls().len(), calls);
+    assert!(pod_requests(h, Method::POST).is_empty());
+    assert!(crate::sandbox::PERMANENT_REASONS.contains(&why.as_str()));
+    (why, message)
+}
+
+#[tokio::test]
+async fn a_deleted_pod_fails_the_sandbox_for_good() {
+    let h = Harness::new().await;
+    let (why, message) = after_pod_change(&h, |h| {
+        h.api
+            .remove::<Pod>(Some(NS), &sandfork_api::pod::name("vm"))
+    })
+    .await;
+    assert_eq!(why, reason::POD_DELETED);
+    assert_eq!(
+        message,
+        "the Sandbox's Pod sandbox-vm was deleted, and its VM with it"
+    );
+    assert!(h.pod("vm").is_none());
+}
+
+#[tokio::test]
+async fn a_pod_being_deleted_fails_the_sandbox() {
+    let h = Harness::new().await;
+    let (why, message) = after_pod_change(&h, |h| {
+        h.edit_pod("vm", |pod| {
+            pod["metadata"]["deletionTimestamp"] = serde_json::json!("2026-03-01T12:00:00Z")
+        })
+    })
+    .await;
+    assert_eq!(why, reason::POD_DELETED);
+    assert!(message.contains("is being deleted"), "{message}");
+}
+
+#[tokio::test]
+async fn a_replaced_pod_is_not_taken_for_the_sandboxes() {
+    let h = Harness::new().await;
+    let (why, message) = after_pod_change(&h, |h| {
+        h.edit_pod("vm", |pod| {
+            pod["metadata"]["uid"] = serde_json::json!("uid-other")
+        })
+    })
+    .await;
+    assert_eq!(why, reason::POD_DELETED);
+    assert!(message.contains("replaced by another"), "{message}");
+}
+
+#[tokio::test]
+async fn an_evicted_pod_fails_the_sandbox_with_the_kubelets_reason() {
+    let h = Harness::new().await;
+    let (why, message) = after_pod_change(&h, |h| {
+        h.edit_pod("vm", |pod| {
+            pod["status"]["phase"] = serde_json::json!("Failed");
+            pod["status"]["reason"] = serde_json::json!("Evicted");
+            pod["status"]["message"] = serde_json::json!("The node was low on resource: memory.");
+        })
+    })
+    .await;
+    assert_eq!(why, reason::POD_FAILED);
+    assert_eq!(
+        message,
+        "the Sandbox's Pod sandbox-vm failed: Evicted: The node was low on resource: memory."
+    );
+}
+
+#[tokio::test]
+async fn an_oom_killed_vmm_fails_the_sandbox() {
+    let h = Harness::new().await;
+    let (why, message) = after_pod_change(&h, |h| {
+        h.edit_pod("vm", |pod| {
+            pod["status"]["phase"] = serde_json::json!("Failed");
+            pod["status"]["containerStatuses"][0]["state"] = serde_json::json!({
+                "terminated": {"reason": "OOMKilled", "exitCode": 137},
+            });
+        })
+    })
+    .await;
+    assert_eq!(why, reason::POD_FAILED);
+    assert_eq!(
+        message,
+        "the Sandbox's Pod sandbox-vm failed: container vmm terminated: OOMKilled (exit code 137)"
+    );
+}
+
+#[tokio::test]
+async fn a_cached_pod_spares_the_lookup() {
+    let mut h = Harness::new().await;
+    h.api.insert(&sandbox_object("vm", 256));
+    h.settle_sandbox("vm").await;
+    h.pods
+        .apply_watcher_event(&watcher::Event::Apply(h.pod("vm").unwrap()));
+    h.api.clear_requests();
+
+    h.reconcile_sandbox("vm").await.unwrap();
+
+    assert!(h.sandbox("vm").unwrap().is_ready());
+    assert!(
+        pod_requests(&h, Method::GET).is_empty(),
+        "{:#?}",
+        h.api_requests()
+    );
+}
+
+#[tokio::test]
+async fn an_agent_whose_vmm_is_not_up_yet_is_asked_again() {
+    let h = Harness::new().await;
+    h.agent.fail_next(
+        "CreateSandbox",
+        Status::failed_precondition("the VMM socket is not there yet"),
+    );
+    h.api.insert(&sandbox_object("vm", 256));
+    h.reconcile_sandbox("vm").await.unwrap();
+
+    let err = h.reconcile_sandbox("vm").await.unwrap_err();
+    assert!(err.is_transient(), "{err}");
+    let status = h.sandbox("vm").unwrap().status.unwrap();
+    let (_, why, message) = condition(&status.conditions, READY);
+    assert_eq!(why, reason::AGENT_UNAVAILABLE);
+    assert!(message.contains("VMM socket"), "{message}");
+
+    h.reconcile_sandbox("vm").await.unwrap();
+    assert!(h.sandbox("vm").unwrap().is_ready());
+    assert_eq!(h.agent_calls("CreateSandbox").len(), 2);
+    assert_eq!(h.api.list::<Pod>(Some(NS)).len(), 1);
+}
+
+#[tokio::test]
+async fn a_stale_copy_cannot_start_the_vm_twice() {
+    let h = Harness::new().await;
+    h.api.insert(&sandbox_object("vm", 256));
+    h.reconcile_sandbox("vm").await.unwrap();
+    let stale = h.sandbox("vm").unwrap();
+    h.reconcile_sandbox("vm").await.unwrap();
+    assert!(h.sandbox("vm").unwrap().is_ready());
+    h.api.clear_requests();
+
+    // A reconcile from the copy read before the Pod was made finds the Pod
+    // and cannot write over the newer status.
+    let err = crate::controller::reconcile(std::sync::Arc::new(stale.clone()), h.ctx.clone())
+        .await
+        .unwrap_err();
+
+    assert!(err.is_conflict(), "{err}");
+    assert_eq!(
+        crate::controller::error_policy(std::sync::Arc::new(stale), &err, h.ctx.clone()),
+        Action::requeue(crate::controller::CONFLICT_RETRY)
+    );
+    assert!(pod_requests(&h, Method::POST).is_empty());
+    assert_eq!(h.agent_calls("CreateSandbox").len(), 1);
 }
 
 #[tokio::test]
@@ -292,6 +638,7 @@ async fn a_dead_agent_delays_deletion_then_lets_go_with_a_warning() {
     assert!(h.sandbox("vm").is_none());
     assert_eq!(h.events(), vec!["CleanupSkipped"]);
     assert!(h.agent_calls("DeleteSandbox").is_empty());
+    assert!(h.pod("vm").is_none(), "deleting the Pod stops its VMM");
 }
 
 #[tokio::test]
@@ -310,50 +657,6 @@ async fn a_vm_that_vanished_from_its_node_is_lost_not_recreated() {
     let (_, why, _) = condition(&status.conditions, READY);
     assert_eq!(why, reason::LOST);
     assert_eq!(h.agent_calls("CreateSandbox").len(), 1);
-}
-
-#[tokio::test]
-async fn a_stale_copy_cannot_bind_the_sandbox_elsewhere() {
-    let mut h = Harness::new().await;
-    h.api.insert(&sandbox_object("vm", 1024));
-    h.reconcile_sandbox("vm").await.unwrap();
-    let stale = h.sandbox("vm").unwrap();
-    h.reconcile_sandbox("vm").await.unwrap();
-    assert_eq!(h.sandbox("vm").unwrap().node(), Some(NODE));
-    // A roomier node appears; a reconcile that starts from the copy read
-    // before the binding would place the Sandbox there.
-    h.add_agent_lease("node-b", 65536, start_time());
-    h.api.clear_requests();
-
-    let err = crate::controller::reconcile(std::sync::Arc::new(stale.clone()), h.ctx.clone())
-        .await
-        .unwrap_err();
-
-    assert!(err.is_conflict(), "{err}");
-    assert_eq!(
-        crate::controller::error_policy(std::sync::Arc::new(stale), &err, h.ctx.clone()),
-        Action::requeue(crate::controller::CONFLICT_RETRY)
-    );
-    assert_eq!(h.agent_calls("CreateSandbox").len(), 1, "no twin on node-b");
-    assert_eq!(h.sandbox("vm").unwrap().node(), Some(NODE));
-}
-
-#[tokio::test]
-async fn back_to_back_placements_spread_before_the_cache_catches_up() {
-    let mut h = Harness::new().await;
-    h.add_agent_lease("node-b", 8192, start_time());
-    // The harness's Sandbox cache stays empty: neither binding is visible.
-    for name in ["one", "two"] {
-        h.api.insert(&sandbox_object(name, 4096));
-        h.reconcile_sandbox(name).await.unwrap();
-        h.reconcile_sandbox(name).await.unwrap();
-    }
-    let mut nodes = vec![
-        h.sandbox("one").unwrap().node().unwrap().to_string(),
-        h.sandbox("two").unwrap().node().unwrap().to_string(),
-    ];
-    nodes.sort();
-    assert_eq!(nodes, vec!["node-a", "node-b"]);
 }
 
 #[tokio::test]
