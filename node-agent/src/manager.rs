@@ -75,6 +75,15 @@ pub enum ManagerError {
     PodVmmNotReady { name: String, pod_uid: String },
     #[error("invalid Pod UID {0:?}")]
     InvalidPodUid(String),
+    #[error(
+        "a capture of {wanted_mib} MiB does not fit: captures hold {held_mib} MiB of the \
+         {budget_mib} MiB this agent may hold (its Pod's memory request)"
+    )]
+    CaptureBudget {
+        wanted_mib: u64,
+        held_mib: u64,
+        budget_mib: u64,
+    },
     #[error("sandbox {name:?}: VM process not reachable")]
     VmUnreachable {
         name: String,
@@ -187,6 +196,8 @@ pub struct Manager {
     exe: PathBuf,
     /// The kubelet's pods directory, where Pods' VMM sockets are.
     pods_dir: PathBuf,
+    /// Most bytes captures of sandboxes in Pods may hold.
+    capture_budget: Option<u64>,
 }
 
 /// The Pod UIDs the API server makes are UUIDs; nothing else becomes a path.
@@ -233,7 +244,66 @@ impl Manager {
             root,
             exe: exe.into(),
             pods_dir: KUBELET_PODS_DIR.into(),
+            capture_budget: None,
         })
+    }
+
+    /// Holds captures of sandboxes in Pods to `mib` MiB in all: what the
+    /// agent's Pod requests for them.
+    pub fn with_capture_budget_mib(mut self, mib: Option<u64>) -> Self {
+        self.capture_budget = mib.map(|mib| mib << 20);
+        self
+    }
+
+    /// Bytes the captures' memory files hold now.
+    fn capture_bytes_held(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        list_dir(&self.captures_dir())
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|name| std::fs::metadata(self.capture_dir(name).memory_path()).ok())
+            .map(|meta| meta.blocks() * 512)
+            .sum()
+    }
+
+    /// Checks that a capture of the sandbox fits the budget: what its guest
+    /// memory holds now (the capture's holes cost nothing) beside what
+    /// captures hold already.
+    fn check_capture_budget(&self, control: &Path, name: &str) -> Result<(), ManagerError> {
+        let Some(budget) = self.capture_budget else {
+            return Ok(());
+        };
+        let ranges = match vmhost::call(control, &Request::Populated, STATUS_TIMEOUT) {
+            Ok(Response::Populated { ranges }) => ranges,
+            Ok(Response::Error { kind, message }) => {
+                return Err(ManagerError::Vm {
+                    name: name.to_owned(),
+                    source: VmHostError { kind, message },
+                });
+            }
+            Ok(other) => {
+                return Err(ManagerError::UnexpectedReply {
+                    name: name.to_owned(),
+                    reply: format!("{other:?}"),
+                });
+            }
+            Err(source) => {
+                return Err(ManagerError::VmUnreachable {
+                    name: name.to_owned(),
+                    source,
+                });
+            }
+        };
+        let wanted: u64 = ranges.iter().map(|[_, len]| len).sum();
+        let held = self.capture_bytes_held();
+        if held + wanted > budget {
+            return Err(ManagerError::CaptureBudget {
+                wanted_mib: wanted.div_ceil(1 << 20),
+                held_mib: held >> 20,
+                budget_mib: budget >> 20,
+            });
+        }
+        Ok(())
     }
 
     /// Looks for Pods' VMM sockets under `dir` instead of the kubelet's
@@ -616,19 +686,37 @@ impl Manager {
         // A directory without state is what a crash mid-capture leaves.
         dir.remove()?;
         let record = self.read_record(sandbox)?;
+        let name = sandbox.to_owned();
+        // The VMM fills a directory made here, handed over as a descriptor:
+        // it sees this capture and nothing else of the state directory.
+        let control = self.control_dir(&record);
+        self.check_capture_budget(&control, sandbox)?;
+        let memory_bytes = record.memory_mib << 20;
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(dir.path())
+            .map_err(io_err("create", dir.path()))?;
+        // The agent maps the memory file and the VMM fills that mapping
+        // through its userfaultfd: the pages are the agent's, charged to its
+        // Pod, which requests memory for captures.
+        let target = match dir
+            .check_space(memory_bytes)
+            .and_then(|()| dir.create_target(memory_bytes))
+        {
+            Ok(target) => target,
+            Err(err) => {
+                let _ = dir.remove();
+                return Err(err.into());
+            }
+        };
+        let (target_uffd, target_base) = target.remote_handle();
         let request = Request::Capture {
+            target_base,
             capture: capture.to_owned(),
             mode,
             verify,
             wait,
         };
-        let name = sandbox.to_owned();
-        // The VMM fills a directory made here, handed over as a descriptor:
-        // it sees this capture and nothing else of the state directory.
-        std::fs::DirBuilder::new()
-            .mode(0o700)
-            .create(dir.path())
-            .map_err(io_err("create", dir.path()))?;
         let handed = rustix::fs::open(
             dir.path(),
             rustix::fs::OFlags::RDONLY
@@ -638,14 +726,21 @@ impl Manager {
         )
         .map_err(|errno| io_err("open", dir.path())(errno.into()))?;
         let reply = vmhost::call_with(
-            &self.control_dir(&record),
+            &control,
             &request,
-            &[handed.as_fd()],
+            &[handed.as_fd(), target_uffd],
             CAPTURE_TIMEOUT,
         );
         drop(handed);
-        if !matches!(reply, Ok(Response::Captured(_))) {
-            let _ = dir.remove();
+        match &reply {
+            Ok(Response::Captured(info)) if !info.memory_complete => {
+                keep_until_copied(dir.clone(), target);
+            }
+            Ok(Response::Captured(_)) => drop(target),
+            _ => {
+                drop(target);
+                let _ = dir.remove();
+            }
         }
         match reply {
             Ok(Response::Captured(info)) => Ok(info),
@@ -753,6 +848,22 @@ fn is_vm_host_of(pid: u32, dir: &Path) -> bool {
         let args: Vec<&[u8]> = cmdline.split(|&byte| byte == 0).collect();
         args.contains(&b"vm-host".as_slice()) && args.contains(&dir.as_os_str().as_encoded_bytes())
     })
+}
+
+/// Keeps the agent's mapping of a capture whose copy runs until the copy
+/// completes or fails (its state then says complete, or is gone).
+fn keep_until_copied(dir: CaptureDir, target: sandfork_vmm::memory::SnapshotMapping) {
+    let kept = std::thread::Builder::new()
+        .name("capture-target".into())
+        .spawn(move || {
+            while dir.read_state().is_ok_and(|state| !state.memory_complete) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            drop(target);
+        });
+    if let Err(err) = kept {
+        tracing::error!(error = %err, "cannot keep a capture's mapping: its copy fails");
+    }
 }
 
 /// Waits until the VMM in `dir` answers; `Err` after `timeout`.

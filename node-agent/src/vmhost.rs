@@ -27,7 +27,7 @@ use sandfork_vmm::guest::{
     CounterMismatch, CounterState, GuestError, GuestImage, Workload, verify_counter,
 };
 use sandfork_vmm::memory::{MemoryError, ReadOnlyMapping};
-use sandfork_vmm::snapshot::{CaptureDir, SnapshotError, SnapshotState};
+use sandfork_vmm::snapshot::{CaptureDir, RemoteTarget, SnapshotError, SnapshotState};
 use sandfork_vmm::vcpu::VcpuError;
 use sandfork_vmm::vm::{Vm, VmError};
 
@@ -65,8 +65,14 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         restore: Option<Box<SnapshotState>>,
     },
-    /// Capture into the (empty) directory sent with the request.
+    /// The byte ranges of guest memory that hold data (the rest are holes,
+    /// which a capture neither copies nor allocates).
+    Populated,
+    /// Capture into the directory sent with the request, filling its memory
+    /// file through the agent's mapping of it: the userfaultfd sent second,
+    /// the mapping at `target_base` in the agent.
     Capture {
+        target_base: u64,
         capture: String,
         mode: CaptureMode,
         /// Check a counter guest's capture for consistency afterwards.
@@ -90,6 +96,10 @@ fn wait_by_default() -> bool {
 pub enum Response {
     Status(VmStatus),
     Started(VmStatus),
+    Populated {
+        /// `[offset, length]` in bytes, in order.
+        ranges: Vec<[u64; 2]>,
+    },
     Captured(CaptureInfo),
     Stopped,
     Error {
@@ -388,7 +398,9 @@ fn await_start(listener: &UnixListener) -> Option<(Vm, SandboxRecord)> {
                         (HostError::Start(Box::new(err)).response(), None)
                     }
                 },
-                Ok(Request::Capture { .. }) => (HostError::NotStarted.response(), None),
+                Ok(Request::Capture { .. } | Request::Populated) => {
+                    (HostError::NotStarted.response(), None)
+                }
                 Ok(Request::Stop) => (Response::Stopped, Some(None)),
                 Err(err) => (HostError::BadRequest(err).response(), None),
             };
@@ -491,6 +503,8 @@ fn serve_vm(listener: &UnixListener, socket_path: &Path, vm: &Vm, record: &Sandb
 struct CaptureJob {
     /// The directory to fill, handed over by the agent.
     dir: OwnedFd,
+    /// The agent's mapping of its memory file.
+    target: RemoteTarget,
     capture: String,
     mode: CaptureMode,
     verify: bool,
@@ -508,21 +522,36 @@ fn serve_connection(
         let (response, stop) = match serde_json::from_slice::<Request>(&line) {
             Ok(Request::Status) => (Response::Status(status(vm)), false),
             Ok(Request::Start { .. }) => (HostError::AlreadyStarted.response(), false),
+            Ok(Request::Populated) => (
+                match populated(vm) {
+                    Ok(ranges) => Response::Populated { ranges },
+                    Err(err) => HostError::Snapshot(SnapshotError::Memory(err)).response(),
+                },
+                false,
+            ),
             Ok(Request::Capture {
+                target_base,
                 capture,
                 mode,
                 verify,
                 wait,
-            }) => (
-                match fds.into_iter().next() {
-                    Some(dir) => match request_capture(jobs, dir, capture, mode, verify, wait) {
-                        Ok(info) => Response::Captured(info),
-                        Err(err) => err.response(),
-                    },
-                    None => HostError::MissingDescriptors("capture").response(),
-                },
-                false,
-            ),
+            }) => {
+                let mut fds = fds.into_iter();
+                let response = match (fds.next(), fds.next()) {
+                    (Some(dir), Some(uffd)) => {
+                        let target = RemoteTarget {
+                            uffd,
+                            base: target_base,
+                        };
+                        match request_capture(jobs, dir, target, capture, mode, verify, wait) {
+                            Ok(info) => Response::Captured(info),
+                            Err(err) => err.response(),
+                        }
+                    }
+                    _ => HostError::MissingDescriptors("capture").response(),
+                };
+                (response, false)
+            }
             Ok(Request::Stop) => {
                 // The guest stops now; a capture still copying finishes
                 // before the process exits (its branches need it), and
@@ -543,6 +572,7 @@ fn serve_connection(
 fn request_capture(
     jobs: &mpsc::Sender<CaptureJob>,
     dir: OwnedFd,
+    target: RemoteTarget,
     capture: String,
     mode: CaptureMode,
     verify: bool,
@@ -551,6 +581,7 @@ fn request_capture(
     let (reply, answers) = mpsc::channel();
     jobs.send(CaptureJob {
         dir,
+        target,
         capture,
         mode,
         verify,
@@ -573,7 +604,7 @@ fn request_capture(
 fn run_capture(vm: &Vm, record: &SandboxRecord, job: CaptureJob) {
     // The directory stays open (and so reachable by this path) until the
     // job, and with it the copy, is done.
-    let dir = CaptureDir::handed_over(fd_path(&job.dir.as_fd()));
+    let dir = CaptureDir::handed_over(fd_path(&job.dir.as_fd()), job.target);
     let name = job.capture.as_str();
     if job.mode == CaptureMode::StopAndCopy || job.verify {
         let _ = job
@@ -600,6 +631,26 @@ fn run_capture(vm: &Vm, record: &SandboxRecord, job: CaptureJob) {
             .map(|state| capture_info(name, &state, None))
             .map_err(Into::into),
     );
+}
+
+/// The byte ranges of `vm`'s memory that are not holes.
+fn populated(vm: &Vm) -> Result<Vec<[u64; 2]>, MemoryError> {
+    let memory = vm.memory();
+    let page = sandfork_vmm::memory::PAGE_SIZE as u64;
+    let mut ranges = Vec::new();
+    let mut next = 0u64;
+    for hole in memory.holes_in(0..memory.pages())? {
+        let start = hole.start as u64 * page;
+        if start > next {
+            ranges.push([next, start - next]);
+        }
+        next = hole.end as u64 * page;
+    }
+    let end = memory.len() as u64;
+    if end > next {
+        ranges.push([next, end - next]);
+    }
+    Ok(ranges)
 }
 
 fn status(vm: &Vm) -> VmStatus {

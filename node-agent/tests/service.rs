@@ -242,6 +242,7 @@ async fn start_server(
         pod_uid: None,
         agent_binary: Some(AGENT.into()),
         kubelet_pods_dir: sandfork_node_agent::manager::KUBELET_PODS_DIR.into(),
+        capture_memory_mib: None,
         device_plugin: sandfork_node_agent::device_plugin::DevicePluginArgs {
             enabled: false,
             dir: PathBuf::from("/nonexistent"),

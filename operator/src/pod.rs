@@ -368,12 +368,7 @@ mod tests {
         assert_eq!(vmm.image_pull_policy.as_deref(), Some("Always"));
         assert_eq!(
             vmm.command.clone().unwrap(),
-            [
-                "/sandfork-agent",
-                "vm-host",
-                "--dir",
-                "/run/sandfork-vmm"
-            ]
+            ["/sandfork-agent", "vm-host", "--dir", "/run/sandfork-vmm"]
         );
         let env = vmm.env.clone().unwrap();
         assert_eq!(env[0].name, "SANDFORK_SANDBOX");

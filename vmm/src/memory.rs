@@ -10,7 +10,7 @@
 
 use std::fs::File;
 use std::ops::Range;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::ptr::NonNull;
 
 use rustix::fs::{MemfdFlags, SealFlags, SeekFrom};
@@ -439,11 +439,20 @@ fn map(fd: BorrowedFd<'_>, len: usize, flags: MapFlags) -> Result<NonNull<u8>, M
 /// touched it at that moment would read zeros.) A page not filled yet stays
 /// a hole, and branches restored before the copy ends fault on exactly
 /// those.
+///
+/// The mapping may be another process's (`remote`): UFFDIO_COPY writes into
+/// the address space of the process that registered the userfaultfd, and
+/// the kernel charges the pages it allocates to that process's memory
+/// cgroup. So the agent maps a capture's file and registers it, and the
+/// sandbox's VMM fills it through the handed-over userfaultfd: the capture's
+/// memory is charged to the agent, not to the sandbox's Pod.
 pub struct SnapshotMapping {
     base: NonNull<u8>,
     len: usize,
     uffd: Uffd,
     file: File,
+    /// Whether `base` is a mapping of this process's (unmapped on drop).
+    local: bool,
 }
 
 impl std::fmt::Debug for SnapshotMapping {
@@ -483,6 +492,47 @@ impl SnapshotMapping {
             len: len as usize,
             uffd,
             file,
+            local: true,
+        })
+    }
+
+    /// What another process needs to fill this mapping (see `remote`): the
+    /// userfaultfd it is registered with, and its address here.
+    pub fn remote_handle(&self) -> (BorrowedFd<'_>, u64) {
+        (self.uffd.as_fd(), self.base.as_ptr() as u64)
+    }
+
+    /// Fills another process's mapping of `file` (`len` bytes at `base` in
+    /// that process, registered for missing pages with `uffd`), as that
+    /// process's `remote_handle` gives it. A wrong `base` or `len` fails the
+    /// fills (the kernel checks the range is registered), it cannot touch
+    /// this process's memory; if the other process exits, fills fail.
+    pub fn remote(uffd: OwnedFd, base: u64, len: u64, file: File) -> Result<Self, MemoryError> {
+        let file_bytes = file
+            .metadata()
+            .map_err(|source| MemoryError::Sys {
+                op: "stat snapshot",
+                source,
+            })?
+            .len();
+        if file_bytes != len {
+            return Err(MemoryError::FileSizeMismatch {
+                file_bytes,
+                expected_bytes: len,
+            });
+        }
+        let base = NonNull::new(base as *mut u8).ok_or(MemoryError::Sys {
+            op: "remote snapshot mapping",
+            source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
+        })?;
+        Ok(Self {
+            base,
+            len: len as usize,
+            // SAFETY: the descriptor is ours (owned) and passes to the Uffd,
+            // which closes it. Were it not a userfaultfd, its ioctls fail.
+            uffd: unsafe { Uffd::from_raw_fd(uffd.into_raw_fd()) },
+            file,
+            local: false,
         })
     }
 
@@ -594,6 +644,9 @@ fn uffd_err(op: &'static str) -> impl FnOnce(userfaultfd::Error) -> MemoryError 
 
 impl Drop for SnapshotMapping {
     fn drop(&mut self) {
+        if !self.local {
+            return;
+        }
         // SAFETY: unmaps exactly the mapping created in `create`.
         let _ = unsafe { rustix::mm::munmap(self.base.as_ptr().cast(), self.len) };
     }

@@ -153,6 +153,10 @@ pub struct ServeConfig {
     /// The executable started as each sandbox's VM process [default: this one].
     #[arg(long, env = "SANDFORK_AGENT_BINARY", hide = true)]
     pub agent_binary: Option<PathBuf>,
+    /// Most memory captures of sandbox Pods may hold, in MiB: what the
+    /// agent's Pod requests for them (their pages are charged to it).
+    #[arg(long, env = "SANDFORK_CAPTURE_MEMORY_MIB")]
+    pub capture_memory_mib: Option<u64>,
     /// The kubelet's pods directory, where sandbox Pods' VMM sockets are.
     #[arg(long, env = "SANDFORK_KUBELET_PODS_DIR", default_value = crate::manager::KUBELET_PODS_DIR)]
     pub kubelet_pods_dir: PathBuf,
@@ -237,7 +241,11 @@ pub async fn serve_on(
         Some(binary) => Manager::with_agent_binary(&config.state_dir, binary),
         None => Manager::open(&config.state_dir),
     }
-    .map(|manager| manager.with_pods_dir(&config.kubelet_pods_dir))
+    .map(|manager| {
+        manager
+            .with_pods_dir(&config.kubelet_pods_dir)
+            .with_capture_budget_mib(config.capture_memory_mib)
+    })
     .map_err(|source| ServeError::StateDir {
         path: config.state_dir.clone(),
         source,

@@ -101,6 +101,16 @@ pub struct CaptureDir {
     /// descriptor's `/proc/self/fd/N` path): this side fills it, but neither
     /// creates nor removes the directory itself.
     handed_over: bool,
+    /// The owner's mapping of the memory file, to fill remotely.
+    target: Option<Arc<RemoteTarget>>,
+}
+
+/// The owner's mapping of a capture's memory file: its userfaultfd and its
+/// address in the owner (see `SnapshotMapping::remote`).
+#[derive(Debug)]
+pub struct RemoteTarget {
+    pub uffd: std::os::fd::OwnedFd,
+    pub base: u64,
 }
 
 impl CaptureDir {
@@ -108,15 +118,27 @@ impl CaptureDir {
         Self {
             path: path.into(),
             handed_over: false,
+            target: None,
         }
     }
 
-    /// An existing, empty directory to capture into, made by the caller.
-    pub fn handed_over(path: impl Into<PathBuf>) -> Self {
+    /// An existing directory to capture into, made by its owner, who made
+    /// and mapped its memory file too: `target` is that mapping, which this
+    /// side fills (so the pages are charged to the owner).
+    pub fn handed_over(path: impl Into<PathBuf>, target: RemoteTarget) -> Self {
         Self {
             path: path.into(),
             handed_over: true,
+            target: Some(Arc::new(target)),
         }
+    }
+
+    /// Makes the memory file of `memory_bytes` and maps it for filling, for
+    /// a process that fills it remotely (`handed_over`): keep the mapping
+    /// until the copy completes, and hand over `remote_handle()`.
+    pub fn create_target(&self, memory_bytes: u64) -> Result<SnapshotMapping, SnapshotError> {
+        let file = create_private(&self.memory_path())?;
+        Ok(SnapshotMapping::create(file, memory_bytes)?)
     }
 
     pub fn path(&self) -> &Path {
@@ -177,10 +199,31 @@ impl CaptureDir {
                 source,
             },
         })?;
-        let result = (|| {
-            self.check_space(memory_bytes)?;
-            let file = create_private(&self.memory_path())?;
-            Ok(SnapshotMapping::create(file, memory_bytes)?)
+        let result = (|| match &self.target {
+            Some(target) => {
+                // The owner made and mapped the file (and checked the space).
+                let path = self.memory_path();
+                let file = OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_CLOEXEC)
+                    .open(&path)
+                    .map_err(io_err("open", &path))?;
+                let uffd = target
+                    .uffd
+                    .try_clone()
+                    .map_err(io_err("dup userfaultfd of", &path))?;
+                Ok(SnapshotMapping::remote(
+                    uffd,
+                    target.base,
+                    memory_bytes,
+                    file,
+                )?)
+            }
+            None => {
+                self.check_space(memory_bytes)?;
+                let file = create_private(&self.memory_path())?;
+                Ok(SnapshotMapping::create(file, memory_bytes)?)
+            }
         })();
         if result.is_err() {
             let _ = self.remove();
@@ -190,7 +233,7 @@ impl CaptureDir {
 
     /// The memory file is sparse and filled during the copy: make sure the
     /// file system can hold it before pausing anything.
-    fn check_space(&self, memory_bytes: u64) -> Result<(), SnapshotError> {
+    pub fn check_space(&self, memory_bytes: u64) -> Result<(), SnapshotError> {
         let stat = rustix::fs::statvfs(&self.path).map_err(|errno| SnapshotError::Io {
             op: "statvfs",
             path: self.path.clone(),
