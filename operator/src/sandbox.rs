@@ -428,6 +428,13 @@ impl<'a> Pass<'a> {
     async fn reach_agent(&mut self, node: &str) -> Step<AgentClient<Channel>> {
         match self.ctx.agents.client(node, self.update.now) {
             Ok(client) => Ok(client),
+            Err(Error::AgentUnavailable { reason, .. }) if self.update.status.vm.is_some() => {
+                // The VM lives in its Pod, which runs: an agent away
+                // (restarting, upgrading, crashed) changes nothing about it.
+                // The Sandbox stays as it was until the agent is back.
+                tracing::info!(node, reason, "agent unavailable; the VM's Pod runs on");
+                done(Action::requeue(self.ctx.settings.poll * 5))
+            }
             Err(err @ Error::AgentUnavailable { .. }) => {
                 self.update
                     .ready(false, reason::AGENT_UNAVAILABLE, err.to_string());

@@ -620,6 +620,35 @@ async fn a_stale_copy_cannot_start_the_vm_twice() {
 }
 
 #[tokio::test]
+async fn a_running_sandbox_stays_ready_while_its_agent_is_away() {
+    let mut h = Harness::new().await;
+    h.api.insert(&sandbox_object("vm", 256));
+    h.settle_sandbox("vm").await;
+    assert!(h.sandbox("vm").unwrap().is_ready());
+    // The agent stops renewing its Lease (deleted, upgrading, crashed).
+    h.clock.advance(Duration::from_secs(60));
+    h.api.clear_requests();
+
+    h.reconcile_sandbox("vm").await.unwrap();
+    let sandbox = h.sandbox("vm").unwrap();
+    assert!(sandbox.is_ready(), "{:?}", sandbox.status);
+    assert!(
+        h.api
+            .requests()
+            .iter()
+            .all(|r| r.method == Method::GET),
+        "nothing is written while the agent is away: {:?}",
+        h.api.requests()
+    );
+
+    // Its replacement registers and answers: still the same VM, Ready.
+    h.renew_agent_lease();
+    h.reconcile_sandbox("vm").await.unwrap();
+    assert!(h.sandbox("vm").unwrap().is_ready());
+    assert_eq!(h.agent_calls("CreateSandbox").len(), 1, "no second VM");
+}
+
+#[tokio::test]
 async fn a_dead_agent_delays_deletion_then_lets_go_with_a_warning() {
     let h = Harness::new().await;
     h.api.insert(&sandbox_object("vm", 256));
