@@ -223,6 +223,114 @@ pub async fn start_source(
     objects::placement(&sandbox)
 }
 
+/// The image of the chart's sandbox Pods (the agent's), which the plain-Pod
+/// baseline runs too, so both start the same image.
+pub const SANDBOX_IMAGE: &str = "docker.io/sandfork/agent:0.1.0";
+
+/// Pod start-up on `node`, as a baseline for the cold path: a plain Pod of
+/// the sandbox image (doing nothing: an empty VMM that gets no sandbox),
+/// timed from its creation until a watch shows its container running.
+pub async fn plain_pod_start_ms(
+    env: &Env,
+    ns: &str,
+    node: &str,
+    name: &str,
+) -> anyhow::Result<f64> {
+    use k8s_openapi::api::core::v1::Pod;
+    let api: Api<Pod> = Api::namespaced(env.client(), ns);
+    let fields = format!("metadata.name={name}");
+    let mut events = watch_from_now(
+        &api,
+        &ListParams::default().fields(&fields),
+        &WatchParams::default().fields(&fields),
+    )
+    .await?
+    .boxed();
+    let pod: Pod = serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name},
+        "spec": {
+            "restartPolicy": "Never",
+            "terminationGracePeriodSeconds": 0,
+            "nodeSelector": {"kubernetes.io/hostname": node},
+            "containers": [{
+                "name": "plain",
+                "image": SANDBOX_IMAGE,
+                "imagePullPolicy": "IfNotPresent",
+                "command": ["/sandfork-agent", "vm-host", "--dir", "/tmp"],
+            }],
+        },
+    }))?;
+    let started = Instant::now();
+    api.create(&PostParams::default(), &pod).await?;
+    let running = tokio::time::timeout(Duration::from_secs(120), async {
+        while let Some(event) = events.next().await {
+            if let WatchEvent::Modified(pod) = event? {
+                let running = pod
+                    .status
+                    .and_then(|s| s.container_statuses)
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|c| c.state.as_ref().is_some_and(|s| s.running.is_some()));
+                if running {
+                    return anyhow::Ok(ms(started));
+                }
+            }
+        }
+        bail!("the watch of Pod {name} ended")
+    })
+    .await
+    .with_context(|| format!("Pod {name} did not run in 120 s"))??;
+    api.delete(name, &DeleteParams::default().grace_period(0))
+        .await?;
+    Ok(running)
+}
+
+/// A new Sandbox on `node`, timed from its creation until a watch shows it
+/// Ready: the cold path of a sandbox (its Pod's start-up, then the VM's
+/// boot), then deleted.
+pub async fn cold_sandbox_ms(
+    env: &Env,
+    ns: &str,
+    node: &str,
+    name: &str,
+    guest: &str,
+    memory_mib: u64,
+) -> anyhow::Result<f64> {
+    let api = objects::sandboxes(env, ns);
+    let fields = format!("metadata.name={name}");
+    let mut events = watch_from_now(
+        &api,
+        &ListParams::default().fields(&fields),
+        &WatchParams::default().fields(&fields),
+    )
+    .await?
+    .boxed();
+    let spec = json!({
+        "guest": {"builtin": guest},
+        "memoryMiB": memory_mib,
+        "vcpus": 1,
+        "nodeSelector": {"kubernetes.io/hostname": node},
+    });
+    let started = Instant::now();
+    objects::create_sandbox(env, ns, name, spec).await?;
+    let ready = tokio::time::timeout(FORK_READY, async {
+        while let Some(event) = events.next().await {
+            if let WatchEvent::Modified(sandbox) = event?
+                && sandbox.is_ready()
+            {
+                return anyhow::Ok(ms(started));
+            }
+        }
+        bail!("the watch of Sandbox {name} ended")
+    })
+    .await
+    .with_context(|| format!("Sandbox {name} was not Ready in {FORK_READY:?}"))??;
+    api.delete(name, &DeleteParams::default()).await?;
+    Ok(ready)
+}
+
 /// How long a write takes, and how long until a watch delivers it:
 /// `probes` patches of a ConfigMap in `ns`. Returns the medians (ms).
 pub async fn watch_latency(env: &Env, ns: &str, probes: u32) -> anyhow::Result<(f64, f64)> {
@@ -268,9 +376,9 @@ pub async fn watch_latency(env: &Env, ns: &str, probes: u32) -> anyhow::Result<(
 }
 
 enum Seen {
-    Branch(SandboxBranch),
+    Branch(Box<SandboxBranch>),
     BranchGone,
-    Sandbox(Sandbox),
+    Sandbox(Box<Sandbox>),
 }
 
 /// A watch of `api` restricted by `params`, from the current version, and
@@ -318,7 +426,7 @@ pub async fn fork(
     .await?
     .map(|event| {
         Ok(match event? {
-            WatchEvent::Added(b) | WatchEvent::Modified(b) => Some(Seen::Branch(b)),
+            WatchEvent::Added(b) | WatchEvent::Modified(b) => Some(Seen::Branch(Box::new(b))),
             WatchEvent::Deleted(_) => Some(Seen::BranchGone),
             WatchEvent::Bookmark(_) => None,
             WatchEvent::Error(status) => bail!("watch of SandboxBranches: {status:?}"),
@@ -332,7 +440,7 @@ pub async fn fork(
     .await?
     .map(|event| {
         Ok(match event? {
-            WatchEvent::Added(s) | WatchEvent::Modified(s) => Some(Seen::Sandbox(s)),
+            WatchEvent::Added(s) | WatchEvent::Modified(s) => Some(Seen::Sandbox(Box::new(s))),
             WatchEvent::Deleted(_) | WatchEvent::Bookmark(_) => None,
             WatchEvent::Error(status) => bail!("watch of Sandboxes: {status:?}"),
         })
@@ -528,6 +636,10 @@ pub struct Report {
     pub watch_delivery_ms_p50: f64,
     pub live: Vec<Fork>,
     pub stop_and_copy: Vec<Fork>,
+    /// A plain Pod's start-up (ms), one per fork, in the same run.
+    pub pod_start_ms: Vec<f64>,
+    /// A new Sandbox's creation to Ready (ms): its Pod's start-up, then its boot.
+    pub cold_sandbox_ms: Vec<f64>,
 }
 
 impl Report {
@@ -556,6 +668,10 @@ impl Report {
             "stop_and_copy_to_live_p50_ratio": ratio,
             "api_write_ms_p50": self.api_write_ms_p50,
             "watch_delivery_ms_p50": self.watch_delivery_ms_p50,
+            "pod_start_ms_p50": median(&self.pod_start_ms),
+            "pod_start_ms_p90": p90(&self.pod_start_ms),
+            "cold_sandbox_ready_ms_p50": median(&self.cold_sandbox_ms),
+            "cold_sandbox_ready_ms_p90": p90(&self.cold_sandbox_ms),
             "breakdown_ms_p50": {
                 "live": live.as_ref().map(|s| s.breakdown_p50.clone()),
                 "stop_and_copy": baseline.as_ref().map(|s| s.breakdown_p50.clone()),
@@ -569,6 +685,14 @@ impl Report {
         }
         out
     }
+}
+
+fn median(samples: &[f64]) -> Option<f64> {
+    (!samples.is_empty()).then(|| round(percentile(samples, 50.0)))
+}
+
+fn p90(samples: &[f64]) -> Option<f64> {
+    (!samples.is_empty()).then(|| round(percentile(samples, 90.0)))
 }
 
 /// The whole benchmark in namespace `ns`: the watch probe, the source, then
@@ -598,6 +722,8 @@ pub async fn run(env: &Env, ns: &str, options: &Options) -> anyhow::Result<Repor
         watch_delivery_ms_p50,
         live: Vec::new(),
         stop_and_copy: Vec::new(),
+        pod_start_ms: Vec::new(),
+        cold_sandbox_ms: Vec::new(),
     };
     for i in 0..options.forks.max(options.baseline_forks) {
         for (mode, count, prefix) in [
@@ -623,6 +749,22 @@ pub async fn run(env: &Env, ns: &str, options: &Options) -> anyhow::Result<Repor
                 Mode::StopAndCopy => report.stop_and_copy.push(fork),
             }
         }
+        // The baselines of the cold path, between the forks.
+        let pod_ms = plain_pod_start_ms(env, ns, &node, &format!("plain-{i}")).await?;
+        let cold_ms = cold_sandbox_ms(
+            env,
+            ns,
+            &node,
+            &format!("cold-{i}"),
+            &options.guest,
+            options.memory_mib,
+        )
+        .await?;
+        eprintln!(
+            "bench: plain Pod running after {pod_ms:.1} ms; a new Sandbox Ready after {cold_ms:.1} ms"
+        );
+        report.pod_start_ms.push(pod_ms);
+        report.cold_sandbox_ms.push(cold_ms);
     }
     Ok(report)
 }

@@ -151,3 +151,38 @@ pub fn vm_alive_in_pod(pod_uid: &str) -> bool {
                 .is_ok_and(|cgroups| cgroups.contains(&dashed) || cgroups.contains(&underscored))
         })
 }
+
+/// The memory (bytes) charged to the cgroup of the VMM of the Pod with UID
+/// `pod_uid` (cgroup v1 or v2), if it runs here.
+pub fn vmm_memory_usage(pod_uid: &str) -> Option<u64> {
+    let (dashed, underscored) = (
+        format!("pod{pod_uid}"),
+        format!("pod{}", pod_uid.replace('-', "_")),
+    );
+    let pid = std::fs::read_dir("/proc")
+        .ok()?
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .find(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|cmdline| String::from_utf8_lossy(&cmdline).contains("vm-host"))
+                && std::fs::read_to_string(format!("/proc/{pid}/cgroup")).is_ok_and(|cgroups| {
+                    cgroups.contains(&dashed) || cgroups.contains(&underscored)
+                })
+        })?;
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    for line in cgroups.lines() {
+        let mut fields = line.splitn(3, ':');
+        let (_, controllers, path) = (fields.next()?, fields.next()?, fields.next()?);
+        let file = if controllers.split(',').any(|c| c == "memory") {
+            format!("/sys/fs/cgroup/memory{path}/memory.usage_in_bytes")
+        } else if controllers.is_empty() {
+            format!("/sys/fs/cgroup{path}/memory.current")
+        } else {
+            continue;
+        };
+        if let Ok(text) = std::fs::read_to_string(file) {
+            return text.trim().parse().ok();
+        }
+    }
+    None
+}

@@ -98,7 +98,7 @@ fn main() -> ExitCode {
     });
 
     // (name, needs VMs, body)
-    let scenarios: [(&str, bool, Body); 14] = [
+    let scenarios: [(&str, bool, Body); 15] = [
         (
             "chart_accepted_by_api_server",
             false,
@@ -116,6 +116,11 @@ fn main() -> ExitCode {
             missing_source_fails_cleanly,
         ),
         ("sandbox_becomes_ready", true, sandbox_becomes_ready),
+        (
+            "sandbox_memory_is_accounted",
+            true,
+            sandbox_memory_is_accounted,
+        ),
         ("device_plugin_serves_kvm", true, device_plugin_serves_kvm),
         (
             "branches_continue_from_capture",
@@ -569,9 +574,17 @@ fn counter_spec() -> serde_json::Value {
 }
 
 /// A Sandbox runs in a Pod of its own, which the scheduler binds to a node
-/// with an agent; its VM runs in that Pod.
+/// with an agent; its VM runs in that Pod, which passes the "baseline" Pod
+/// Security level (the namespace enforces it).
 fn sandbox_becomes_ready(env: &Env) -> anyhow::Result<()> {
     env.scenario("sandbox-ready", false, |ns| async move {
+        let labels = json!({"metadata": {"labels": {
+            "pod-security.kubernetes.io/enforce": "baseline",
+            "pod-security.kubernetes.io/enforce-version": "latest",
+        }}});
+        Api::<Namespace>::all(env.client())
+            .patch(&ns, &PatchParams::default(), &Patch::Merge(&labels))
+            .await?;
         objects::create_sandbox(env, &ns, "counter", counter_spec()).await?;
         let sandbox = objects::sandbox_ready(env, &ns, "counter", SANDBOX_READY).await?;
         let (node, uid) = placement(&sandbox)?;
@@ -646,6 +659,172 @@ fn sandbox_becomes_ready(env: &Env) -> anyhow::Result<()> {
         }
         let (first, _) = counter_reports(env, &node, &uid, 1, Duration::from_secs(60)).await?;
         counter_reports(env, &node, &uid, first + 1, Duration::from_secs(60)).await?;
+        Ok(())
+    })
+}
+
+/// Mebibytes in a Kubernetes memory quantity such as `2176Mi` or `11Gi`
+/// (what the kubelet and the chart write).
+fn quantity_mib(quantity: &Quantity) -> anyhow::Result<u64> {
+    let text = quantity.0.as_str();
+    let (number, unit) = text.split_at(
+        text.find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len()),
+    );
+    let number: u64 = number.parse().with_context(|| format!("quantity {text}"))?;
+    Ok(match unit {
+        "" => number >> 20,
+        "Ki" => number >> 10,
+        "Mi" => number,
+        "Gi" => number << 10,
+        other => bail!("quantity {text}: unit {other:?}"),
+    })
+}
+
+/// Memory the Pods bound to `node` request, in MiB (Pods that ended hold none).
+async fn node_memory_requested_mib(env: &Env, node: &str) -> anyhow::Result<u64> {
+    let pods = Api::<Pod>::all(env.client())
+        .list(&ListParams::default().fields(&format!("spec.nodeName={node}")))
+        .await?;
+    let mut total = 0;
+    for pod in pods.items {
+        let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+        if matches!(phase, Some("Succeeded" | "Failed")) {
+            continue;
+        }
+        for container in pod.spec.map(|s| s.containers).unwrap_or_default() {
+            if let Some(memory) = container
+                .resources
+                .and_then(|r| r.requests)
+                .and_then(|r| r.get("memory").cloned())
+            {
+                total += quantity_mib(&memory)?;
+            }
+        }
+    }
+    Ok(total)
+}
+
+/// A sandbox's memory is its Pod's: the VMM's own use beside a guest that
+/// touched all of its memory stays within the overhead its Pod asks for;
+/// Sandboxes fill a node's allocatable memory, and the next one is
+/// `Unschedulable` with the scheduler's reason while the others run on,
+/// none OOM-killed.
+fn sandbox_memory_is_accounted(env: &Env) -> anyhow::Result<()> {
+    env.scenario("accounting", true, |ns| async move {
+        let client = env.client();
+        // The VMM's overhead, measured in its Pod's memory cgroup.
+        let guest_mib = 256;
+        objects::create_sandbox(
+            env,
+            &ns,
+            "measured",
+            json!({"guest": {"builtin": "Counter"}, "memoryMiB": guest_mib, "vcpus": 1}),
+        )
+        .await?;
+        let sandbox = objects::sandbox_ready(env, &ns, "measured", SANDBOX_READY).await?;
+        let (node, uid) = placement(&sandbox)?;
+        // Two passes: the guest has written every page.
+        counter_reports(env, &node, &uid, 2, Duration::from_secs(120)).await?;
+        let pod_uid = vm_pod(env, &ns, "measured").await?;
+        if let Some(used) = sandfork_e2e::process::vmm_memory_usage(&pod_uid) {
+            let overhead_mib = (used >> 20).saturating_sub(guest_mib);
+            eprintln!(
+                "e2e: VMM memory beside a {guest_mib} MiB guest that wrote all of it: \
+                 {} MiB in its Pod's cgroup, overhead {overhead_mib} MiB (the Pod asks for {} MiB)",
+                used >> 20,
+                sandfork_api::pod::DEFAULT_OVERHEAD_MIB
+            );
+            ensure!(
+                overhead_mib < sandfork_api::pod::DEFAULT_OVERHEAD_MIB,
+                "the VMM uses {overhead_mib} MiB beside its guest, more than its Pod asks for"
+            );
+        }
+        objects::sandboxes(env, &ns)
+            .delete("measured", &DeleteParams::default())
+            .await?;
+
+        // Fill node-a's allocatable memory with Sandboxes (idle guests: the
+        // scheduler counts what Pods request, not what they use).
+        let node = "node-a";
+        let allocatable = Api::<Node>::all(client.clone())
+            .get(node)
+            .await?
+            .status
+            .and_then(|s| s.allocatable)
+            .and_then(|a| a.get("memory").cloned())
+            .context("node-a has no allocatable memory")?;
+        let allocatable_mib = quantity_mib(&allocatable)?;
+        wait::until(
+            "the measured Sandbox's Pod to be gone",
+            Duration::from_secs(60),
+            || async {
+                Ok(match pods::of_sandbox(&client, &ns, "measured").await? {
+                    None => Look::Done(()),
+                    Some(_) => Look::NotYet("still there".into()),
+                })
+            },
+        )
+        .await?;
+        let free_mib = allocatable_mib.saturating_sub(node_memory_requested_mib(env, node).await?);
+        let guest_mib: u64 = 2048;
+        let pod_mib = guest_mib + sandfork_api::pod::DEFAULT_OVERHEAD_MIB;
+        let fitting = free_mib / pod_mib;
+        eprintln!(
+            "e2e: {node}: {allocatable_mib} MiB allocatable, {free_mib} MiB not requested: \
+             {fitting} sandboxes of {pod_mib} MiB fit"
+        );
+        ensure!(fitting >= 1, "not even one sandbox fits on {node}");
+        let spec = json!({
+            "guest": {"builtin": "Idle"},
+            "memoryMiB": guest_mib,
+            "vcpus": 1,
+            "nodeSelector": {"kubernetes.io/hostname": node},
+        });
+        for index in 0..fitting {
+            objects::create_sandbox(env, &ns, &format!("fill-{index}"), spec.clone()).await?;
+        }
+        for index in 0..fitting {
+            objects::sandbox_ready(env, &ns, &format!("fill-{index}"), SANDBOX_READY).await?;
+        }
+        objects::create_sandbox(env, &ns, "one-too-many", spec.clone()).await?;
+        let sandboxes = objects::sandboxes(env, &ns);
+        let message = wait::until(
+            "the Sandbox that does not fit to be Unschedulable",
+            Duration::from_secs(60),
+            || async {
+                let sandbox = sandboxes.get("one-too-many").await?;
+                let conditions = sandbox.status.map(|s| s.conditions).unwrap_or_default();
+                Ok(match condition(&conditions, READY) {
+                    Some(ready) if ready.reason == "Unschedulable" => {
+                        Look::Done(ready.message.clone())
+                    }
+                    other => Look::NotYet(format!("{other:?}")),
+                })
+            },
+        )
+        .await?;
+        ensure!(
+            message.contains("Insufficient memory"),
+            "Unschedulable without the scheduler's reason: {message}"
+        );
+        eprintln!("e2e: the sandbox that does not fit: {message}");
+        for index in 0..fitting {
+            let name = format!("fill-{index}");
+            let sandbox = sandboxes.get(&name).await?;
+            ensure!(sandbox.is_ready(), "{name} is no longer Ready");
+            let pod = pods::of_sandbox(&client, &ns, &name)
+                .await?
+                .with_context(|| format!("{name} has no Pod"))?;
+            let restarts: i32 = pod
+                .status
+                .and_then(|s| s.container_statuses)
+                .unwrap_or_default()
+                .iter()
+                .map(|c| c.restart_count)
+                .sum();
+            ensure!(restarts == 0, "{name}'s Pod restarted {restarts} times");
+        }
         Ok(())
     })
 }
@@ -1106,10 +1285,22 @@ fn deleting_branch_frees_node(env: &Env) -> anyhow::Result<()> {
                 !running.contains(uid),
                 "the agent still runs branch {name} ({uid})"
             );
-            ensure!(
-                pods::of_sandbox(&env.client(), &ns, name).await?.is_none(),
-                "branch {name}'s Pod is still there"
-            );
+            let client = env.client();
+            wait::until(
+                &format!("branch {name}'s Pod to be gone"),
+                Duration::from_secs(60),
+                || async {
+                    Ok(match pods::of_sandbox(&client, &ns, name).await? {
+                        None => Look::Done(()),
+                        Some(pod) => Look::NotYet(format!(
+                            "{} ({:?})",
+                            pods::uid(&pod),
+                            pod.status.and_then(|s| s.phase)
+                        )),
+                    })
+                },
+            )
+            .await?;
             if let Some(alive) = env.vm_process_alive(pod) {
                 ensure!(!alive, "branch {name}'s VMM (Pod {pod}) still runs");
             }

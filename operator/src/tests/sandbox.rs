@@ -633,10 +633,7 @@ async fn a_running_sandbox_stays_ready_while_its_agent_is_away() {
     let sandbox = h.sandbox("vm").unwrap();
     assert!(sandbox.is_ready(), "{:?}", sandbox.status);
     assert!(
-        h.api
-            .requests()
-            .iter()
-            .all(|r| r.method == Method::GET),
+        h.api.requests().iter().all(|r| r.method == Method::GET),
         "nothing is written while the agent is away: {:?}",
         h.api.requests()
     );
