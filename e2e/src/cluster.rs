@@ -100,9 +100,19 @@ impl LocalCluster {
     /// Packs the operator and agent binaries as the images the chart's
     /// default values name (`sandfork/operator` and `sandfork/agent`, tag
     /// the chart's appVersion) and imports them into every node.
+    /// The agent image goes in a second time as tag `<appVersion>` +
+    /// `UPGRADE_TAG_SUFFIX`: a changed agent image to upgrade to.
     pub fn load_chart_images(&self, repo: &Path, binaries: &Binaries) -> anyhow::Result<()> {
         let tag = chart_app_version(&repo.join("charts/sandfork/Chart.yaml"))?;
-        for (image, program) in [("operator", &binaries.operator), ("agent", &binaries.agent)] {
+        for (image, tag, program) in [
+            ("operator", tag.clone(), &binaries.operator),
+            ("agent", tag.clone(), &binaries.agent),
+            (
+                "agent",
+                format!("{tag}{UPGRADE_TAG_SUFFIX}"),
+                &binaries.agent,
+            ),
+        ] {
             tools::run(
                 Command::new(&self.script)
                     .arg("image")
@@ -137,7 +147,11 @@ impl LocalCluster {
 }
 
 /// `appVersion` of a Chart.yaml.
-fn chart_app_version(chart: &Path) -> anyhow::Result<String> {
+/// What the second tag of the agent image ends with (see `load_chart_images`).
+pub const UPGRADE_TAG_SUFFIX: &str = "-upgrade";
+
+/// The chart's appVersion: the tag of its default images.
+pub fn chart_app_version(chart: &Path) -> anyhow::Result<String> {
     let text =
         std::fs::read_to_string(chart).with_context(|| format!("reading {}", chart.display()))?;
     let value: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text)?;

@@ -26,7 +26,7 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use libtest_mimic::{Arguments, Failed, Trial};
 use sandfork_api::agent::v1 as pb;
-use sandfork_api::conditions::{FAILED, READY};
+use sandfork_api::conditions::{self, FAILED, READY};
 use sandfork_api::deviceplugin::KVM_RESOURCE;
 use sandfork_api::labels;
 use sandfork_e2e::bench::{self, Step};
@@ -1630,8 +1630,10 @@ fn operator_pod_replaced_mid_fork(env: &Env) -> anyhow::Result<()> {
     })
 }
 
-/// `helm upgrade` with a changed value rolls the operator's and agents'
-/// Pods; the new ones take over (and the release goes back afterwards).
+/// `helm upgrade` to a changed agent image rolls the operator's and agents'
+/// Pods while a fork is in progress, and back again with a second fork: a
+/// sandbox runs on in its Pod throughout, and each fork either completes
+/// with branches that continue from the capture or fails with a reason.
 fn helm_upgrade_rolls_pods(env: &Env) -> anyhow::Result<()> {
     env.scenario("helm-upgrade", true, |ns| async move {
         let client = env.client();
@@ -1648,27 +1650,95 @@ fn helm_upgrade_rolls_pods(env: &Env) -> anyhow::Result<()> {
             }
         };
         let (operators, agents) = (names("operator").await?, names("agent").await?);
+        let (node, uid, before) = running_counter(env, &ns, "kept", 1).await?;
+        let kept_pod = vm_pod(env, &ns, "kept").await?;
+        let tag = sandfork_e2e::cluster::chart_app_version(&chart_dir().join("Chart.yaml"))?;
         let level = "info,sandfork_operator=debug,sandfork_node_agent=debug";
-        for set in [
+        for (round, set) in [
             vec![
                 "--set".to_string(),
-                format!("operator.logLevel={level}"),
+                format!(
+                    "agent.image.tag={tag}{}",
+                    sandfork_e2e::cluster::UPGRADE_TAG_SUFFIX
+                ),
                 "--set".into(),
-                format!("agent.logLevel={level}"),
+                format!("operator.logLevel={level}"),
             ],
             Vec::new(),
-        ] {
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let fork = format!("mid-upgrade-{round}");
+            objects::create_branch(
+                env,
+                &ns,
+                &fork,
+                json!({"sourceRef": {"name": "kept"}, "branches": 2}),
+            )
+            .await?;
             let started = Instant::now();
             env.helm_release("upgrade", set.iter().map(String::as_str))?;
             env.wait_for_rollout(Duration::from_secs(180))?;
-            eprintln!("e2e: helm upgrade {set:?} rolled out in {:.1?}", started.elapsed());
+            eprintln!(
+                "e2e: helm upgrade {set:?} rolled out in {:.1?}",
+                started.elapsed()
+            );
+            let branches = objects::branches(env, &ns);
+            let outcome = wait::until(
+                &format!("SandboxBranch {fork} to complete or fail"),
+                BRANCH_READY,
+                || async {
+                    let branch = branches.get(&fork).await?;
+                    let status = branch.status.clone().unwrap_or_default();
+                    Ok(
+                        if conditions::is_true(&status.conditions, READY)
+                            || conditions::is_true(&status.conditions, FAILED)
+                        {
+                            Look::Done(branch)
+                        } else {
+                            Look::NotYet(format!("{:?}", status.conditions))
+                        },
+                    )
+                },
+            )
+            .await?;
+            let status = outcome.status.clone().unwrap_or_default();
+            if conditions::is_true(&status.conditions, READY) {
+                check_branches(env, &ns, &outcome, "kept", &node, before).await?;
+                eprintln!("e2e: fork {fork} across the upgrade completed");
+            } else {
+                let failed = condition(&status.conditions, FAILED).context("no Failed")?;
+                ensure!(
+                    !failed.message.is_empty(),
+                    "fork {fork} failed without a reason"
+                );
+                eprintln!(
+                    "e2e: fork {fork} across the upgrade failed cleanly: {}: {}",
+                    failed.reason, failed.message
+                );
+            }
         }
         let (new_operators, new_agents) = (names("operator").await?, names("agent").await?);
         ensure!(
             operators.is_disjoint(&new_operators) && agents.is_disjoint(&new_agents),
             "not every Pod was replaced: operators {operators:?} -> {new_operators:?}, agents {agents:?} -> {new_agents:?}"
         );
-        ensure!(new_agents.len() == agents.len(), "agents {agents:?} -> {new_agents:?}");
+        ensure!(
+            new_agents.len() == agents.len(),
+            "agents {agents:?} -> {new_agents:?}"
+        );
+        // The sandbox ran on in its Pod through both upgrades.
+        ensure!(
+            vm_pod(env, &ns, "kept").await? == kept_pod,
+            "the kept sandbox's Pod was replaced"
+        );
+        let (_, reports) = objects::counter(env, &node, &uid).await?;
+        counter_reports(env, &node, &uid, reports + 1, Duration::from_secs(60)).await?;
+        ensure!(
+            objects::sandboxes(env, &ns).get("kept").await?.is_ready(),
+            "the kept sandbox is not Ready after the upgrades"
+        );
         env.wait_for_leader(Duration::from_secs(60)).await?;
         // The rolled-out release serves: a sandbox starts.
         let (_, _, _) = running_counter(env, &ns, "after-upgrade", 1).await?;
