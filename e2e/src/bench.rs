@@ -238,14 +238,7 @@ pub async fn plain_pod_start_ms(
 ) -> anyhow::Result<f64> {
     use k8s_openapi::api::core::v1::Pod;
     let api: Api<Pod> = Api::namespaced(env.client(), ns);
-    let fields = format!("metadata.name={name}");
-    let mut events = watch_from_now(
-        &api,
-        &ListParams::default().fields(&fields),
-        &WatchParams::default().fields(&fields),
-    )
-    .await?
-    .boxed();
+    let mut events = watch_named(&api, name).await?;
     let pod: Pod = serde_json::from_value(json!({
         "apiVersion": "v1",
         "kind": "Pod",
@@ -299,14 +292,7 @@ pub async fn cold_sandbox_ms(
     memory_mib: u64,
 ) -> anyhow::Result<f64> {
     let api = objects::sandboxes(env, ns);
-    let fields = format!("metadata.name={name}");
-    let mut events = watch_from_now(
-        &api,
-        &ListParams::default().fields(&fields),
-        &WatchParams::default().fields(&fields),
-    )
-    .await?
-    .boxed();
+    let mut events = watch_named(&api, name).await?;
     let spec = json!({
         "guest": {"builtin": guest},
         "memoryMiB": memory_mib,
@@ -379,6 +365,24 @@ enum Seen {
     Branch(Box<SandboxBranch>),
     BranchGone,
     Sandbox(Box<Sandbox>),
+}
+
+/// A watch of object `name` of `api`, from now on (see `watch_from_now`).
+async fn watch_named<K>(
+    api: &Api<K>,
+    name: &str,
+) -> anyhow::Result<impl Stream<Item = kube::Result<WatchEvent<K>>> + use<K>>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + 'static,
+{
+    let fields = format!("metadata.name={name}");
+    Ok(watch_from_now(
+        api,
+        &ListParams::default().fields(&fields),
+        &WatchParams::default().fields(&fields),
+    )
+    .await?
+    .boxed())
 }
 
 /// A watch of `api` restricted by `params`, from the current version, and

@@ -185,19 +185,7 @@ impl GuestMemory {
     /// Maps a capture's memory file copy-on-write. The file must be exactly
     /// `len` bytes long.
     pub fn map_private(file: File, len: u64) -> Result<Self, MemoryError> {
-        let file_bytes = file
-            .metadata()
-            .map_err(|source| MemoryError::Sys {
-                op: "stat memory file",
-                source,
-            })?
-            .len();
-        if file_bytes != len {
-            return Err(MemoryError::FileSizeMismatch {
-                file_bytes,
-                expected_bytes: len,
-            });
-        }
+        check_file_size(&file, len)?;
         let base = map(
             file.as_fd(),
             len as usize,
@@ -508,19 +496,7 @@ impl SnapshotMapping {
     /// fills (the kernel checks the range is registered), it cannot touch
     /// this process's memory; if the other process exits, fills fail.
     pub fn remote(uffd: OwnedFd, base: u64, len: u64, file: File) -> Result<Self, MemoryError> {
-        let file_bytes = file
-            .metadata()
-            .map_err(|source| MemoryError::Sys {
-                op: "stat snapshot",
-                source,
-            })?
-            .len();
-        if file_bytes != len {
-            return Err(MemoryError::FileSizeMismatch {
-                file_bytes,
-                expected_bytes: len,
-            });
-        }
+        check_file_size(&file, len)?;
         let base = NonNull::new(base as *mut u8).ok_or(MemoryError::Sys {
             op: "remote snapshot mapping",
             source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
@@ -636,6 +612,24 @@ impl SnapshotMapping {
     pub fn read_back(&self) -> Result<ReadOnlyMapping, MemoryError> {
         ReadOnlyMapping::of_fd(self.file.as_fd(), self.len)
     }
+}
+
+/// Fails unless `file` is exactly `len` bytes long.
+fn check_file_size(file: &File, len: u64) -> Result<(), MemoryError> {
+    let file_bytes = file
+        .metadata()
+        .map_err(|source| MemoryError::Sys {
+            op: "stat memory file",
+            source,
+        })?
+        .len();
+    if file_bytes != len {
+        return Err(MemoryError::FileSizeMismatch {
+            file_bytes,
+            expected_bytes: len,
+        });
+    }
+    Ok(())
 }
 
 fn uffd_err(op: &'static str) -> impl FnOnce(userfaultfd::Error) -> MemoryError {
