@@ -5,6 +5,14 @@
 pub const VMM_CONTAINER: &str = "vmm";
 /// Name of the emptyDir volume through which the agent reaches the VMM.
 pub const VMM_VOLUME: &str = "vmm";
+/// The image volume of a Sandbox's `guest.image`, mounted read-only in the
+/// VMM container at `GUEST_DIR`.
+pub const GUEST_VOLUME: &str = "guest";
+pub const GUEST_DIR: &str = "/run/sandfork-guest";
+/// Where a guest image carries its guest: a flat 64-bit binary (loaded at
+/// 1 MiB and entered there), at `/guest` in the image.
+pub const GUEST_FILE: &str = "guest";
+
 /// Where the VMM container mounts [`VMM_VOLUME`].
 pub const VMM_DIR: &str = "/run/sandfork-vmm";
 

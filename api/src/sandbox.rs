@@ -170,8 +170,11 @@ pub struct GuestSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dirty: Option<DirtySpec>,
 
-    /// A user guest image reference. Reserved: agents do not run user images
-    /// yet, and a Sandbox that names one fails with reason `ImageUnsupported`.
+    /// A container image that carries the guest: a flat 64-bit binary at
+    /// `/guest` in the image (loaded at 1 MiB and entered there; port 0x3f8
+    /// is its console, which the sandbox Pod's log shows). The sandbox Pod
+    /// mounts it as an image volume, so any registry the node can pull from
+    /// serves it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 1024))]
     pub image: Option<String>,

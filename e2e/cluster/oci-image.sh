@@ -23,9 +23,8 @@ mkdir -p "$rootfs/tmp" "$work/image/blobs/sha256"
 chmod 1777 "$rootfs/tmp"
 
 base="$(basename "$program")"
-if command -v objcopy >/dev/null; then
-  objcopy --strip-debug "$program" "$rootfs/$base"
-else
+# (A file objcopy does not know, such as a flat guest binary, goes in as it is.)
+if ! command -v objcopy >/dev/null || ! objcopy --strip-debug "$program" "$rootfs/$base" 2>/dev/null; then
   cp "$program" "$rootfs/$base"
 fi
 chmod 0755 "$rootfs/$base"

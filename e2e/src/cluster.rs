@@ -125,6 +125,20 @@ impl LocalCluster {
         Ok(())
     }
 
+    /// Packs `program` (any file) as image `name` and imports it into every
+    /// node.
+    pub fn import_image(&self, name: &str, program: &Path) -> anyhow::Result<()> {
+        tools::run(
+            Command::new(&self.script)
+                .arg("image")
+                .arg(&self.dir)
+                .arg(name)
+                .arg(program),
+        )
+        .with_context(|| format!("importing image {name} into the nodes"))?;
+        Ok(())
+    }
+
     /// Stops the cluster; safe to repeat.
     pub fn down(&mut self) {
         if !std::mem::take(&mut self.running) {

@@ -427,6 +427,16 @@ impl Env {
             .collect())
     }
 
+    /// Packs `file` as image `name` and imports it into the local nodes;
+    /// false on a cluster that is not local.
+    pub fn import_image(&self, name: &str, file: &Path) -> anyhow::Result<bool> {
+        let guard = self.local.lock().expect("local lock");
+        match guard.as_ref() {
+            Some(local) => local.cluster.import_image(name, file).map(|()| true),
+            None => Ok(false),
+        }
+    }
+
     /// The state directory of the agent on local node `node`, as this
     /// host sees it (local mode only).
     pub fn local_state_dir(&self, node: &str) -> Option<PathBuf> {

@@ -98,7 +98,7 @@ fn main() -> ExitCode {
     });
 
     // (name, needs VMs, body)
-    let scenarios: [(&str, bool, Body); 15] = [
+    let scenarios: [(&str, bool, Body); 16] = [
         (
             "chart_accepted_by_api_server",
             false,
@@ -121,6 +121,7 @@ fn main() -> ExitCode {
             true,
             sandbox_memory_is_accounted,
         ),
+        ("guest_image_runs", true, guest_image_runs),
         ("device_plugin_serves_kvm", true, device_plugin_serves_kvm),
         (
             "branches_continue_from_capture",
@@ -659,6 +660,85 @@ fn sandbox_becomes_ready(env: &Env) -> anyhow::Result<()> {
         }
         let (first, _) = counter_reports(env, &node, &uid, 1, Duration::from_secs(60)).await?;
         counter_reports(env, &node, &uid, first + 1, Duration::from_secs(60)).await?;
+        Ok(())
+    })
+}
+
+/// A flat 64-bit guest (entered at 1 MiB in long mode): writes a line to
+/// its console (port 0x3f8), then reports 1, 2, 3, ... to port 0x5f0 with a
+/// short busy loop between reports.
+const HELLO_GUEST: &[u8] = &[
+    0x66, 0xBA, 0xF8, 0x03, // mov dx, 0x3f8
+    0x48, 0x8D, 0x35, 0x20, 0x00, 0x00, 0x00, // lea rsi, [rip + message]
+    0x8A, 0x06, // next: mov al, [rsi]
+    0x84, 0xC0, // test al, al
+    0x74, 0x06, // jz done
+    0xEE, // out dx, al
+    0x48, 0xFF, 0xC6, // inc rsi
+    0xEB, 0xF4, // jmp next
+    0x31, 0xC0, // done: xor eax, eax
+    0x66, 0xBA, 0xF0, 0x05, // mov dx, 0x5f0
+    0xFF, 0xC0, // report: inc eax
+    0xEF, // out dx, eax
+    0xB9, 0xA0, 0x86, 0x01, 0x00, // mov ecx, 100000
+    0xFF, 0xC9, // spin: dec ecx
+    0x75, 0xFC, // jnz spin
+    0xEB, 0xF2, // jmp report
+];
+const HELLO_LINE: &str = "sandfork guest image up";
+
+/// `guest.image`: a container image carrying a flat guest at `/guest`,
+/// which the sandbox Pod mounts as an image volume; the guest runs (its
+/// reports go on) and its console line is in the Pod's log.
+fn guest_image_runs(env: &Env) -> anyhow::Result<()> {
+    env.scenario("guest-image", false, |ns| async move {
+        let image = "docker.io/sandfork/guest-hello:test";
+        let dir = tempfile::tempdir()?;
+        let file = dir.path().join(sandfork_api::pod::GUEST_FILE);
+        let mut code = HELLO_GUEST.to_vec();
+        code.extend_from_slice(HELLO_LINE.as_bytes());
+        code.extend_from_slice(b"\n\0");
+        std::fs::write(&file, code)?;
+        std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+        if !env.import_image(image, &file)? {
+            eprintln!("e2e: not a local cluster: guest image scenario skipped");
+            return Ok(());
+        }
+        objects::create_sandbox(
+            env,
+            &ns,
+            "hello",
+            json!({"guest": {"image": image}, "memoryMiB": 64, "vcpus": 1}),
+        )
+        .await?;
+        let sandbox = objects::sandbox_ready(env, &ns, "hello", SANDBOX_READY).await?;
+        let (node, uid) = placement(&sandbox)?;
+        let (value, reports) =
+            counter_reports(env, &node, &uid, 3, Duration::from_secs(60)).await?;
+        ensure!(
+            value >= 3,
+            "the guest reported {value} after {reports} reports"
+        );
+        let pod = sandfork_api::pod::name("hello");
+        let log = wait::until(
+            "the guest's console line in its Pod's log",
+            Duration::from_secs(30),
+            || async {
+                let log = Api::<Pod>::namespaced(env.client(), &ns)
+                    .logs(&pod, &Default::default())
+                    .await?;
+                Ok(if log.contains(&format!("guest: {HELLO_LINE}")) {
+                    Look::Done(log)
+                } else {
+                    Look::NotYet(log)
+                })
+            },
+        )
+        .await?;
+        eprintln!(
+            "e2e: guest image {image} runs ({reports} reports); its Pod's log:\n{}",
+            log.trim_end()
+        );
         Ok(())
     })
 }

@@ -363,7 +363,9 @@ impl Manager {
             .checked_mul(1 << 20)
             .ok_or_else(|| ManagerError::InvalidSpec("memory too large".into()))?;
         memory::validate_size(bytes, true)?;
+        // A Pod's guest image is in the Pod, where its VMM reads it.
         if let Workload::Flat { path } = &spec.workload
+            && pod_uid.is_none()
             && !path.is_file()
         {
             return Err(ManagerError::InvalidSpec(format!(

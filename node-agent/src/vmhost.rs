@@ -389,6 +389,7 @@ fn await_start(listener: &UnixListener) -> Option<(Vm, SandboxRecord)> {
                 Ok(Request::Status) => (Response::Status(waiting_status()), None),
                 Ok(Request::Start { record, restore }) => match start(&record, restore, fds) {
                     Ok(vm) => {
+                        vm.echo_console(true);
                         tracing::info!(sandbox = %record.name, "VM running");
                         (Response::Started(status(&vm)), Some(Some((vm, record))))
                     }

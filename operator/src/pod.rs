@@ -5,9 +5,9 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Affinity, Capabilities, Container, EmptyDirVolumeSource, EnvVar, NodeAffinity, NodeSelector,
-    NodeSelectorRequirement, NodeSelectorTerm, Pod, PodSpec, ResourceRequirements, SeccompProfile,
-    SecurityContext, Volume, VolumeMount,
+    Affinity, Capabilities, Container, EmptyDirVolumeSource, EnvVar, ImageVolumeSource,
+    NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, Pod, PodSpec,
+    ResourceRequirements, SeccompProfile, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::api::ObjectMeta;
@@ -30,6 +30,43 @@ pub struct VmmImage {
 }
 
 /// The Pod of `sandbox`, or why its spec cannot make one.
+/// The VMM's socket volume and, for a guest image, that image as a volume.
+fn volumes(guest_image: Option<&str>) -> Vec<Volume> {
+    let mut volumes = vec![Volume {
+        name: pod::VMM_VOLUME.into(),
+        empty_dir: Some(EmptyDirVolumeSource::default()),
+        ..Volume::default()
+    }];
+    if let Some(reference) = guest_image {
+        volumes.push(Volume {
+            name: pod::GUEST_VOLUME.into(),
+            image: Some(ImageVolumeSource {
+                reference: Some(reference.into()),
+                pull_policy: Some("IfNotPresent".into()),
+            }),
+            ..Volume::default()
+        });
+    }
+    volumes
+}
+
+fn volume_mounts(guest_image: bool) -> Vec<VolumeMount> {
+    let mut mounts = vec![VolumeMount {
+        name: pod::VMM_VOLUME.into(),
+        mount_path: pod::VMM_DIR.into(),
+        ..VolumeMount::default()
+    }];
+    if guest_image {
+        mounts.push(VolumeMount {
+            name: pod::GUEST_VOLUME.into(),
+            mount_path: pod::GUEST_DIR.into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+    }
+    mounts
+}
+
 pub fn sandbox_pod(sandbox: &Sandbox, image: &VmmImage) -> Result<Pod, String> {
     let sandbox_name = sandbox.name_any();
     let name = pod::name(&sandbox_name);
@@ -66,11 +103,7 @@ pub fn sandbox_pod(sandbox: &Sandbox, image: &VmmImage) -> Result<Pod, String> {
             value: Some(format!("{namespace}/{sandbox_name}")),
             value_from: None,
         }]),
-        volume_mounts: Some(vec![VolumeMount {
-            name: pod::VMM_VOLUME.into(),
-            mount_path: pod::VMM_DIR.into(),
-            ..VolumeMount::default()
-        }]),
+        volume_mounts: Some(volume_mounts(spec.guest.image.is_some())),
         resources: Some(resources(sandbox)?),
         // Root, for /dev/kvm (root:0600 on the nodes), but nothing more: the
         // Pod meets the "baseline" Pod Security level.
@@ -100,11 +133,7 @@ pub fn sandbox_pod(sandbox: &Sandbox, image: &VmmImage) -> Result<Pod, String> {
         },
         spec: Some(PodSpec {
             containers: vec![container],
-            volumes: Some(vec![Volume {
-                name: pod::VMM_VOLUME.into(),
-                empty_dir: Some(EmptyDirVolumeSource::default()),
-                ..Volume::default()
-            }]),
+            volumes: Some(volumes(spec.guest.image.as_deref())),
             // A VM's state cannot be recreated: a Pod that ended stays ended.
             restart_policy: Some("Never".into()),
             termination_grace_period_seconds: Some(TERMINATION_GRACE_SECONDS),

@@ -37,7 +37,6 @@ pub const CONTROLLER: &str = "sandbox";
 
 /// `Ready` reasons after which the Sandbox stays as it is until it is deleted.
 pub const PERMANENT_REASONS: &[&str] = &[
-    reason::IMAGE_UNSUPPORTED,
     reason::INVALID_SPEC,
     reason::CAPTURE_NOT_FOUND,
     reason::VM_FAILED,
@@ -59,7 +58,6 @@ pub mod reason {
     pub const AGENT_UNAVAILABLE: &str = "AgentUnavailable";
     pub const INSUFFICIENT_MEMORY: &str = "InsufficientMemory";
     pub const START_FAILED: &str = "StartFailed";
-    pub const IMAGE_UNSUPPORTED: &str = "ImageUnsupported";
     pub const INVALID_SPEC: &str = "InvalidSpec";
     pub const CAPTURE_NOT_FOUND: &str = "CaptureNotFound";
     pub const VM_FAILED: &str = "VmFailed";
@@ -103,11 +101,14 @@ pub fn workload(guest: &GuestSpec) -> Result<pb::Workload, String> {
                 pages_per_second: dirty.pages_per_second,
             })
         }
-        (None, Some(image)) => {
-            return Err(format!(
-                "guest image {image:?}: this version of Sandfork runs only built-in guests (guest.builtin)"
-            ));
-        }
+        // The Pod mounts the image; its VMM reads the guest from there.
+        (None, Some(_)) => Kind::FlatImage(pb::FlatImage {
+            path: format!(
+                "{}/{}",
+                sandfork_api::pod::GUEST_DIR,
+                sandfork_api::pod::GUEST_FILE
+            ),
+        }),
         (None, None) => {
             return Err("the guest names neither a built-in workload nor an image".into());
         }
@@ -192,14 +193,7 @@ impl<'a> Pass<'a> {
         let guest = &self.sandbox.spec.guest;
         match workload(guest) {
             Ok(workload) => Ok(workload),
-            Err(message) => {
-                let reason = if guest.image.is_some() {
-                    reason::IMAGE_UNSUPPORTED
-                } else {
-                    reason::INVALID_SPEC
-                };
-                self.fail(reason, "Start", message).await
-            }
+            Err(message) => self.fail(reason::INVALID_SPEC, "Start", message).await,
         }
     }
 

@@ -83,6 +83,10 @@ struct Control {
     changed: Condvar,
     reports: Vec<VcpuReports>,
     console: Mutex<Vec<u8>>,
+    /// Whether console output also goes to stdout, line by line.
+    echo: std::sync::atomic::AtomicBool,
+    /// The line being echoed.
+    echo_line: Mutex<Vec<u8>>,
 }
 
 impl Control {
@@ -241,6 +245,8 @@ impl Vm {
             changed: Condvar::new(),
             reports: (0..vcpus.len()).map(|_| VcpuReports::default()).collect(),
             console: Mutex::new(Vec::new()),
+            echo: std::sync::atomic::AtomicBool::new(false),
+            echo_line: Mutex::new(Vec::new()),
         });
         let mut vm = Self {
             vm_fd,
@@ -282,6 +288,12 @@ impl Vm {
 
     pub fn reports(&self) -> &[VcpuReports] {
         &self.control.reports
+    }
+
+    /// Also writes what the guest writes to its serial console to stdout,
+    /// line by line (`guest: ` before each): a sandbox Pod's log.
+    pub fn echo_console(&self, on: bool) {
+        self.control.echo.store(on, Ordering::Relaxed);
     }
 
     /// What the guest wrote to its serial console so far (the last 64 KiB).
@@ -491,6 +503,24 @@ fn run_vcpu(
     vcpu
 }
 
+/// Longest console line echoed whole; a longer one is cut there.
+const ECHO_LINE_LIMIT: usize = 4096;
+
+fn echo_console(control: &Control, data: &[u8]) {
+    use std::io::Write;
+    let mut line = control.echo_line.lock().unwrap();
+    for &byte in data {
+        if byte != b'\n' {
+            line.push(byte);
+        }
+        if byte == b'\n' || line.len() >= ECHO_LINE_LIMIT {
+            let text = String::from_utf8_lossy(&line).into_owned();
+            let _ = writeln!(std::io::stdout().lock(), "guest: {text}");
+            line.clear();
+        }
+    }
+}
+
 fn handle_io_out(control: &Control, index: usize, port: u16, data: &[u8]) {
     match port {
         REPORT_PORT => {
@@ -509,6 +539,10 @@ fn handle_io_out(control: &Control, index: usize, port: u16, data: &[u8]) {
             let len = console.len();
             console.drain(..excess.min(len));
             console.extend_from_slice(data);
+            drop(console);
+            if control.echo.load(Ordering::Relaxed) {
+                echo_console(control, data);
+            }
         }
         _ => {}
     }

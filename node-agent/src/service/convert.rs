@@ -92,13 +92,20 @@ pub fn workload_from_pb(workload: Option<pb::Workload>) -> Result<Workload, Stat
             },
             pages_per_second: dirty.pages_per_second,
         }),
+        Some(Kind::FlatImage(image)) if image.path.starts_with('/') => Ok(Workload::Flat {
+            path: image.path.into(),
+        }),
+        Some(Kind::FlatImage(image)) => Err(Status::invalid_argument(format!(
+            "flat image path {:?} is not absolute",
+            image.path
+        ))),
         None => Err(Status::invalid_argument(
-            "workload is required: counter, dirty or idle",
+            "workload is required: counter, dirty, idle or flat_image",
         )),
     }
 }
 
-/// `None` for a workload the API cannot describe (a local flat image).
+/// The workload as the API describes it.
 pub fn workload_to_pb(workload: &Workload) -> Option<pb::Workload> {
     use pb::workload::Kind;
     let kind = match workload {
@@ -114,7 +121,9 @@ pub fn workload_to_pb(workload: &Workload) -> Option<pb::Workload> {
             } as i32,
             pages_per_second: *pages_per_second,
         }),
-        Workload::Flat { .. } => return None,
+        Workload::Flat { path } => Kind::FlatImage(pb::FlatImage {
+            path: path.to_string_lossy().into_owned(),
+        }),
     };
     Some(pb::Workload { kind: Some(kind) })
 }

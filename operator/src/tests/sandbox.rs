@@ -324,7 +324,7 @@ async fn too_little_memory_on_the_node_is_retried_with_a_condition() {
 }
 
 #[tokio::test]
-async fn a_user_image_is_refused_with_a_clear_reason() {
+async fn a_guest_image_is_mounted_into_the_pod_and_run_from_there() {
     let h = Harness::new().await;
     let mut sandbox = sandbox_object("vm", 256);
     sandbox.spec.guest = sandfork_api::sandbox::GuestSpec {
@@ -334,12 +334,29 @@ async fn a_user_image_is_refused_with_a_clear_reason() {
     h.api.insert(&sandbox);
     h.settle_sandbox("vm").await;
 
-    let status = h.sandbox("vm").unwrap().status.unwrap();
-    let (_, why, message) = condition(&status.conditions, READY);
-    assert_eq!(why, reason::IMAGE_UNSUPPORTED);
-    assert!(message.contains("registry.example/guest:1"), "{message}");
-    assert!(h.agent.calls().is_empty());
-    assert!(h.pod("vm").is_none());
+    assert!(h.sandbox("vm").unwrap().is_ready());
+    let pod = h.pod("vm").expect("a Pod");
+    let spec = pod.spec.unwrap();
+    let volume = spec
+        .volumes
+        .unwrap()
+        .into_iter()
+        .find(|v| v.name == sandfork_api::pod::GUEST_VOLUME)
+        .expect("the guest's image volume");
+    assert_eq!(
+        volume.image.and_then(|i| i.reference).as_deref(),
+        Some("registry.example/guest:1")
+    );
+    let mount = spec.containers[0]
+        .volume_mounts
+        .clone()
+        .unwrap()
+        .into_iter()
+        .find(|m| m.name == sandfork_api::pod::GUEST_VOLUME)
+        .expect("mounted in the VMM container");
+    assert_eq!(mount.mount_path, sandfork_api::pod::GUEST_DIR);
+    assert_eq!(mount.read_only, Some(true));
+    assert_eq!(h.agent_calls("CreateSandbox").len(), 1);
 }
 
 #[tokio::test]
