@@ -141,6 +141,7 @@ show kubectl -n "$namespace" get pods -o wide
 show kubectl -n "$namespace" get leases
 
 wait_and_show
+agent_restart_keeps_sandboxes
 # The agent's own view: a branch's counter goes on from the pass its source
 # was in at the capture (a guest booted afresh would start at 1).
 sleep 3
