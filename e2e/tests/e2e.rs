@@ -820,6 +820,50 @@ fn sandbox_memory_is_accounted(env: &Env) -> anyhow::Result<()> {
                 "the VMM uses {overhead_mib} MiB beside its guest, more than its Pod asks for"
             );
         }
+        // A capture's pages are charged to the agent, not to the source's
+        // Pod (whose limit covers its guest alone).
+        if let Some(before) = sandfork_e2e::process::vmm_memory_usage(&pod_uid) {
+            objects::create_branch(
+                env,
+                &ns,
+                "measured-fork",
+                json!({"sourceRef": {"name": "measured"}, "branches": 1, "deletionPolicy": "Delete"}),
+            )
+            .await?;
+            objects::branch_ready(env, &ns, "measured-fork", BRANCH_READY).await?;
+            let mut agent = env.agent(&node).await?;
+            wait::until(
+                "the capture's copy to complete",
+                Duration::from_secs(60),
+                || async {
+                    let captures = agent
+                        .list_captures(pb::ListCapturesRequest {})
+                        .await?
+                        .into_inner()
+                        .captures;
+                    Ok(if captures.iter().all(|c| c.memory_complete) {
+                        Look::Done(())
+                    } else {
+                        Look::NotYet(format!("{captures:?}"))
+                    })
+                },
+            )
+            .await?;
+            let after = sandfork_e2e::process::vmm_memory_usage(&pod_uid).unwrap_or_default();
+            let grown_mib = (after.saturating_sub(before)) >> 20;
+            eprintln!(
+                "e2e: the source's Pod held {} MiB before its capture of {guest_mib} MiB, {} MiB after",
+                before >> 20,
+                after >> 20
+            );
+            ensure!(
+                grown_mib < guest_mib / 4,
+                "the source's Pod grew by {grown_mib} MiB with its capture: the capture is charged to it"
+            );
+            objects::branches(env, &ns)
+                .delete("measured-fork", &DeleteParams::default())
+                .await?;
+        }
         objects::sandboxes(env, &ns)
             .delete("measured", &DeleteParams::default())
             .await?;
@@ -836,12 +880,14 @@ fn sandbox_memory_is_accounted(env: &Env) -> anyhow::Result<()> {
             .context("node-a has no allocatable memory")?;
         let allocatable_mib = quantity_mib(&allocatable)?;
         wait::until(
-            "the measured Sandbox's Pod to be gone",
+            "the measured Sandbox's Pods to be gone",
             Duration::from_secs(60),
             || async {
-                Ok(match pods::of_sandbox(&client, &ns, "measured").await? {
-                    None => Look::Done(()),
-                    Some(_) => Look::NotYet("still there".into()),
+                let left = pods::of_component(&client, &ns, "sandbox").await?;
+                Ok(if left.is_empty() {
+                    Look::Done(())
+                } else {
+                    Look::NotYet(format!("{} sandbox Pods", left.len()))
                 })
             },
         )

@@ -293,8 +293,10 @@ impl<'a> Pass<'a> {
         Ok(pod)
     }
 
-    /// The Pod `name` from the cache when it shows the one expected, else
-    /// from the API server.
+    /// The Pod `name` from the cache when it shows the one expected running,
+    /// else from the API server: the cache is a watch of its own, which can
+    /// lag behind the event that started this reconcile (a Pod that just
+    /// started running).
     async fn find_pod(&self, name: &str, recorded: Option<&str>) -> Result<Option<Pod>> {
         let namespace = self.sandbox.namespace().unwrap_or_default();
         let cached = self
@@ -305,7 +307,8 @@ impl<'a> Pass<'a> {
             .filter(|pod| match recorded {
                 Some(uid) => pod.uid().as_deref() == Some(uid),
                 None => is_owned_by(pod, &self.uid),
-            });
+            })
+            .filter(|pod| vmm_running(pod));
         if let Some(pod) = cached {
             return Ok(Some(pod.as_ref().clone()));
         }
@@ -390,6 +393,9 @@ impl<'a> Pass<'a> {
 
     /// Waits until the Pod runs, and so its VMM.
     async fn pod_running(&mut self, pod: &Pod) -> Step {
+        if vmm_running(pod) {
+            return Ok(());
+        }
         let status = pod.status.clone().unwrap_or_default();
         let vmm = status
             .container_statuses
@@ -397,10 +403,6 @@ impl<'a> Pass<'a> {
             .flatten()
             .find(|c| c.name == sandfork_api::pod::VMM_CONTAINER);
         let state = vmm.and_then(|c| c.state.as_ref());
-        if status.phase.as_deref() == Some("Running") && state.is_some_and(|s| s.running.is_some())
-        {
-            return Ok(());
-        }
         let name = pod.name_any();
         let waiting = state.and_then(|s| s.waiting.as_ref());
         let message = match waiting.and_then(|w| w.reason.as_deref()) {
@@ -639,6 +641,21 @@ impl<'a> Pass<'a> {
         }
         Ok(action)
     }
+}
+
+/// Whether the Pod runs, and its VMM container in it.
+fn vmm_running(pod: &Pod) -> bool {
+    let Some(status) = &pod.status else {
+        return false;
+    };
+    status.phase.as_deref() == Some("Running")
+        && status
+            .container_statuses
+            .iter()
+            .flatten()
+            .find(|c| c.name == sandfork_api::pod::VMM_CONTAINER)
+            .and_then(|c| c.state.as_ref())
+            .is_some_and(|state| state.running.is_some())
 }
 
 /// Publishes the Event about a VM this pass started.
