@@ -831,12 +831,13 @@ fn sandbox_memory_is_accounted(env: &Env) -> anyhow::Result<()> {
             )
             .await?;
             objects::branch_ready(env, &ns, "measured-fork", BRANCH_READY).await?;
-            let mut agent = env.agent(&node).await?;
             wait::until(
                 "the capture's copy to complete",
                 Duration::from_secs(60),
                 || async {
-                    let captures = agent
+                    let captures = env
+                        .agent(&node)
+                        .await?
                         .list_captures(pb::ListCapturesRequest {})
                         .await?
                         .into_inner()
