@@ -858,8 +858,10 @@ fn keep_until_copied(dir: CaptureDir, target: sandfork_vmm::memory::SnapshotMapp
     let kept = std::thread::Builder::new()
         .name("capture-target".into())
         .spawn(move || {
+            // Each look parses the state (vCPU state included): not too often,
+            // beside a copy that wants the CPU.
             while dir.read_state().is_ok_and(|state| !state.memory_complete) {
-                std::thread::sleep(Duration::from_millis(5));
+                std::thread::sleep(Duration::from_millis(25));
             }
             drop(target);
         });
