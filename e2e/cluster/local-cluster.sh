@@ -282,11 +282,14 @@ fail_with_logs() {
   exit 1
 }
 
-# check_alive NAME...: fail loudly if any of them died.
+# check_alive NAME...: fail loudly if any of them died. A process in the
+# middle of execve shows an empty cmdline for a moment (longer on a loaded
+# machine), so one that seems gone is looked at again before it counts as dead.
 check_alive() {
   local c
   for c in "$@"; do
-    [[ -n "$(pid_of "$c")" ]] || fail_with_logs "$c exited during startup"
+    [[ -n "$(pid_of "$c")" ]] || { sleep 0.3; [[ -n "$(pid_of "$c")" ]]; } ||
+      fail_with_logs "$c exited during startup"
   done
 }
 

@@ -427,6 +427,14 @@ impl Env {
             .collect())
     }
 
+    /// Kills the agent process of local node `node` (SIGKILL), as a crash
+    /// would; how many processes it killed (`None`: not a local cluster).
+    pub fn kill_agent(&self, node: &str) -> Option<usize> {
+        let guard = self.local.lock().expect("local lock");
+        let node = guard.as_ref()?.cluster.node(node)?;
+        Some(process::kill_agent_in_node(&node.netns))
+    }
+
     /// Packs `file` as image `name` and imports it into the local nodes;
     /// false on a cluster that is not local.
     pub fn import_image(&self, name: &str, file: &Path) -> anyhow::Result<bool> {

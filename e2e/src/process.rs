@@ -186,3 +186,34 @@ pub fn vmm_memory_usage(pod_uid: &str) -> Option<u64> {
     }
     None
 }
+
+/// Sends SIGKILL to the `sandfork-agent serve` processes in the network
+/// namespace `netns` (a node's: the agent uses its node's network); how
+/// many it killed.
+pub fn kill_agent_in_node(netns: &Path) -> usize {
+    use std::os::unix::fs::MetadataExt;
+    let inode = |path: &Path| std::fs::metadata(path).ok().map(|meta| meta.ino());
+    let Some(wanted) = inode(netns) else {
+        return 0;
+    };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| inode(Path::new(&format!("/proc/{pid}/ns/net"))) == Some(wanted))
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| {
+                let args: Vec<&[u8]> = cmdline.split(|&byte| byte == 0).collect();
+                args.first()
+                    .is_some_and(|arg0| arg0.ends_with(b"sandfork-agent"))
+                    && args.contains(&b"serve".as_slice())
+            })
+        })
+        .filter(|&pid| {
+            rustix::process::Pid::from_raw(pid).is_some_and(|pid| {
+                rustix::process::kill_process(pid, rustix::process::Signal::KILL).is_ok()
+            })
+        })
+        .count()
+}

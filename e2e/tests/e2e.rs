@@ -98,7 +98,7 @@ fn main() -> ExitCode {
     });
 
     // (name, needs VMs, body)
-    let scenarios: [(&str, bool, Body); 16] = [
+    let scenarios: [(&str, bool, Body); 18] = [
         (
             "chart_accepted_by_api_server",
             false,
@@ -136,6 +136,16 @@ fn main() -> ExitCode {
         ),
         ("fork_is_timed_by_watch", true, fork_is_timed_by_watch),
         ("agent_pod_replaced", true, agent_pod_replaced),
+        (
+            "agent_crash_loses_no_sandbox",
+            true,
+            agent_crash_loses_no_sandbox,
+        ),
+        (
+            "deleted_pod_fails_its_sandbox",
+            true,
+            deleted_pod_fails_its_sandbox,
+        ),
         (
             "operator_pod_replaced_mid_fork",
             true,
@@ -1722,6 +1732,114 @@ fn agent_pod_replaced(env: &Env) -> anyhow::Result<()> {
         let (after_node, after_uid) = placement(&after)?;
         ensure!(after_node == node, "the new sandbox runs on {after_node}");
         counter_reports(env, &node, &after_uid, 1, Duration::from_secs(60)).await?;
+        Ok(())
+    })
+}
+
+/// The agent process killed (SIGKILL, as a crash): the kubelet restarts its
+/// container, and the sandbox ran on in its own Pod, adopted again.
+fn agent_crash_loses_no_sandbox(env: &Env) -> anyhow::Result<()> {
+    env.scenario("agent-crash", true, |ns| async move {
+        let (node, uid, _) = running_counter(env, &ns, "survivor", 1).await?;
+        let pod = vm_pod(env, &ns, "survivor").await?;
+        let client = env.client();
+        let agent = pods::agent_on(&client, &env.namespace, &node)
+            .await?
+            .with_context(|| format!("no agent Pod on {node}"))?;
+        let agent_name = agent.metadata.name.clone().unwrap_or_default();
+        let restarts = |pod: &Pod| -> i32 {
+            pod.status
+                .as_ref()
+                .and_then(|s| s.container_statuses.as_ref())
+                .map(|statuses| statuses.iter().map(|c| c.restart_count).sum())
+                .unwrap_or_default()
+        };
+        let restarts_before = restarts(&agent);
+        let (_, reports_before) = objects::counter(env, &node, &uid).await?;
+        let Some(killed) = env.kill_agent(&node) else {
+            eprintln!("e2e: not a local cluster: agent crash scenario skipped");
+            return Ok(());
+        };
+        ensure!(killed == 1, "killed {killed} agent processes on {node}");
+        let started = Instant::now();
+        let pods_api = Api::<Pod>::namespaced(client.clone(), &env.namespace);
+        wait::until(
+            "the agent's container to restart and answer",
+            Duration::from_secs(120),
+            || async {
+                let agent = pods_api.get(&agent_name).await?;
+                if restarts(&agent) <= restarts_before || !pods::is_ready(&agent) {
+                    return Ok(Look::NotYet(format!("{} restarts", restarts(&agent))));
+                }
+                Ok(match env.agent(&node).await {
+                    Ok(mut agent) => match agent.get_info(pb::GetInfoRequest {}).await {
+                        Ok(_) => Look::Done(()),
+                        Err(err) => Look::NotYet(err.to_string()),
+                    },
+                    Err(err) => Look::NotYet(format!("{err:#}")),
+                })
+            },
+        )
+        .await?;
+        eprintln!(
+            "e2e: agent on {node} killed; its container restarted and answers after {:.1?}",
+            started.elapsed()
+        );
+        ensure!(
+            vm_pod(env, &ns, "survivor").await? == pod,
+            "the sandbox's Pod was replaced"
+        );
+        let (pass, reports) =
+            counter_reports(env, &node, &uid, reports_before + 2, Duration::from_secs(60)).await?;
+        objects::sandbox_ready(env, &ns, "survivor", SANDBOX_READY).await?;
+        eprintln!(
+            "e2e: the sandbox outlived the agent's crash: {reports_before} -> {reports} reports (pass {pass})"
+        );
+        Ok(())
+    })
+}
+
+/// A sandbox's Pod deleted under it: its VMM stops with the Pod, and the
+/// Sandbox fails for good with a reason that says so (a VM's state cannot
+/// be recreated), with no new Pod made.
+fn deleted_pod_fails_its_sandbox(env: &Env) -> anyhow::Result<()> {
+    env.scenario("pod-deleted", false, |ns| async move {
+        running_counter(env, &ns, "orphaned", 1).await?;
+        let pod = vm_pod(env, &ns, "orphaned").await?;
+        let client = env.client();
+        pods::delete(&client, &ns, &sandfork_api::pod::name("orphaned")).await?;
+        let sandboxes = objects::sandboxes(env, &ns);
+        let (reason, message) =
+            wait::until("the Sandbox to fail", Duration::from_secs(120), || async {
+                let sandbox = sandboxes.get("orphaned").await?;
+                let conditions = sandbox.status.map(|s| s.conditions).unwrap_or_default();
+                Ok(match condition(&conditions, READY) {
+                    Some(ready) if ready.status == "False" && ready.reason.starts_with("Pod") => {
+                        Look::Done((ready.reason.clone(), ready.message.clone()))
+                    }
+                    other => Look::NotYet(format!("{other:?}")),
+                })
+            })
+            .await?;
+        ensure!(
+            reason == "PodDeleted" || reason == "PodFailed",
+            "reason {reason}: {message}"
+        );
+        eprintln!("e2e: a deleted sandbox Pod fails its Sandbox: {reason}: {message}");
+        wait::until(
+            "the Pod to be gone, and no other made",
+            Duration::from_secs(60),
+            || async {
+                Ok(match pods::of_sandbox(&client, &ns, "orphaned").await? {
+                    None => Look::Done(()),
+                    Some(other) => Look::NotYet(format!("Pod {}", pods::uid(&other))),
+                })
+            },
+        )
+        .await?;
+        if let Some(alive) = env.vm_process_alive(&pod) {
+            ensure!(!alive, "the VMM of the deleted Pod {pod} still runs");
+        }
         Ok(())
     })
 }
