@@ -166,6 +166,15 @@ fn percentile(values: &mut [f64], pct: f64) -> f64 {
 }
 
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    run_with(args, |_, _| Ok(serde_json::Value::Null))
+}
+
+/// Like `run`, adding to the JSON what `more` measures after the
+/// in-process figures (its fields, beside theirs).
+pub fn run_with(
+    args: &BenchArgs,
+    more: impl FnOnce(&BenchArgs, &BenchResult) -> anyhow::Result<serde_json::Value>,
+) -> anyhow::Result<()> {
     let result = measure(args)?;
     eprintln!(
         "bench {} MiB x{} runs: live pause {:.0} us (re-protect {:.0} us, as the guest saw it {:.0} us) vs one-shot arm {:.0} us \
@@ -201,8 +210,13 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         result.branch16_process_extra_mib,
         result.consistent
     );
+    let more = more(args, &result)?;
     if args.json {
-        println!("{}", serde_json::to_string(&result)?);
+        let mut out = serde_json::to_value(&result)?;
+        if let (Some(out), serde_json::Value::Object(more)) = (out.as_object_mut(), more) {
+            out.extend(more);
+        }
+        println!("{out}");
     }
     if !result.consistent {
         bail!("a capture was not consistent");

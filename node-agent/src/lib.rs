@@ -17,4 +17,5 @@ pub mod manager;
 pub mod service;
 pub mod state_dir;
 pub mod vmhost;
+pub mod vmm_bench;
 pub mod wire;

@@ -123,7 +123,9 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::VmHost { dir } => Ok(vmhost::serve(&dir)?),
-        Command::Bench(args) => sandfork_bench::run(&args),
+        Command::Bench(args) => {
+            sandfork_bench::run_with(&args, sandfork_node_agent::vmm_bench::measure)
+        }
         Command::CheckDevices => check_devices(),
         Command::Serve(config) => Ok(sandfork_node_agent::service::run(
             config.with_state_dir(cli.state_dir),

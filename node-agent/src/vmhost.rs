@@ -331,7 +331,16 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -
 /// that VM, and serves it until asked to stop (a `Stop`, or SIGTERM, as when
 /// its Pod is deleted).
 pub fn serve(dir: &Path) -> Result<(), ServeError> {
-    let socket_path = dir.join(CONTROL_SOCKET);
+    // The socket is named through a descriptor of its directory, which
+    // stays open while this serves: `dir` may be longer than a socket
+    // address may be.
+    let dir_fd = rustix::fs::open(
+        dir,
+        rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .map_err(|errno| io_err("open", dir)(errno.into()))?;
+    let socket_path = fd_path(&dir_fd).join(CONTROL_SOCKET);
     let _ = std::fs::remove_file(&socket_path);
     let listener = UnixListener::bind(&socket_path).map_err(io_err("bind", &socket_path))?;
     std::fs::set_permissions(&socket_path, std::fs::Permissions::from_mode(0o600))
@@ -345,6 +354,7 @@ pub fn serve(dir: &Path) -> Result<(), ServeError> {
         serve_vm(&listener, &socket_path, &vm, &record);
     }
     let _ = std::fs::remove_file(&socket_path);
+    drop(dir_fd);
     Ok(())
 }
 
