@@ -275,24 +275,7 @@ impl Manager {
         };
         let ranges = match vmhost::call(control, &Request::Populated, STATUS_TIMEOUT) {
             Ok(Response::Populated { ranges }) => ranges,
-            Ok(Response::Error { kind, message }) => {
-                return Err(ManagerError::Vm {
-                    name: name.to_owned(),
-                    source: VmHostError { kind, message },
-                });
-            }
-            Ok(other) => {
-                return Err(ManagerError::UnexpectedReply {
-                    name: name.to_owned(),
-                    reply: format!("{other:?}"),
-                });
-            }
-            Err(source) => {
-                return Err(ManagerError::VmUnreachable {
-                    name: name.to_owned(),
-                    source,
-                });
-            }
+            other => return Err(failed_reply(name, other)),
         };
         let wanted: u64 = ranges.iter().map(|[_, len]| len).sum();
         let held = self.capture_bytes_held();
@@ -510,18 +493,7 @@ impl Manager {
                     reason,
                 }),
             },
-            Ok(Response::Error { kind, message }) => Err(ManagerError::Vm {
-                name: name.to_owned(),
-                source: VmHostError { kind, message },
-            }),
-            Ok(other) => Err(ManagerError::UnexpectedReply {
-                name: name.to_owned(),
-                reply: format!("{other:?}"),
-            }),
-            Err(source) => Err(ManagerError::VmUnreachable {
-                name: name.to_owned(),
-                source,
-            }),
+            other => Err(failed_reply(name, other)),
         };
         if let Some(mut child) = child.take() {
             if result.is_err() {
@@ -688,7 +660,6 @@ impl Manager {
         // A directory without state is what a crash mid-capture leaves.
         dir.remove()?;
         let record = self.read_record(sandbox)?;
-        let name = sandbox.to_owned();
         // The VMM fills a directory made here, handed over as a descriptor:
         // it sees this capture and nothing else of the state directory.
         let control = self.control_dir(&record);
@@ -746,15 +717,7 @@ impl Manager {
         }
         match reply {
             Ok(Response::Captured(info)) => Ok(info),
-            Ok(Response::Error { kind, message }) => Err(ManagerError::Vm {
-                name,
-                source: VmHostError { kind, message },
-            }),
-            Ok(other) => Err(ManagerError::UnexpectedReply {
-                name,
-                reply: format!("{other:?}"),
-            }),
-            Err(source) => Err(ManagerError::VmUnreachable { name, source }),
+            other => Err(failed_reply(sandbox, other)),
         }
     }
 
@@ -850,6 +813,23 @@ fn is_vm_host_of(pid: u32, dir: &Path) -> bool {
         let args: Vec<&[u8]> = cmdline.split(|&byte| byte == 0).collect();
         args.contains(&b"vm-host".as_slice()) && args.contains(&dir.as_os_str().as_encoded_bytes())
     })
+}
+
+/// The error for a VMM's reply that is not the one asked for: its own
+/// failure, another reply, or none.
+fn failed_reply(name: &str, reply: std::io::Result<Response>) -> ManagerError {
+    let name = name.to_owned();
+    match reply {
+        Ok(Response::Error { kind, message }) => ManagerError::Vm {
+            name,
+            source: VmHostError { kind, message },
+        },
+        Ok(other) => ManagerError::UnexpectedReply {
+            name,
+            reply: format!("{other:?}"),
+        },
+        Err(source) => ManagerError::VmUnreachable { name, source },
+    }
 }
 
 /// Keeps the agent's mapping of a capture whose copy runs until the copy
