@@ -98,7 +98,7 @@ fn main() -> ExitCode {
     });
 
     // (name, needs VMs, body)
-    let scenarios: [(&str, bool, Body); 18] = [
+    let scenarios: [(&str, bool, Body); 19] = [
         (
             "chart_accepted_by_api_server",
             false,
@@ -120,6 +120,11 @@ fn main() -> ExitCode {
             "sandbox_memory_is_accounted",
             true,
             sandbox_memory_is_accounted,
+        ),
+        (
+            "busy_guests_get_the_cpu_they_ask_for",
+            true,
+            busy_guests_get_the_cpu_they_ask_for,
         ),
         ("guest_image_runs", true, guest_image_runs),
         ("device_plugin_serves_kvm", true, device_plugin_serves_kvm),
@@ -749,6 +754,45 @@ fn guest_image_runs(env: &Env) -> anyhow::Result<()> {
             "e2e: guest image {image} runs ({reports} reports); its Pod's log:\n{}",
             log.trim_end()
         );
+
+        // An image without /guest: the Sandbox fails with the reason, and
+        // its Pod ends, so it holds no memory on its node.
+        let misnamed = dir.path().join("not-the-guest");
+        std::fs::rename(&file, &misnamed)?;
+        let empty = "docker.io/sandfork/guest-missing:test";
+        env.import_image(empty, &misnamed)?;
+        objects::create_sandbox(
+            env,
+            &ns,
+            "no-guest",
+            json!({"guest": {"image": empty}, "memoryMiB": 64, "vcpus": 1}),
+        )
+        .await?;
+        let sandboxes = objects::sandboxes(env, &ns);
+        let message = wait::until("the Sandbox to fail", SANDBOX_READY, || async {
+            let sandbox = sandboxes.get("no-guest").await?;
+            let conditions = sandbox.status.map(|s| s.conditions).unwrap_or_default();
+            Ok(match condition(&conditions, READY) {
+                Some(ready) if ready.reason == "InvalidSpec" => Look::Done(ready.message.clone()),
+                other => Look::NotYet(format!("{other:?}")),
+            })
+        })
+        .await?;
+        ensure!(
+            message.contains(sandfork_api::pod::GUEST_DIR),
+            "the reason names the missing guest: {message}"
+        );
+        let client = env.client();
+        wait::until("its Pod to end", Duration::from_secs(60), || async {
+            let pod = pods::of_sandbox(&client, &ns, "no-guest").await?;
+            let phase = pod.and_then(|pod| pod.status?.phase);
+            Ok(match phase.as_deref() {
+                Some("Failed") => Look::Done(()),
+                other => Look::NotYet(format!("phase {other:?}")),
+            })
+        })
+        .await?;
+        eprintln!("e2e: an image without a guest fails its Sandbox, its Pod ended: {message}");
         Ok(())
     })
 }
@@ -771,8 +815,26 @@ fn quantity_mib(quantity: &Quantity) -> anyhow::Result<u64> {
     })
 }
 
-/// Memory the Pods bound to `node` request, in MiB (Pods that ended hold none).
-async fn node_memory_requested_mib(env: &Env, node: &str) -> anyhow::Result<u64> {
+/// Millicores in a Kubernetes CPU quantity such as `100m` or `2`.
+fn quantity_millicores(quantity: &Quantity) -> anyhow::Result<u64> {
+    let text = quantity.0.as_str();
+    Ok(match text.strip_suffix('m') {
+        Some(millis) => millis.parse().with_context(|| format!("quantity {text}"))?,
+        None => {
+            let cores: u64 = text.parse().with_context(|| format!("quantity {text}"))?;
+            cores * 1000
+        }
+    })
+}
+
+/// What the Pods bound to `node` request of `resource`, in the units of
+/// `amount` (Pods that ended hold none).
+async fn node_requested(
+    env: &Env,
+    node: &str,
+    resource: &str,
+    amount: fn(&Quantity) -> anyhow::Result<u64>,
+) -> anyhow::Result<u64> {
     let pods = Api::<Pod>::all(env.client())
         .list(&ListParams::default().fields(&format!("spec.nodeName={node}")))
         .await?;
@@ -783,16 +845,33 @@ async fn node_memory_requested_mib(env: &Env, node: &str) -> anyhow::Result<u64>
             continue;
         }
         for container in pod.spec.map(|s| s.containers).unwrap_or_default() {
-            if let Some(memory) = container
+            if let Some(requested) = container
                 .resources
                 .and_then(|r| r.requests)
-                .and_then(|r| r.get("memory").cloned())
+                .and_then(|r| r.get(resource).cloned())
             {
-                total += quantity_mib(&memory)?;
+                total += amount(&requested)?;
             }
         }
     }
     Ok(total)
+}
+
+/// What `node` can give Pods of `resource`, in the units of `amount`.
+async fn node_allocatable(
+    env: &Env,
+    node: &str,
+    resource: &str,
+    amount: fn(&Quantity) -> anyhow::Result<u64>,
+) -> anyhow::Result<u64> {
+    let allocatable = Api::<Node>::all(env.client())
+        .get(node)
+        .await?
+        .status
+        .and_then(|s| s.allocatable)
+        .and_then(|a| a.get(resource).cloned())
+        .with_context(|| format!("{node} has no allocatable {resource}"))?;
+    amount(&allocatable)
 }
 
 /// A sandbox's memory is its Pod's: the VMM's own use beside a guest that
@@ -882,14 +961,7 @@ fn sandbox_memory_is_accounted(env: &Env) -> anyhow::Result<()> {
         // Fill node-a's allocatable memory with Sandboxes (idle guests: the
         // scheduler counts what Pods request, not what they use).
         let node = "node-a";
-        let allocatable = Api::<Node>::all(client.clone())
-            .get(node)
-            .await?
-            .status
-            .and_then(|s| s.allocatable)
-            .and_then(|a| a.get("memory").cloned())
-            .context("node-a has no allocatable memory")?;
-        let allocatable_mib = quantity_mib(&allocatable)?;
+        let allocatable_mib = node_allocatable(env, node, "memory", quantity_mib).await?;
         wait::until(
             "the measured Sandbox's Pods to be gone",
             Duration::from_secs(60),
@@ -903,7 +975,8 @@ fn sandbox_memory_is_accounted(env: &Env) -> anyhow::Result<()> {
             },
         )
         .await?;
-        let free_mib = allocatable_mib.saturating_sub(node_memory_requested_mib(env, node).await?);
+        let free_mib = allocatable_mib
+            .saturating_sub(node_requested(env, node, "memory", quantity_mib).await?);
         let guest_mib: u64 = 2048;
         let pod_mib = guest_mib + sandfork_api::pod::DEFAULT_OVERHEAD_MIB;
         let fitting = free_mib / pod_mib;
@@ -964,6 +1037,155 @@ fn sandbox_memory_is_accounted(env: &Env) -> anyhow::Result<()> {
         }
         Ok(())
     })
+}
+
+/// Seconds of load over which busy guests' CPU use and the operator's
+/// leader Lease are watched.
+const BUSY_WINDOW: Duration = Duration::from_secs(20);
+
+/// Busy guests get the CPU their Pods ask for and no more: their CPU
+/// requests bound how many the scheduler places on a node (the next one is
+/// `Unschedulable`, "Insufficient cpu"), each stays within its CPU limit
+/// (its vCPUs, by the kubelet's own figures), and while they all spin the
+/// operator keeps renewing its leader Lease and still starts a Sandbox.
+fn busy_guests_get_the_cpu_they_ask_for(env: &Env) -> anyhow::Result<()> {
+    env.scenario("busy-guests", true, |ns| async move {
+        let node = "node-a";
+        let free = node_allocatable(env, node, "cpu", quantity_millicores)
+            .await?
+            .saturating_sub(node_requested(env, node, "cpu", quantity_millicores).await?);
+        let per_guest = u64::from(sandfork_api::pod::DEFAULT_CPU_REQUEST_MILLIS_PER_VCPU);
+        let fitting = free / per_guest;
+        ensure!(fitting >= 1, "{node} has {free}m CPU unrequested: no guest fits");
+        eprintln!("e2e: {node}: {free}m CPU not requested: {fitting} busy guests of {per_guest}m fit");
+        let spec = json!({
+            "guest": {"builtin": "Counter"},
+            "memoryMiB": MEMORY_MIB,
+            "vcpus": 1,
+            "nodeSelector": {"kubernetes.io/hostname": node},
+        });
+        let names: Vec<String> = (0..fitting).map(|index| format!("busy-{index}")).collect();
+        for name in &names {
+            objects::create_sandbox(env, &ns, name, spec.clone()).await?;
+        }
+        for name in &names {
+            objects::sandbox_ready(env, &ns, name, SANDBOX_READY).await?;
+        }
+        objects::create_sandbox(env, &ns, "one-too-many", spec.clone()).await?;
+        let sandboxes = objects::sandboxes(env, &ns);
+        let message = wait::until(
+            "the guest that does not fit to be Unschedulable",
+            Duration::from_secs(60),
+            || async {
+                let sandbox = sandboxes.get("one-too-many").await?;
+                let conditions = sandbox.status.map(|s| s.conditions).unwrap_or_default();
+                Ok(match condition(&conditions, READY) {
+                    Some(ready) if ready.reason == "Unschedulable" => {
+                        Look::Done(ready.message.clone())
+                    }
+                    other => Look::NotYet(format!("{other:?}")),
+                })
+            },
+        )
+        .await?;
+        ensure!(
+            message.contains("Insufficient cpu"),
+            "Unschedulable without the scheduler's reason: {message}"
+        );
+
+        // All of them spinning: their CPU by the kubelet's figures, and the
+        // operator's leader Lease, watched for a while.
+        let leases: Api<Lease> = Api::namespaced(env.client(), &env.namespace);
+        let leader = env.wait_for_leader(Duration::from_secs(30)).await?;
+        let used_before = pod_cpu_seconds(env, node).await?;
+        let watch_started = Instant::now();
+        let mut last_renewal = (None, watch_started);
+        let mut longest_gap = Duration::ZERO;
+        let mut api_ms = Vec::new();
+        while watch_started.elapsed() < BUSY_WINDOW {
+            let asked = Instant::now();
+            let spec = leases
+                .get("sandfork-operator-leader")
+                .await?
+                .spec
+                .context("the leader Lease has no spec")?;
+            api_ms.push(asked.elapsed().as_secs_f64() * 1e3);
+            ensure!(
+                spec.holder_identity.as_deref() == Some(leader.as_str()),
+                "the leader Lease moved from {leader} to {:?} under load",
+                spec.holder_identity
+            );
+            if spec.renew_time != last_renewal.0 {
+                longest_gap = longest_gap.max(last_renewal.1.elapsed());
+                last_renewal = (spec.renew_time, Instant::now());
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        longest_gap = longest_gap.max(last_renewal.1.elapsed());
+        let used_after = pod_cpu_seconds(env, node).await?;
+        let window = watch_started.elapsed().as_secs_f64();
+        let mut busiest = 0.0f64;
+        let mut total = 0.0;
+        for name in &names {
+            let pod = sandfork_api::pod::name(name);
+            let (Some(before), Some(after)) = (used_before.get(&pod), used_after.get(&pod)) else {
+                bail!("the kubelet reports no CPU use of Pod {pod}");
+            };
+            let cores = (after - before) / window;
+            busiest = busiest.max(cores);
+            total += cores;
+        }
+        // Its limit is its one vCPU; allow for the two samples' timing.
+        ensure!(
+            busiest <= 1.1,
+            "a guest of one vCPU used {busiest:.2} cores"
+        );
+        api_ms.sort_by(f64::total_cmp);
+        let renew_deadline = Duration::from_secs(10);
+        ensure!(
+            longest_gap < renew_deadline,
+            "the operator went {longest_gap:?} without renewing its Lease under load"
+        );
+
+        // The operator still does its work: a Sandbox on the other node.
+        let started = Instant::now();
+        let mut late = spec.clone();
+        late["nodeSelector"] = json!({"kubernetes.io/hostname": "node-b"});
+        objects::create_sandbox(env, &ns, "latecomer", late).await?;
+        objects::sandbox_ready(env, &ns, "latecomer", SANDBOX_READY).await?;
+        eprintln!(
+            "e2e: {fitting} busy guests on {node} for {window:.0} s: {total:.2} cores in all, \
+             the busiest {busiest:.2}; the operator renewed its Lease at most {:.1} s apart, \
+             API reads p50 {:.1} ms max {:.1} ms; a new Sandbox Ready in {:.1} s; the next guest: {message}",
+            longest_gap.as_secs_f64(),
+            api_ms[api_ms.len() / 2],
+            api_ms[api_ms.len() - 1],
+            started.elapsed().as_secs_f64()
+        );
+        Ok(())
+    })
+}
+
+/// CPU seconds each Pod on `node` has used, by Pod name, from the
+/// kubelet's summary (through the API server's node proxy).
+async fn pod_cpu_seconds(
+    env: &Env,
+    node: &str,
+) -> anyhow::Result<std::collections::BTreeMap<String, f64>> {
+    let request =
+        http::Request::get(format!("/api/v1/nodes/{node}/proxy/stats/summary")).body(Vec::new())?;
+    let summary: serde_json::Value =
+        serde_json::from_str(&env.client().request_text(request).await?)?;
+    let mut used = std::collections::BTreeMap::new();
+    for pod in summary["pods"].as_array().into_iter().flatten() {
+        if let (Some(name), Some(nanos)) = (
+            pod["podRef"]["name"].as_str(),
+            pod["cpu"]["usageCoreNanoSeconds"].as_f64(),
+        ) {
+            used.insert(name.to_owned(), nanos / 1e9);
+        }
+    }
+    Ok(used)
 }
 
 /// Units of `sandfork.dev/kvm` each agent node offers: the chart's

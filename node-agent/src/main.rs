@@ -69,8 +69,9 @@ enum Command {
         /// For the counter guest: check that the capture is consistent.
         #[arg(long)]
         verify: bool,
-        /// Return once the sandbox runs again, leaving the memory copy to
-        /// finish in the background (branches can start at once).
+        /// Print the capture once the sandbox runs again (branches can start
+        /// at once), then stay until the memory copy is complete: this
+        /// process maps the capture's memory, which the copy fills.
         #[arg(long)]
         no_wait: bool,
     },
@@ -203,7 +204,14 @@ fn run_local(root: &std::path::Path, command: Command) -> anyhow::Result<()> {
             mode,
             verify,
             no_wait,
-        } => print_json(&manager.capture(&sandbox, &capture, mode, verify, !no_wait)?),
+        } => {
+            let captured = manager.capture(&sandbox, &capture, mode, verify, !no_wait)?;
+            print_json(&captured)?;
+            if !captured.memory_complete {
+                wait_for_copy(&manager, &capture)?;
+            }
+            Ok(())
+        }
         Command::Branch { capture, name } => print_json(&manager.branch(&name, &capture)?),
         Command::Delete { name } => Ok(manager.delete(&name)?),
         Command::Captures => print_json(&manager.list_captures()?),
@@ -219,6 +227,22 @@ fn run_local(root: &std::path::Path, command: Command) -> anyhow::Result<()> {
         }
         Command::Bench(_) | Command::CheckDevices | Command::Serve(_) | Command::VmHost { .. } => {
             unreachable!("handled in main")
+        }
+    }
+}
+
+/// Waits until capture `name`'s memory copy is complete; an error if the
+/// capture went away (its copy failed).
+fn wait_for_copy(manager: &Manager, name: &str) -> anyhow::Result<()> {
+    loop {
+        match manager
+            .list_captures()?
+            .into_iter()
+            .find(|c| c.name == name)
+        {
+            Some(capture) if capture.memory_complete => return Ok(()),
+            Some(_) => std::thread::sleep(std::time::Duration::from_millis(25)),
+            None => anyhow::bail!("capture {name} went away before its copy completed"),
         }
     }
 }

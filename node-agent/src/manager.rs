@@ -25,7 +25,7 @@ use sandfork_vmm::capture::CaptureMode;
 use sandfork_vmm::devices::{self, DeviceError};
 use sandfork_vmm::guest::Workload;
 use sandfork_vmm::memory::{self, MemoryError};
-use sandfork_vmm::snapshot::{CaptureDir, SnapshotError};
+use sandfork_vmm::snapshot::{CaptureDir, SnapshotError, SnapshotState};
 
 use crate::state_dir;
 use crate::vmhost::{
@@ -134,6 +134,13 @@ fn io_err<'a>(
         path: path.to_owned(),
         source,
     }
+}
+
+/// What a branch is restored from: its capture's state and, while the
+/// capture's copy runs, a connection to its fill socket.
+struct Restore {
+    state: Box<SnapshotState>,
+    fill: Option<std::os::unix::net::UnixStream>,
 }
 
 /// What to run.
@@ -356,14 +363,15 @@ impl Manager {
                 path.display()
             )));
         }
-        self.start(SandboxRecord {
+        let record = SandboxRecord {
             name: spec.name.clone(),
             memory_mib: spec.memory_mib,
             vcpus: spec.vcpus,
             workload: spec.workload.clone(),
             origin: None,
             pod_uid: pod_uid.map(str::to_owned),
-        })
+        };
+        self.start(record, None)
     }
 
     /// Starts sandbox `name` as a branch of `capture`.
@@ -383,7 +391,7 @@ impl Manager {
         validate_name(capture)?;
         pod_uid.map(validate_pod_uid).transpose()?;
         let dir = self.capture_dir(capture);
-        let state = dir.restorable_state().map_err(|err| match err {
+        let (state, fill) = dir.parts_for_restore().map_err(|err| match err {
             SnapshotError::NotFound(_) => ManagerError::NotFound {
                 kind: "capture",
                 name: capture.to_owned(),
@@ -391,17 +399,28 @@ impl Manager {
             other => other.into(),
         })?;
         let source = self.read_record(&state.source).ok();
-        self.start(SandboxRecord {
+        let record = SandboxRecord {
             name: name.to_owned(),
             memory_mib: state.memory_bytes >> 20,
             vcpus: state.vcpus.len() as u8,
             workload: source.map_or(Workload::Idle, |record| record.workload),
             origin: Some(capture.to_owned()),
             pod_uid: pod_uid.map(str::to_owned),
-        })
+        };
+        self.start(
+            record,
+            Some(Restore {
+                state: Box::new(state),
+                fill,
+            }),
+        )
     }
 
-    fn start(&self, record: SandboxRecord) -> Result<SandboxInfo, ManagerError> {
+    fn start(
+        &self,
+        record: SandboxRecord,
+        restore: Option<Restore>,
+    ) -> Result<SandboxInfo, ManagerError> {
         check_devices()?;
         let dir = self.sandbox_dir(&record.name);
         if let Ok(existing) = self.read_record(&record.name) {
@@ -442,7 +461,7 @@ impl Manager {
             let _ = std::fs::remove_dir_all(&dir);
             return Err(err);
         }
-        match self.launch(&record, &dir) {
+        match self.launch(&record, &dir, restore) {
             Ok(info) => Ok(info),
             Err(err) => {
                 let _ = self.delete(&record.name);
@@ -453,7 +472,12 @@ impl Manager {
 
     /// Finds the sandbox's VMM (its Pod's, or a process started now) and has
     /// it start the VM.
-    fn launch(&self, record: &SandboxRecord, dir: &Path) -> Result<SandboxInfo, ManagerError> {
+    fn launch(
+        &self,
+        record: &SandboxRecord,
+        dir: &Path,
+        restore: Option<Restore>,
+    ) -> Result<SandboxInfo, ManagerError> {
         let name = record.name.as_str();
         let control = self.control_dir(record);
         let mut child = match &record.pod_uid {
@@ -468,26 +492,32 @@ impl Manager {
             }
             None => Some(self.spawn_vm_process(name, dir)?),
         };
-        let (restore, fds) = match &record.origin {
-            Some(capture) => {
-                let (state, fill) = self.capture_dir(capture).parts_for_restore()?;
+        let (restore, fds) = match (&record.origin, restore) {
+            (Some(capture), Some(Restore { state, fill })) => {
                 let memory = self.capture_dir(capture).open_memory()?;
                 let mut fds: Vec<OwnedFd> = vec![memory.into()];
                 fds.extend(fill.map(OwnedFd::from));
-                (Some(Box::new(state)), fds)
+                (Some(state), fds)
             }
-            None => (None, Vec::new()),
+            _ => (None, Vec::new()),
         };
         let borrowed: Vec<_> = fds.iter().map(|fd| fd.as_fd()).collect();
         let request = Request::Start {
             record: record.clone(),
             restore,
         };
+        let asked = Instant::now();
         let reply = vmhost::call_with(&control, &request, &borrowed, START_TIMEOUT);
+        tracing::info!(
+            sandbox = name,
+            branch = record.origin.is_some(),
+            vmm_us = asked.elapsed().as_micros() as u64,
+            "start answered"
+        );
         drop(fds);
         let result = match reply {
             Ok(Response::Started(status)) => match status.failure {
-                None => self.status(name),
+                None => Ok(self.info(record.clone(), Ok(Response::Status(status)))),
                 Some(reason) => Err(ManagerError::VmStart {
                     name: name.to_owned(),
                     reason,
@@ -572,11 +602,21 @@ impl Manager {
         validate_name(name)?;
         let record = self.read_record(name)?;
         let control = self.control_dir(&record);
+        let reply = vmhost::call(&control, &Request::Status, STATUS_TIMEOUT);
+        Ok(self.info(record, reply))
+    }
+
+    /// What `record`'s VMM said of its VM in `reply`.
+    fn info(&self, record: SandboxRecord, reply: std::io::Result<Response>) -> SandboxInfo {
         let in_pod = record.pod_uid.is_some();
         let mut info = SandboxInfo {
-            name: record.name,
             // A Pod's VMM has its pid in the Pod's namespace: none to report.
-            pid: if in_pod { None } else { self.pid_of(name) },
+            pid: if in_pod {
+                None
+            } else {
+                self.pid_of(&record.name)
+            },
+            name: record.name,
             state: SandboxState::Running,
             memory_mib: record.memory_mib,
             vcpus: record.vcpus,
@@ -586,7 +626,7 @@ impl Manager {
             reports: Vec::new(),
             report_counts: Vec::new(),
         };
-        match vmhost::call(&control, &Request::Status, STATUS_TIMEOUT) {
+        match reply {
             Ok(Response::Status(status)) if !status.started => {
                 info.state = SandboxState::Failed {
                     reason: "its VMM has not started the VM".into(),
@@ -611,12 +651,12 @@ impl Manager {
                 info.state = SandboxState::Failed {
                     reason: format!(
                         "VM process not reachable ({err}): {}",
-                        log_tail(&self.sandbox_dir(name).join(LOG_FILE))
+                        log_tail(&self.sandbox_dir(&info.name).join(LOG_FILE))
                     ),
                 }
             }
         }
-        Ok(info)
+        info
     }
 
     pub fn list(&self) -> Result<Vec<SandboxInfo>, ManagerError> {
@@ -663,7 +703,9 @@ impl Manager {
         // The VMM fills a directory made here, handed over as a descriptor:
         // it sees this capture and nothing else of the state directory.
         let control = self.control_dir(&record);
+        let started = Instant::now();
         self.check_capture_budget(&control, sandbox)?;
+        let budget_checked = started.elapsed();
         let memory_bytes = record.memory_mib << 20;
         std::fs::DirBuilder::new()
             .mode(0o700)
@@ -698,6 +740,7 @@ impl Manager {
             rustix::fs::Mode::empty(),
         )
         .map_err(|errno| io_err("open", dir.path())(errno.into()))?;
+        let prepared = started.elapsed();
         let reply = vmhost::call_with(
             &control,
             &request,
@@ -705,6 +748,17 @@ impl Manager {
             CAPTURE_TIMEOUT,
         );
         drop(handed);
+        if let Ok(Response::Captured(info)) = &reply {
+            tracing::info!(
+                capture,
+                budget_us = budget_checked.as_micros() as u64,
+                target_us = (prepared - budget_checked).as_micros() as u64,
+                vmm_us = (started.elapsed() - prepared).as_micros() as u64,
+                pre_arm_us = info.stats.pre_arm_ns / 1000,
+                pause_us = info.stats.pause_ns / 1000,
+                "captured"
+            );
+        }
         match &reply {
             Ok(Response::Captured(info)) if !info.memory_complete => {
                 keep_until_copied(dir.clone(), target);

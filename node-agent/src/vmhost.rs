@@ -349,13 +349,28 @@ pub fn serve(dir: &Path) -> Result<(), ServeError> {
     std::fs::write(&pid_path, std::process::id().to_string())
         .map_err(io_err("write", &pid_path))?;
     stop_on_sigterm(socket_path.clone());
+    prepare_kvm();
     tracing::info!(pid = std::process::id(), "VMM waiting for its sandbox");
-    if let Some((vm, record)) = await_start(&listener) {
-        serve_vm(&listener, &socket_path, &vm, &record);
+    let started = await_start(&listener);
+    if let Ok(Some((vm, record))) = &started {
+        serve_vm(&listener, &socket_path, vm, record);
     }
     let _ = std::fs::remove_file(&socket_path);
     drop(dir_fd);
-    Ok(())
+    started.map(|_| ())
+}
+
+/// Does the KVM set-up every VM of this process shares while there is time:
+/// opening KVM, reading what it supports, and calibrating the guests' TSC
+/// rate (a 20 ms measurement), so that `Start` does not wait for them. A
+/// failure is only logged: `Start` meets it again and reports it.
+fn prepare_kvm() {
+    match sandfork_vmm::vcpu::HostKvm::get() {
+        Ok(host) => {
+            host.tsc_khz();
+        }
+        Err(err) => tracing::warn!(error = %sandfork_vmm::error::chain(&err), "KVM not usable yet"),
+    }
 }
 
 /// Turns SIGTERM into a `Stop` request to this process's own socket, so that
@@ -389,8 +404,10 @@ fn stop_on_sigterm(socket_path: PathBuf) {
 }
 
 /// Answers requests one at a time until a `Start` succeeds (the VM and what
-/// it is) or a `Stop` arrives (`None`).
-fn await_start(listener: &UnixListener) -> Option<(Vm, SandboxRecord)> {
+/// it is) or a `Stop` arrives (`None`). A failed `Start` is answered, then
+/// returned: the process exits, so that a Pod whose VM could not start ends
+/// (with the reason in its log) and holds no resources.
+fn await_start(listener: &UnixListener) -> Result<Option<(Vm, SandboxRecord)>, ServeError> {
     for stream in listener.incoming() {
         let Ok(stream) = stream else { continue };
         let mut reader = wire::Reader::new(&stream);
@@ -401,29 +418,32 @@ fn await_start(listener: &UnixListener) -> Option<(Vm, SandboxRecord)> {
                     Ok(vm) => {
                         vm.echo_console(true);
                         tracing::info!(sandbox = %record.name, "VM running");
-                        (Response::Started(status(&vm)), Some(Some((vm, record))))
+                        (Response::Started(status(&vm)), Some(Ok(Some((vm, record)))))
                     }
                     Err(err) => {
-                        tracing::warn!(sandbox = %record.name,
-                            error = %sandfork_vmm::error::chain(&err), "VM did not start");
-                        (HostError::Start(Box::new(err)).response(), None)
+                        let err = HostError::Start(Box::new(err));
+                        (err.response(), Some(Err(err)))
                     }
                 },
                 Ok(Request::Capture { .. } | Request::Populated) => {
                     (HostError::NotStarted.response(), None)
                 }
-                Ok(Request::Stop) => (Response::Stopped, Some(None)),
+                Ok(Request::Stop) => (Response::Stopped, Some(Ok(None))),
                 Err(err) => (HostError::BadRequest(err).response(), None),
             };
-            if wire::send(&stream, &response, &[]).is_err() {
-                break;
-            }
-            if let Some(outcome) = outcome {
-                return outcome;
+            let sent = wire::send(&stream, &response, &[]);
+            match outcome {
+                Some(Ok(started)) => return Ok(started),
+                Some(Err(HostError::Start(err))) => return Err(*err),
+                Some(Err(_)) | None => {
+                    if sent.is_err() {
+                        break;
+                    }
+                }
             }
         }
     }
-    None
+    Ok(None)
 }
 
 fn waiting_status() -> VmStatus {

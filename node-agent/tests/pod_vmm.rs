@@ -7,6 +7,7 @@
 
 mod common;
 
+use std::io::{Read, Seek};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -24,12 +25,17 @@ struct PodVmm {
 
 impl PodVmm {
     fn start(pods: &Path, uid: &str) -> Self {
+        Self::start_logging_to(pods, uid, Stdio::inherit())
+    }
+
+    fn start_logging_to(pods: &Path, uid: &str, log: Stdio) -> Self {
         let dir = volume_dir(pods, uid);
         std::fs::create_dir_all(&dir).unwrap();
         let child = Command::new(AGENT)
             .args(["vm-host", "--dir"])
             .arg(&dir)
             .stdin(Stdio::null())
+            .stderr(log)
             .spawn()
             .unwrap();
         Self { child }
@@ -179,4 +185,40 @@ fn a_pod_without_its_vmm_is_reported_unready_and_nothing_is_left() {
     let started = manager.run_on(&counter("early"), Some(SOURCE_POD)).unwrap();
     assert_eq!(started.state, SandboxState::Running);
     manager.delete("early").unwrap();
+}
+
+#[test]
+fn a_pod_vmm_whose_vm_cannot_start_ends_with_the_reason() {
+    if !common::devices_present() {
+        return;
+    }
+    let state = common::StateDir::new();
+    let pods = tempfile::tempdir().unwrap();
+    let manager = state.manager().with_pods_dir(pods.path());
+    let log = tempfile::tempfile().unwrap();
+    let mut vmm =
+        PodVmm::start_logging_to(pods.path(), SOURCE_POD, log.try_clone().unwrap().into());
+    // The guest image is read inside the Pod, where this one is missing.
+    let spec = SandboxSpec {
+        workload: Workload::Flat {
+            path: "/run/sandfork-guest/missing".into(),
+        },
+        ..counter("imageless")
+    };
+    let err = manager.run_on(&spec, Some(SOURCE_POD)).unwrap_err();
+    assert!(err.to_string().contains("imageless"), "{err}");
+    // The VMM ends, so that its Pod ends and holds no resources, and says why.
+    let status = vmm
+        .wait_exit(Duration::from_secs(10))
+        .expect("the VMM exits");
+    assert!(!status.success(), "{status}");
+    let mut said = String::new();
+    let mut log = log;
+    log.rewind().unwrap();
+    log.read_to_string(&mut said).unwrap();
+    assert!(said.contains("/run/sandfork-guest/missing"), "{said}");
+    assert!(
+        manager.status("imageless").is_err(),
+        "no record is left behind"
+    );
 }

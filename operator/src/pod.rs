@@ -105,6 +105,9 @@ pub fn sandbox_pod(sandbox: &Sandbox, image: &VmmImage) -> Result<Pod, String> {
         }]),
         volume_mounts: Some(volume_mounts(spec.guest.image.is_some())),
         resources: Some(resources(sandbox)?),
+        // A VMM that could not start its VM exits with the reason as its
+        // last log lines; they become the Pod's message.
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
         // Root, for /dev/kvm (root:0600 on the nodes), but nothing more: the
         // Pod meets the "baseline" Pod Security level.
         security_context: Some(SecurityContext {
@@ -395,6 +398,10 @@ mod tests {
             Some("registry.example/sandfork/agent:1.2.3")
         );
         assert_eq!(vmm.image_pull_policy.as_deref(), Some("Always"));
+        assert_eq!(
+            vmm.termination_message_policy.as_deref(),
+            Some("FallbackToLogsOnError")
+        );
         assert_eq!(
             vmm.command.clone().unwrap(),
             ["/sandfork-agent", "vm-host", "--dir", "/run/sandfork-vmm"]

@@ -377,7 +377,9 @@ impl FillerWork {
         let mut received = Vec::with_capacity(64);
         for &block in &self.hot_blocks {
             pending.insert(block);
-            self.ask(block)?;
+            if let Err(err) = self.ask(block) {
+                return self.after_failed_ask(err, &received);
+            }
         }
         loop {
             let mut fds = [
@@ -404,8 +406,10 @@ impl FillerWork {
                     } = event
                     {
                         let block = ((addr as usize - self.base) / PAGE_SIZE / BLOCK_PAGES) as u64;
-                        if pending.insert(block) {
-                            self.ask(block)?;
+                        if pending.insert(block)
+                            && let Err(err) = self.ask(block)
+                        {
+                            return self.after_failed_ask(err, &received);
                         }
                     }
                 }
@@ -440,6 +444,30 @@ impl FillerWork {
         (&self.stream)
             .write_all(&block.to_le_bytes())
             .map_err(io_err("ask the capture for a page"))
+    }
+
+    /// An ask the capture no longer reads, as when its copy has just ended
+    /// (it stops reading, says how it ended, and closes): what it said
+    /// before closing decides, read after the `received` bytes not yet
+    /// taken; `err` if it said nothing.
+    fn after_failed_ask(&self, err: FillError, received: &[u8]) -> Result<bool, FillError> {
+        let mut said = received.to_vec();
+        if self
+            .stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .is_ok()
+        {
+            let _ = (&self.stream).read_to_end(&mut said);
+        }
+        let whole = said.len() / 8 * 8;
+        for message in said[..whole].chunks_exact(8) {
+            match u64::from_le_bytes(message.try_into().unwrap()) {
+                DONE => return Ok(true),
+                FAILED => return Err(FillError::CaptureFailed),
+                _ => {}
+            }
+        }
+        Err(err)
     }
 
     fn wake(&self, block: u64) -> Result<(), FillError> {

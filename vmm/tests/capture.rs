@@ -278,6 +278,38 @@ fn a_branch_started_before_the_copy_completes_sees_the_captured_memory() {
         .unwrap();
 }
 
+/// A branch handed a fill connection just before the copy completed (as a
+/// branch Pod's VMM is, by the agent): the capture says "complete" and
+/// closes before the branch asks for its first pages. The branch goes on
+/// from the whole file, with no way to ask the capture's record (as in a
+/// Pod), instead of taking the closed connection for a lost capture.
+#[test]
+fn a_branch_connected_as_the_copy_completes_goes_on() {
+    if !common::devices_present() {
+        return;
+    }
+    let source = boot_counter(64, 1);
+    let root = tempfile::tempdir_in("/dev/shm").unwrap();
+    let dir = capture_dir(&root, "closing");
+    let running = dir
+        .start_live(&source, "source", Arm::AheadOfPause)
+        .unwrap();
+    let (state, fill) = dir.parts_for_restore().unwrap();
+    let fill = fill.expect("the copy still runs: a fill connection");
+    running.finish().unwrap();
+    let no_record: sandfork_vmm::fill::CompleteCheck = Box::new(|| false);
+    let branch = sandfork_vmm::snapshot::restore(
+        dir.open_memory().unwrap(),
+        Some((fill, no_record)),
+        &state,
+        dir.path(),
+    )
+    .unwrap();
+    wait_reports(&branch, 2);
+    assert_eq!(branch.failure(), None);
+    verify_live(&branch);
+}
+
 /// Bytes of `file` backed by memory (tmpfs allocates on first write).
 fn allocated_bytes(file: &std::fs::File) -> u64 {
     use std::os::unix::fs::MetadataExt;
