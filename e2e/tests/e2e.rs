@@ -768,14 +768,8 @@ fn guest_image_runs(env: &Env) -> anyhow::Result<()> {
             json!({"guest": {"image": empty}, "memoryMiB": 64, "vcpus": 1}),
         )
         .await?;
-        let sandboxes = objects::sandboxes(env, &ns);
-        let message = wait::until("the Sandbox to fail", SANDBOX_READY, || async {
-            let sandbox = sandboxes.get("no-guest").await?;
-            let conditions = sandbox.status.map(|s| s.conditions).unwrap_or_default();
-            Ok(match condition(&conditions, READY) {
-                Some(ready) if ready.reason == "InvalidSpec" => Look::Done(ready.message.clone()),
-                other => Look::NotYet(format!("{other:?}")),
-            })
+        let (_, message) = ready_reason(env, &ns, "no-guest", SANDBOX_READY, |reason| {
+            reason == "InvalidSpec"
         })
         .await?;
         ensure!(
@@ -991,34 +985,10 @@ fn sandbox_memory_is_accounted(env: &Env) -> anyhow::Result<()> {
             "vcpus": 1,
             "nodeSelector": {"kubernetes.io/hostname": node},
         });
-        for index in 0..fitting {
-            objects::create_sandbox(env, &ns, &format!("fill-{index}"), spec.clone()).await?;
-        }
-        for index in 0..fitting {
-            objects::sandbox_ready(env, &ns, &format!("fill-{index}"), SANDBOX_READY).await?;
-        }
-        objects::create_sandbox(env, &ns, "one-too-many", spec.clone()).await?;
-        let sandboxes = objects::sandboxes(env, &ns);
-        let message = wait::until(
-            "the Sandbox that does not fit to be Unschedulable",
-            Duration::from_secs(60),
-            || async {
-                let sandbox = sandboxes.get("one-too-many").await?;
-                let conditions = sandbox.status.map(|s| s.conditions).unwrap_or_default();
-                Ok(match condition(&conditions, READY) {
-                    Some(ready) if ready.reason == "Unschedulable" => {
-                        Look::Done(ready.message.clone())
-                    }
-                    other => Look::NotYet(format!("{other:?}")),
-                })
-            },
-        )
-        .await?;
-        ensure!(
-            message.contains("Insufficient memory"),
-            "Unschedulable without the scheduler's reason: {message}"
-        );
+        let names: Vec<String> = (0..fitting).map(|index| format!("fill-{index}")).collect();
+        let message = fill_until_unschedulable(env, &ns, &names, &spec, "memory").await?;
         eprintln!("e2e: the sandbox that does not fit: {message}");
+        let sandboxes = objects::sandboxes(env, &ns);
         for index in 0..fitting {
             let name = format!("fill-{index}");
             let sandbox = sandboxes.get(&name).await?;
@@ -1037,6 +1007,63 @@ fn sandbox_memory_is_accounted(env: &Env) -> anyhow::Result<()> {
         }
         Ok(())
     })
+}
+
+/// Creates a Sandbox of `spec` for each of `names` and waits until all are
+/// Ready, then one more, "one-too-many", which must be `Unschedulable` for
+/// want of `resource` ("Insufficient memory", "Insufficient cpu"); returns
+/// the scheduler's message.
+async fn fill_until_unschedulable(
+    env: &Env,
+    ns: &str,
+    names: &[String],
+    spec: &serde_json::Value,
+    resource: &str,
+) -> anyhow::Result<String> {
+    for name in names {
+        objects::create_sandbox(env, ns, name, spec.clone()).await?;
+    }
+    for name in names {
+        objects::sandbox_ready(env, ns, name, SANDBOX_READY).await?;
+    }
+    objects::create_sandbox(env, ns, "one-too-many", spec.clone()).await?;
+    let message = ready_reason(env, ns, "one-too-many", Duration::from_secs(60), |reason| {
+        reason == "Unschedulable"
+    })
+    .await?
+    .1;
+    ensure!(
+        message.contains(&format!("Insufficient {resource}")),
+        "Unschedulable without the scheduler's reason: {message}"
+    );
+    Ok(message)
+}
+
+/// Waits until the Sandbox's `Ready` condition has a reason `wanted`
+/// accepts; returns (reason, message).
+async fn ready_reason(
+    env: &Env,
+    ns: &str,
+    name: &str,
+    timeout: Duration,
+    wanted: impl Fn(&str) -> bool,
+) -> anyhow::Result<(String, String)> {
+    let sandboxes = objects::sandboxes(env, ns);
+    wait::until(
+        &format!("Sandbox {ns}/{name}'s Ready reason"),
+        timeout,
+        || async {
+            let sandbox = sandboxes.get(name).await?;
+            let conditions = sandbox.status.map(|s| s.conditions).unwrap_or_default();
+            Ok(match condition(&conditions, READY) {
+                Some(ready) if wanted(&ready.reason) => {
+                    Look::Done((ready.reason.clone(), ready.message.clone()))
+                }
+                other => Look::NotYet(format!("{other:?}")),
+            })
+        },
+    )
+    .await
 }
 
 /// Seconds of load over which busy guests' CPU use and the operator's
@@ -1065,33 +1092,7 @@ fn busy_guests_get_the_cpu_they_ask_for(env: &Env) -> anyhow::Result<()> {
             "nodeSelector": {"kubernetes.io/hostname": node},
         });
         let names: Vec<String> = (0..fitting).map(|index| format!("busy-{index}")).collect();
-        for name in &names {
-            objects::create_sandbox(env, &ns, name, spec.clone()).await?;
-        }
-        for name in &names {
-            objects::sandbox_ready(env, &ns, name, SANDBOX_READY).await?;
-        }
-        objects::create_sandbox(env, &ns, "one-too-many", spec.clone()).await?;
-        let sandboxes = objects::sandboxes(env, &ns);
-        let message = wait::until(
-            "the guest that does not fit to be Unschedulable",
-            Duration::from_secs(60),
-            || async {
-                let sandbox = sandboxes.get("one-too-many").await?;
-                let conditions = sandbox.status.map(|s| s.conditions).unwrap_or_default();
-                Ok(match condition(&conditions, READY) {
-                    Some(ready) if ready.reason == "Unschedulable" => {
-                        Look::Done(ready.message.clone())
-                    }
-                    other => Look::NotYet(format!("{other:?}")),
-                })
-            },
-        )
-        .await?;
-        ensure!(
-            message.contains("Insufficient cpu"),
-            "Unschedulable without the scheduler's reason: {message}"
-        );
+        let message = fill_until_unschedulable(env, &ns, &names, &spec, "cpu").await?;
 
         // All of them spinning: their CPU by the kubelet's figures, and the
         // operator's leader Lease, watched for a while.
@@ -2030,17 +2031,9 @@ fn deleted_pod_fails_its_sandbox(env: &Env) -> anyhow::Result<()> {
         let pod = vm_pod(env, &ns, "orphaned").await?;
         let client = env.client();
         pods::delete(&client, &ns, &sandfork_api::pod::name("orphaned")).await?;
-        let sandboxes = objects::sandboxes(env, &ns);
         let (reason, message) =
-            wait::until("the Sandbox to fail", Duration::from_secs(120), || async {
-                let sandbox = sandboxes.get("orphaned").await?;
-                let conditions = sandbox.status.map(|s| s.conditions).unwrap_or_default();
-                Ok(match condition(&conditions, READY) {
-                    Some(ready) if ready.status == "False" && ready.reason.starts_with("Pod") => {
-                        Look::Done((ready.reason.clone(), ready.message.clone()))
-                    }
-                    other => Look::NotYet(format!("{other:?}")),
-                })
+            ready_reason(env, &ns, "orphaned", Duration::from_secs(120), |reason| {
+                reason == "PodDeleted" || reason == "PodFailed"
             })
             .await?;
         ensure!(

@@ -6,12 +6,10 @@ mod common;
 
 use std::time::Duration;
 
-use sandfork_node_agent::manager::{Manager, SandboxSpec};
+use sandfork_node_agent::manager::SandboxSpec;
 use sandfork_vmm::capture::CaptureMode;
 use sandfork_vmm::guest::Workload;
 use sandfork_vmm::memory::meminfo_field;
-
-const AGENT: &str = env!("CARGO_BIN_EXE_sandfork-agent");
 
 fn shmem_mib() -> i64 {
     (meminfo_field("Shmem:").unwrap() >> 20) as i64
@@ -36,8 +34,9 @@ fn deleting_sandboxes_and_captures_frees_everything() {
     if !common::devices_present() {
         return;
     }
-    let state = tempfile::tempdir_in("/dev/shm").unwrap();
-    let manager = Manager::with_agent_binary(state.path(), AGENT).unwrap();
+    // Its guard stops whatever a failing run leaves running.
+    let state = common::StateDir::new();
+    let manager = state.manager();
     let baseline = shmem_mib();
     manager
         .run(&SandboxSpec {
