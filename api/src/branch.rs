@@ -73,6 +73,19 @@ pub struct SandboxBranchSpec {
     /// `Delete` (they are owned by it and removed with it) or `Retain`.
     #[serde(default)]
     pub deletion_policy: DeletionPolicy,
+
+    /// Guest memory each branch's Pod requests, in MiB (its
+    /// `resources.memoryRequestMiB`), at most the source's memory. A branch
+    /// shares its capture's memory and its Pod is charged only for the pages
+    /// it writes, so this is what a branch is expected to write; its limit
+    /// stays the whole guest. Default: the source's request.
+    #[serde(
+        rename = "branchMemoryRequestMiB",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schemars(range(max = crate::sandbox::MAX_MEMORY_MIB))]
+    pub branch_memory_request_mib: Option<u64>,
 }
 
 fn default_branches() -> u32 {

@@ -62,6 +62,7 @@ pub const MAX_VCPUS: u32 = 64;
     )
 )]
 #[x_kube(validation = Rule::new("self == oldSelf").message("Sandbox spec is immutable; delete the Sandbox and create a new one"))]
+#[x_kube(validation = Rule::new("!has(self.resources) || !has(self.resources.memoryRequestMiB) || self.resources.memoryRequestMiB <= self.memoryMiB").message("resources.memoryRequestMiB may be at most memoryMiB"))]
 #[serde(rename_all = "camelCase")]
 pub struct SandboxSpec {
     /// What the sandbox runs.
@@ -115,8 +116,9 @@ pub struct SandboxSpec {
     pub restore_from: Option<RestoreSource>,
 }
 
-/// What a Sandbox's Pod asks of its node. Its memory request and limit are
-/// the guest's memory plus `overheadMiB`; its CPU limit is `vcpus` cores.
+/// What a Sandbox's Pod asks of its node. Its memory limit is the guest's
+/// memory plus `overheadMiB`, and so is its request unless
+/// `memoryRequestMiB` lowers it; its CPU limit is `vcpus` cores.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[x_kube(validation = Rule::new("!(has(self.cpuRequest) && has(self.guaranteedCpu) && self.guaranteedCpu)").message("set at most one of resources.cpuRequest and resources.guaranteedCpu: true"))]
 #[serde(rename_all = "camelCase")]
@@ -129,6 +131,20 @@ pub struct SandboxResources {
     )]
     #[schemars(range(max = crate::pod::MAX_OVERHEAD_MIB))]
     pub overhead_mib: Option<u64>,
+
+    /// Guest memory the Pod requests, in MiB, at most `memoryMiB` (default:
+    /// all of it); `overheadMiB` is added. The limit stays the whole guest.
+    /// A branch shares its capture's memory and is charged only for the
+    /// pages it writes, so its request can be what it is expected to write.
+    /// Memory used beyond the request is what the kubelet evicts first under
+    /// memory pressure.
+    #[serde(
+        rename = "memoryRequestMiB",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schemars(range(max = MAX_MEMORY_MIB))]
+    pub memory_request_mib: Option<u64>,
 
     /// CPU the Pod requests, e.g. `250m` (default 100m per vCPU); at most `vcpus`.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -579,6 +579,19 @@ fn invalid_branch_rejected(env: &Env) -> anyhow::Result<()> {
                 bail!("changing sourceRef: expected 422 `sourceRef is immutable`, got {other:?}")
             }
         }
+        // A Sandbox may not request more of its guest's memory than it has.
+        let mut spec = counter_spec();
+        spec["resources"] = json!({"memoryRequestMiB": MEMORY_MIB + 2});
+        match objects::create_sandbox(env, &ns, "over-requested", spec).await {
+            Err(err) => {
+                let message = format!("{err:#}");
+                ensure!(
+                    message.contains("resources.memoryRequestMiB may be at most memoryMiB"),
+                    "memoryRequestMiB above memoryMiB: {message}"
+                );
+            }
+            Ok(_) => bail!("the API server accepted memoryRequestMiB above memoryMiB"),
+        }
         Ok(())
     })
 }
@@ -1506,12 +1519,13 @@ fn branches_continue_from_capture(env: &Env) -> anyhow::Result<()> {
             env,
             &ns,
             "fork",
-            json!({"sourceRef": {"name": "source"}, "branches": 3}),
+            json!({"sourceRef": {"name": "source"}, "branches": 3, "branchMemoryRequestMiB": 8}),
         )
         .await?;
         let branch = objects::branch_ready(env, &ns, "fork", BRANCH_READY).await?;
         let (after, _) = objects::counter(env, &node, &uid).await?;
         let pass = check_branches(env, &ns, &branch, "source", &node, before).await?;
+        check_branch_pod_memory(env, &ns, "fork-0", 8).await?;
         ensure!(
             pass <= after + 1,
             "branches restored in pass {pass}, after the source's pass {after}"
@@ -1538,6 +1552,43 @@ fn branches_continue_from_capture(env: &Env) -> anyhow::Result<()> {
         .await?;
         Ok(())
     })
+}
+
+/// The Pod of branch `name` requests `guest_request_mib` of its guest's
+/// memory (plus the overhead) and is limited to the whole guest, so it is
+/// Burstable: the kubelet admitted it so.
+async fn check_branch_pod_memory(
+    env: &Env,
+    ns: &str,
+    name: &str,
+    guest_request_mib: u64,
+) -> anyhow::Result<()> {
+    let pod = Api::<Pod>::namespaced(env.client(), ns)
+        .get(&sandfork_api::pod::name(name))
+        .await?;
+    let resources = pod
+        .spec
+        .as_ref()
+        .and_then(|spec| spec.containers.first())
+        .and_then(|vmm| vmm.resources.clone())
+        .unwrap_or_default();
+    let memory = |quantities: Option<std::collections::BTreeMap<String, Quantity>>| {
+        quantities
+            .and_then(|q| q.get("memory").map(|m| m.0.clone()))
+            .unwrap_or_default()
+    };
+    let overhead = sandfork_api::pod::DEFAULT_OVERHEAD_MIB;
+    let guest = counter_spec()["memoryMiB"].as_u64().unwrap_or_default();
+    ensure!(
+        memory(resources.requests.clone()) == format!("{}Mi", guest_request_mib + overhead)
+            && memory(resources.limits.clone()) == format!("{}Mi", guest + overhead),
+        "branch Pod {name}: memory requests {:?}, limits {:?}",
+        resources.requests,
+        resources.limits
+    );
+    let qos = pod.status.and_then(|s| s.qos_class).unwrap_or_default();
+    ensure!(qos == "Burstable", "branch Pod {name}: QoS class {qos:?}");
+    Ok(())
 }
 
 /// A branch can be branched again; the second generation continues from

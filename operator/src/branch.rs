@@ -27,7 +27,7 @@ use sandfork_api::branch::{
     BranchError, BranchStatus, CaptureFigures, CaptureMode, DeletionPolicy,
 };
 use sandfork_api::conditions::{self, Cond};
-use sandfork_api::sandbox::RestoreSource;
+use sandfork_api::sandbox::{RestoreSource, SandboxResources};
 use sandfork_api::{Sandbox, SandboxBranch, SandboxBranchStatus, SandboxSpec, labels};
 use tonic::Code;
 use tonic::transport::Channel;
@@ -56,6 +56,7 @@ pub mod reason {
     pub const BRANCHES_READY: &str = "BranchesReady";
     pub const BRANCH_FAILED: &str = "BranchFailed";
     pub const NAME_CONFLICT: &str = "NameConflict";
+    pub const INVALID_SPEC: &str = "InvalidSpec";
     pub const DEADLINE_EXCEEDED: &str = "DeadlineExceeded";
     pub const COMPLETE: &str = "Complete";
 }
@@ -256,6 +257,9 @@ impl<'a> Pass<'a> {
             });
         }
         let source = self.ready_source().await?;
+        if let Some(message) = memory_request_error(self.branch, &source.spec) {
+            return self.fail(reason::INVALID_SPEC, message).await;
+        }
         let node = source.node().unwrap_or_default().to_string();
         let client = self.reach_agent(&node).await?;
         let note = self.capture(&source, &node, client).await?;
@@ -562,6 +566,9 @@ impl<'a> Pass<'a> {
             );
             return Ok(Some(Halt::Fail(reason::SOURCE_NOT_FOUND, message)));
         };
+        if let Some(message) = memory_request_error(branch, &template) {
+            return Ok(Some(Halt::Fail(reason::INVALID_SPEC, message)));
+        }
         for index in missing {
             let object = branch_object(branch, index, &template, &capture.node, &self.uid);
             let name = object.name_any();
@@ -900,6 +907,29 @@ fn branch_index(sandbox: &Sandbox) -> Option<u32> {
     sandbox.labels().get(labels::BRANCH_INDEX)?.parse().ok()
 }
 
+/// Why the SandboxBranch's memory request for its branches does not fit
+/// its source `template`, if it does not.
+fn memory_request_error(branch: &SandboxBranch, template: &SandboxSpec) -> Option<String> {
+    let request = branch.spec.branch_memory_request_mib?;
+    (request > template.memory_mib).then(|| {
+        format!(
+            "branchMemoryRequestMiB {request} is more than the source's memoryMiB {}",
+            template.memory_mib
+        )
+    })
+}
+
+/// The source's resources, with the SandboxBranch's memory request for
+/// its branches when it sets one.
+fn branch_resources(branch: &SandboxBranch, template: &SandboxSpec) -> Option<SandboxResources> {
+    let Some(request) = branch.spec.branch_memory_request_mib else {
+        return template.resources.clone();
+    };
+    let mut resources = template.resources.clone().unwrap_or_default();
+    resources.memory_request_mib = Some(request);
+    Some(resources)
+}
+
 /// The Sandbox object of branch `index`.
 pub fn branch_object(
     branch: &SandboxBranch,
@@ -947,7 +977,7 @@ pub fn branch_object(
             affinity: None,
             tolerations: template.tolerations.clone(),
             priority_class_name: template.priority_class_name.clone(),
-            resources: template.resources.clone(),
+            resources: branch_resources(branch, template),
             restore_from: Some(RestoreSource {
                 sandbox_branch: name,
                 uid: uid.to_string(),

@@ -218,7 +218,8 @@ fn affinity(affinity: Option<Affinity>, node: Option<&str>) -> Option<Affinity> 
     Some(affinity)
 }
 
-/// Memory request = limit = guest + overhead; CPU limit = vCPUs; one
+/// Memory limit = guest + overhead, request = the guest's requested part
+/// (default all of it) + overhead; CPU limit = vCPUs; one
 /// `sandfork.dev/kvm`, which the agent's device plugin counts per node.
 fn resources(sandbox: &Sandbox) -> Result<ResourceRequirements, String> {
     let spec = &sandbox.spec;
@@ -228,6 +229,13 @@ fn resources(sandbox: &Sandbox) -> Result<ResourceRequirements, String> {
         return Err(format!(
             "resources.overheadMiB {overhead} is more than {}",
             pod::MAX_OVERHEAD_MIB
+        ));
+    }
+    let guest_request = options.memory_request_mib.unwrap_or(spec.memory_mib);
+    if guest_request > spec.memory_mib {
+        return Err(format!(
+            "resources.memoryRequestMiB {guest_request} is more than the guest's memoryMiB {}",
+            spec.memory_mib
         ));
     }
     let limit_millis = u64::from(spec.vcpus) * 1000;
@@ -256,10 +264,11 @@ fn resources(sandbox: &Sandbox) -> Result<ResourceRequirements, String> {
         (None, _) => u64::from(spec.vcpus) * u64::from(pod::DEFAULT_CPU_REQUEST_MILLIS_PER_VCPU),
     };
     let memory = Quantity(format!("{}Mi", spec.memory_mib + overhead));
+    let memory_request = Quantity(format!("{}Mi", guest_request + overhead));
     let kvm = Quantity("1".into());
     let requests = BTreeMap::from([
         ("cpu".to_string(), Quantity(format!("{request_millis}m"))),
-        ("memory".to_string(), memory.clone()),
+        ("memory".to_string(), memory_request),
         (KVM_RESOURCE.to_string(), kvm.clone()),
     ]);
     let limits = BTreeMap::from([
@@ -451,7 +460,7 @@ mod tests {
         vm.spec.resources = Some(SandboxResources {
             overhead_mib: Some(128),
             cpu_request: Some(Quantity("250m".into())),
-            guaranteed_cpu: None,
+            ..SandboxResources::default()
         });
         let (requests, limits) = quantities(&sandbox_pod(&vm, &image()).unwrap());
         assert_eq!(requests["memory"], "640Mi");
@@ -479,6 +488,41 @@ mod tests {
         });
         let err = sandbox_pod(&vm, &image()).unwrap_err();
         assert!(err.contains("not a CPU quantity"), "{err}");
+    }
+
+    #[test]
+    fn a_lower_memory_request_keeps_the_whole_guest_as_the_limit() {
+        let mut vm = sandbox("vm");
+        vm.spec.resources = Some(SandboxResources {
+            memory_request_mib: Some(32),
+            ..SandboxResources::default()
+        });
+        let (requests, limits) = quantities(&sandbox_pod(&vm, &image()).unwrap());
+        assert_eq!(
+            requests["memory"],
+            format!("{}Mi", 32 + pod::DEFAULT_OVERHEAD_MIB)
+        );
+        assert_eq!(
+            limits["memory"],
+            format!("{}Mi", 512 + pod::DEFAULT_OVERHEAD_MIB)
+        );
+
+        vm.spec.resources = Some(SandboxResources {
+            memory_request_mib: Some(0),
+            ..SandboxResources::default()
+        });
+        let (requests, _) = quantities(&sandbox_pod(&vm, &image()).unwrap());
+        assert_eq!(
+            requests["memory"],
+            format!("{}Mi", pod::DEFAULT_OVERHEAD_MIB)
+        );
+
+        vm.spec.resources = Some(SandboxResources {
+            memory_request_mib: Some(514),
+            ..SandboxResources::default()
+        });
+        let err = sandbox_pod(&vm, &image()).unwrap_err();
+        assert!(err.contains("more than the guest's memoryMiB 512"), "{err}");
     }
 
     #[test]

@@ -28,6 +28,7 @@ fn branch_object(name: &str, source: &str, branches: u32, policy: DeletionPolicy
             }),
             failure_deadline: Duration::from_secs(60).into(),
             deletion_policy: policy,
+            branch_memory_request_mib: None,
         },
     );
     branch.metadata.namespace = Some(NS.into());
@@ -197,6 +198,43 @@ async fn captures_once_and_creates_owned_branches_on_the_source_node() {
         Some("0")
     );
     assert_eq!(h.agent_calls("CaptureSandbox").len(), 1, "captured once");
+    assert!(created_sandboxes(&h).is_empty());
+}
+
+#[tokio::test]
+async fn branches_request_the_memory_the_sandboxbranch_sets_for_them() {
+    let h = Harness::new().await;
+    h.ready_source("src").await;
+    let mut branch = branch_object("fork", "src", 2, DeletionPolicy::Delete);
+    branch.spec.branch_memory_request_mib = Some(16);
+    h.api.insert(&branch);
+    h.reconcile_branch("fork").await.unwrap();
+    h.reconcile_branch("fork").await.unwrap();
+
+    let creates = created_sandboxes(&h);
+    assert_eq!(creates.len(), 2, "{creates:#?}");
+    for create in &creates {
+        assert_eq!(create.body["spec"]["resources"]["memoryRequestMiB"], 16);
+        assert_eq!(create.body["spec"]["memoryMiB"], 256);
+    }
+}
+
+#[tokio::test]
+async fn a_branch_memory_request_above_the_source_fails_before_capturing() {
+    let h = Harness::new().await;
+    h.ready_source("src").await;
+    let mut branch = branch_object("fork", "src", 2, DeletionPolicy::Delete);
+    branch.spec.branch_memory_request_mib = Some(258);
+    h.api.insert(&branch);
+    h.reconcile_branch("fork").await.unwrap();
+    h.reconcile_branch("fork").await.unwrap();
+
+    let (_, message) = failed_status(&h, reason::INVALID_SPEC);
+    assert_eq!(
+        message,
+        "branchMemoryRequestMiB 258 is more than the source's memoryMiB 256"
+    );
+    assert!(h.agent_calls("CaptureSandbox").is_empty());
     assert!(created_sandboxes(&h).is_empty());
 }
 
