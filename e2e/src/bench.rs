@@ -387,7 +387,7 @@ where
 
 /// A watch of `api` restricted by `params`, from the current version, and
 /// established (the API server answered) when this returns.
-async fn watch_from_now<K>(
+pub(crate) async fn watch_from_now<K>(
     api: &Api<K>,
     list: &ListParams,
     params: &WatchParams,

@@ -17,6 +17,7 @@ pub mod agents;
 pub mod bench;
 pub mod cluster;
 pub mod env;
+pub mod fanout;
 pub mod namespace;
 pub mod objects;
 pub mod pods;

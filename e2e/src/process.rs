@@ -155,20 +155,31 @@ pub fn vm_alive_in_pod(pod_uid: &str) -> bool {
 /// The memory (bytes) charged to the cgroup of the VMM of the Pod with UID
 /// `pod_uid` (cgroup v1 or v2), if it runs here.
 pub fn vmm_memory_usage(pod_uid: &str) -> Option<u64> {
+    cgroup_memory_usage(process_in_pod(pod_uid, "vm-host")?)
+}
+
+/// A process here whose command line mentions `needle`, in the cgroup of
+/// the Pod with UID `pod_uid` (the kubelet names a Pod's cgroup after its
+/// UID, with `_` for `-` under the systemd driver).
+pub fn process_in_pod(pod_uid: &str, needle: &str) -> Option<u32> {
     let (dashed, underscored) = (
         format!("pod{pod_uid}"),
         format!("pod{}", pod_uid.replace('-', "_")),
     );
-    let pid = std::fs::read_dir("/proc")
+    std::fs::read_dir("/proc")
         .ok()?
         .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
         .find(|pid| {
             std::fs::read(format!("/proc/{pid}/cmdline"))
-                .is_ok_and(|cmdline| String::from_utf8_lossy(&cmdline).contains("vm-host"))
+                .is_ok_and(|cmdline| String::from_utf8_lossy(&cmdline).contains(needle))
                 && std::fs::read_to_string(format!("/proc/{pid}/cgroup")).is_ok_and(|cgroups| {
                     cgroups.contains(&dashed) || cgroups.contains(&underscored)
                 })
-        })?;
+        })
+}
+
+/// The memory (bytes) charged to the memory cgroup of `pid` (v1 or v2).
+pub fn cgroup_memory_usage(pid: u32) -> Option<u64> {
     let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
     for line in cgroups.lines() {
         let mut fields = line.splitn(3, ':');
@@ -185,6 +196,35 @@ pub fn vmm_memory_usage(pod_uid: &str) -> Option<u64> {
         }
     }
     None
+}
+
+/// Bytes of private (copy-on-write) pages in the mappings of `pid` that
+/// are exactly `size` bytes long: for a branch's VMM, whose guest memory is
+/// its capture mapped privately, the guest pages the branch wrote.
+pub fn private_bytes_in_mappings_of_size(pid: u32, size: u64) -> Option<u64> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+    Some(private_bytes_in(&smaps, size))
+}
+
+fn private_bytes_in(smaps: &str, size: u64) -> u64 {
+    let mut in_wanted = false;
+    let mut bytes = 0;
+    for line in smaps.lines() {
+        let mut words = line.split_whitespace();
+        let Some(first) = words.next() else {
+            continue;
+        };
+        if let Some((start, end)) = first.split_once('-')
+            && let (Ok(start), Ok(end)) =
+                (u64::from_str_radix(start, 16), u64::from_str_radix(end, 16))
+        {
+            in_wanted = end.saturating_sub(start) == size;
+        } else if in_wanted && first == "Anonymous:" {
+            let kib: u64 = words.next().and_then(|n| n.parse().ok()).unwrap_or(0);
+            bytes += kib * 1024;
+        }
+    }
+    bytes
 }
 
 /// Sends SIGKILL to the `sandfork-agent serve` processes in the network
@@ -216,4 +256,22 @@ pub fn kill_agent_in_node(netns: &Path) -> usize {
             })
         })
         .count()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn private_bytes_are_summed_over_mappings_of_the_size_asked() {
+        let smaps = "\
+7f0000000000-7f0040000000 r--p 00000000 00:1a 12 /memfd:capture (deleted)
+Size:            1048576 kB
+Anonymous:          2048 kB
+7f0040000000-7f0040001000 rw-p 00000000 00:00 0
+Size:                  4 kB
+Anonymous:             4 kB
+";
+        assert_eq!(super::private_bytes_in(smaps, 1 << 30), 2048 * 1024);
+        assert_eq!(super::private_bytes_in(smaps, 4096), 4096);
+        assert_eq!(super::private_bytes_in(smaps, 8192), 0);
+    }
 }

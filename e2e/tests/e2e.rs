@@ -1204,7 +1204,7 @@ async fn pod_cpu_seconds(
 
 /// Units of `sandfork.dev/kvm` each agent node offers: the chart's
 /// `agent.maxSandboxes`.
-const KVM_UNITS: &str = "64";
+const KVM_UNITS: &str = "100";
 
 /// The agents' device plugin: every agent node reports `sandfork.dev/kvm`
 /// in its capacity and allocatable, an unprivileged Pod that asks for one

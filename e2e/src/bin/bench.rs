@@ -14,7 +14,7 @@ use anyhow::{Context, anyhow, bail};
 use clap::Parser;
 use sandfork_e2e::bench::{self, Options, Report};
 use sandfork_e2e::env::{Env, Mode, Profile};
-use sandfork_e2e::namespace;
+use sandfork_e2e::{fanout, namespace};
 use serde_json::json;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{oneshot, watch};
@@ -34,9 +34,18 @@ struct Args {
     /// Guest memory of the source Sandbox, MiB.
     #[arg(long, default_value_t = 1024)]
     memory_mib: u64,
-    /// The source's built-in guest.
-    #[arg(long, default_value = "Counter", value_parser = ["Counter", "Dirty", "Idle"])]
-    guest: String,
+    /// The source's built-in guest [default: Counter; with --branches: Idle].
+    #[arg(long, value_parser = ["Counter", "Dirty", "Idle"])]
+    guest: Option<String>,
+    /// Instead of timing forks one at a time, time one SandboxBranch of this
+    /// many branches (1 to 64) until all are Ready, with the node's memory
+    /// added, against as many plain Pods started at once.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=64))]
+    branches: Option<u32>,
+    /// With --branches: each branch Pod's memory request for its guest, MiB
+    /// (`branchMemoryRequestMiB`).
+    #[arg(long, default_value_t = 32)]
+    branch_memory_request_mib: u64,
     /// Print one JSON object on stdout instead of a summary.
     #[arg(long)]
     json: bool,
@@ -114,18 +123,36 @@ fn run(args: &Args, mut stop: Stop) -> anyhow::Result<()> {
     interrupted(&stop)?;
     env.start_workloads()?;
     interrupted(&stop)?;
+    let default_guest = if args.branches.is_some() {
+        "Idle"
+    } else {
+        "Counter"
+    };
+    let guest = args.guest.clone().unwrap_or_else(|| default_guest.into());
     let options = Options {
         forks: args.forks,
         baseline_forks: args.baseline_forks.unwrap_or(args.forks),
         memory_mib: args.memory_mib,
-        guest: args.guest.clone(),
+        guest: guest.clone(),
     };
-    let report = env.block_on(async {
+    let fan_out = args.branches.map(|branches| fanout::Options {
+        branches,
+        memory_mib: args.memory_mib,
+        guest,
+        branch_memory_request_mib: args.branch_memory_request_mib,
+    });
+    let measured = env.block_on(async {
         let client = env.client();
         let ns = namespace::create(&client, "bench").await?;
         eprintln!("bench: namespace {ns}");
+        let work = async {
+            match &fan_out {
+                Some(fan_out) => fanout::run(&env, &ns, fan_out).await.map(Measured::FanOut),
+                None => bench::run(&env, &ns, &options).await.map(Measured::Forks),
+            }
+        };
         let outcome = tokio::select! {
-            result = bench::run(&env, &ns, &options) => result,
+            result = work => result,
             _ = stop.wait_for(Option::is_some) => Err(anyhow!("interrupted")),
         };
         let was_interrupted = stop.borrow().is_some();
@@ -149,13 +176,27 @@ fn run(args: &Args, mut stop: Stop) -> anyhow::Result<()> {
             (Mode::Local, Profile::Dev) => "dev",
         },
     });
-    let out = report.to_json(extra, args.timelines);
-    if args.json {
-        println!("{}", serde_json::to_string(&out)?);
-    } else {
-        print_summary(&report, &out);
+    let (out, report) = match measured {
+        Measured::Forks(report) => (report.to_json(extra, args.timelines), Some(report)),
+        Measured::FanOut(mut out) => {
+            if let (Some(out), serde_json::Value::Object(extra)) = (out.as_object_mut(), extra) {
+                out.extend(extra);
+            }
+            (out, None)
+        }
+    };
+    match (args.json, report) {
+        (true, _) => println!("{}", serde_json::to_string(&out)?),
+        (false, Some(report)) => print_summary(&report, &out),
+        (false, None) => println!("{}", serde_json::to_string_pretty(&out)?),
     }
     Ok(())
+}
+
+/// What a run measured: forks one at a time, or one fan-out.
+enum Measured {
+    Forks(Report),
+    FanOut(serde_json::Value),
 }
 
 fn print_summary(report: &Report, out: &serde_json::Value) {

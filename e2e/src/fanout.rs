@@ -1,0 +1,318 @@
+//! The fan-out benchmark: one SandboxBranch with many branches of one
+//! source, timed from its create request until a watch shows it Ready, with
+//! the memory the node gained; beside it, in the same run, the same number
+//! of plain Pods of the sandbox image created at once (Pod start-up alone).
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
+use kube::api::{Api, DeleteParams, ListParams, PostParams, WatchEvent, WatchParams};
+use sandfork_api::{labels, pod};
+use serde_json::json;
+
+use crate::bench::{SANDBOX_IMAGE, round, watch_from_now};
+use crate::wait::{self, Look};
+use crate::{Env, objects, pods, process};
+
+/// What to measure.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub branches: u32,
+    pub memory_mib: u64,
+    /// The source's built-in guest.
+    pub guest: String,
+    /// Each branch Pod's memory request for its guest (MiB).
+    pub branch_memory_request_mib: u64,
+}
+
+/// CPU the source (and so each branch) requests: small, so that the
+/// branches fit the node's CPU; they are limited to their vCPU.
+const CPU_REQUEST: &str = "10m";
+/// Longest wait for all branches, or all plain Pods.
+const ALL_READY: Duration = Duration::from_secs(600);
+const MIB: f64 = (1 << 20) as f64;
+
+/// Runs the fan-out in namespace `ns`; returns the benchmark's JSON.
+pub async fn run(env: &Env, ns: &str, options: &Options) -> anyhow::Result<serde_json::Value> {
+    let client = env.client();
+    let spec = json!({
+        "guest": {"builtin": options.guest},
+        "memoryMiB": options.memory_mib,
+        "vcpus": 1,
+        "resources": {"cpuRequest": CPU_REQUEST},
+    });
+    objects::create_sandbox(env, ns, "source", spec).await?;
+    let source = objects::sandbox_ready(env, ns, "source", Duration::from_secs(300)).await?;
+    let (node, _) = objects::placement(&source)?;
+    let agent = pods::agent_on(&client, &env.namespace, &node)
+        .await?
+        .with_context(|| format!("no agent Pod on {node}"))?;
+    let agent_uid = pods::uid(&agent);
+    eprintln!(
+        "bench: source ({} MiB, {}) Ready on {node}",
+        options.memory_mib, options.guest
+    );
+    // Settled: the source's boot and the agent's start-up are behind.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let source_pod_uid = pod_uid(env, ns, "source").await?;
+    let before = memory_of(&[&agent_uid, &source_pod_uid], &["serve", "vm-host"])?;
+
+    let branches = objects::branches(env, ns);
+    let by_name = "metadata.name=fan-out";
+    let mut watch = watch_from_now(
+        &branches,
+        &ListParams::default().fields(by_name),
+        &WatchParams::default().fields(by_name),
+    )
+    .await?
+    .boxed();
+    let spec = json!({
+        "sourceRef": {"name": "source"},
+        "branches": options.branches,
+        "branchMemoryRequestMiB": options.branch_memory_request_mib,
+        "deletionPolicy": "Delete",
+        "failureDeadline": "10m",
+    });
+    let started = Instant::now();
+    objects::create_branch(env, ns, "fan-out", spec).await?;
+    let ready = tokio::time::timeout(ALL_READY, async {
+        while let Some(event) = watch.next().await {
+            if let WatchEvent::Modified(branch) = event? {
+                let status = branch.status.clone().unwrap_or_default();
+                if sandfork_api::conditions::is_true(
+                    &status.conditions,
+                    sandfork_api::conditions::FAILED,
+                ) {
+                    bail!("SandboxBranch fan-out failed: {:?}", status.error);
+                }
+                if sandfork_api::conditions::is_true(
+                    &status.conditions,
+                    sandfork_api::conditions::READY,
+                ) {
+                    return anyhow::Ok((started.elapsed().as_secs_f64() * 1e3, status));
+                }
+            }
+        }
+        bail!("the watch of SandboxBranch fan-out ended")
+    })
+    .await
+    .context("the branches were not all Ready in time")??;
+    let (all_ready_ms, status) = ready;
+    eprintln!(
+        "bench: {} branches Ready after {all_ready_ms:.1} ms",
+        options.branches
+    );
+
+    // The live capture's copy completes in the background; its pages are
+    // part of what the node holds for the fork.
+    wait::until(
+        "the capture's copy to complete",
+        Duration::from_secs(120),
+        || async {
+            let capture = branches
+                .get("fan-out")
+                .await?
+                .status
+                .and_then(|s| s.capture);
+            Ok(
+                match capture.as_ref().and_then(|c| c.copy_duration_millis) {
+                    Some(_) => Look::Done(()),
+                    None => Look::NotYet(format!("{capture:?}")),
+                },
+            )
+        },
+    )
+    .await?;
+    let branch_pod_uids = branch_pod_uids(env, ns).await?;
+    let mut all_uids: Vec<&str> = vec![&agent_uid, &source_pod_uid];
+    all_uids.extend(branch_pod_uids.iter().map(String::as_str));
+    let mut needles = vec!["serve", "vm-host"];
+    needles.extend(std::iter::repeat_n("vm-host", branch_pod_uids.len()));
+    let after = memory_of(&all_uids, &needles)?;
+    let guest_bytes = options.memory_mib << 20;
+    let mut written = 0u64;
+    let mut branch_pods = 0u64;
+    for uid in &branch_pod_uids {
+        let pid = process::process_in_pod(uid, "vm-host")
+            .with_context(|| format!("no VMM in branch Pod {uid}"))?;
+        written += process::private_bytes_in_mappings_of_size(pid, guest_bytes).unwrap_or(0);
+        branch_pods += process::cgroup_memory_usage(pid).unwrap_or(0);
+    }
+    let agent_after = process::process_in_pod(&agent_uid, "serve")
+        .and_then(process::cgroup_memory_usage)
+        .unwrap_or(0);
+    let agent_before = before.first().copied().unwrap_or(0);
+    let count = branch_pod_uids.len().max(1) as f64;
+    let added = after.iter().sum::<u64>() as f64 - before.iter().sum::<u64>() as f64;
+    let branch_pods_mib = branch_pods as f64 / MIB;
+    let written_mib = written as f64 / MIB;
+    let fixed_per_branch_mib = (branch_pods_mib - written_mib) / count;
+
+    // The baseline: as many plain Pods at once, on the same node.
+    branches.delete("fan-out", &DeleteParams::default()).await?;
+    gone(env, ns, &format!("{}=fan-out", labels::BRANCH)).await?;
+    let plain_ms = plain_pods_all_running_ms(env, ns, &node, options.branches).await?;
+    eprintln!(
+        "bench: {} plain Pods all running after {plain_ms:.1} ms",
+        options.branches
+    );
+
+    Ok(json!({
+        "branches": options.branches,
+        "memory_mib": options.memory_mib,
+        "guest": options.guest,
+        "node": node,
+        "branch_memory_request_mib": options.branch_memory_request_mib,
+        "all_ready_ms": round(all_ready_ms),
+        "plain_pods_all_running_ms": round(plain_ms),
+        "all_ready_over_plain_pods_ratio": (plain_ms > 0.0).then(|| (all_ready_ms / plain_ms * 100.0).round() / 100.0),
+        "capture_pause_us": status.capture.as_ref().map(|c| c.pause_micros),
+        "node_memory_added_mib": round(added / MIB),
+        "capture_memory_added_mib": round((agent_after as f64 - agent_before as f64) / MIB),
+        "branch_pods_memory_mib": round(branch_pods_mib),
+        "branch_written_mib": round(written_mib),
+        "fixed_per_branch_mib": round(fixed_per_branch_mib),
+        "full_copies_mib": options.branches as u64 * options.memory_mib,
+    }))
+}
+
+/// Memory charged to the cgroup of the process mentioning `needles[i]` in
+/// the Pod with UID `uids[i]`, for each i.
+fn memory_of(uids: &[&str], needles: &[&str]) -> anyhow::Result<Vec<u64>> {
+    uids.iter()
+        .zip(needles)
+        .map(|(uid, needle)| {
+            process::process_in_pod(uid, needle)
+                .and_then(process::cgroup_memory_usage)
+                .with_context(|| format!("no memory figure for {needle} in Pod {uid}"))
+        })
+        .collect()
+}
+
+async fn pod_uid(env: &Env, ns: &str, sandbox: &str) -> anyhow::Result<String> {
+    let pod = pods::of_sandbox(&env.client(), ns, sandbox)
+        .await?
+        .with_context(|| format!("Sandbox {sandbox} has no Pod"))?;
+    Ok(pods::uid(&pod))
+}
+
+/// The UIDs of the branch Sandboxes' Pods.
+async fn branch_pod_uids(env: &Env, ns: &str) -> anyhow::Result<Vec<String>> {
+    let selector = format!("{}=fan-out", labels::BRANCH);
+    let sandboxes = objects::sandboxes(env, ns)
+        .list(&ListParams::default().labels(&selector))
+        .await?;
+    let names: BTreeSet<String> = sandboxes.iter().map(|s| pod::name(&s.name_any())).collect();
+    let all = Api::<Pod>::namespaced(env.client(), ns)
+        .list(&ListParams::default())
+        .await?;
+    Ok(all
+        .into_iter()
+        .filter(|p| names.contains(&p.name_any()))
+        .map(|p| pods::uid(&p))
+        .collect())
+}
+
+/// Waits until no Sandbox matching `selector` is left, nor its Pod.
+async fn gone(env: &Env, ns: &str, selector: &str) -> anyhow::Result<()> {
+    let sandboxes = objects::sandboxes(env, ns);
+    let pods = Api::<Pod>::namespaced(env.client(), ns);
+    wait::until(
+        "the branches and their Pods to be gone",
+        Duration::from_secs(300),
+        || async {
+            let left = sandboxes
+                .list(&ListParams::default().labels(selector))
+                .await?;
+            let pods_left = pods
+                .list(&ListParams::default().labels(&format!(
+                    "{}={}",
+                    labels::COMPONENT,
+                    labels::COMPONENT_SANDBOX
+                )))
+                .await?
+                .into_iter()
+                .filter(|p| p.name_any() != pod::name("source"))
+                .count();
+            Ok(if left.items.is_empty() && pods_left == 0 {
+                Look::Done(())
+            } else {
+                Look::NotYet(format!("{} Sandboxes, {pods_left} Pods", left.items.len()))
+            })
+        },
+    )
+    .await
+}
+
+/// `count` plain Pods of the sandbox image created at once on `node`,
+/// timed until a watch has shown every one's container running; then deleted.
+async fn plain_pods_all_running_ms(
+    env: &Env,
+    ns: &str,
+    node: &str,
+    count: u32,
+) -> anyhow::Result<f64> {
+    let api: Api<Pod> = Api::namespaced(env.client(), ns);
+    let selector = "sandfork.dev/bench=plain";
+    let mut watch = watch_from_now(
+        &api,
+        &ListParams::default().labels(selector),
+        &WatchParams::default().labels(selector),
+    )
+    .await?
+    .boxed();
+    let started = Instant::now();
+    for index in 0..count {
+        let pod: Pod = serde_json::from_value(json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": format!("plain-{index}"), "labels": {"sandfork.dev/bench": "plain"}},
+            "spec": {
+                "restartPolicy": "Never",
+                "terminationGracePeriodSeconds": 0,
+                "nodeSelector": {"kubernetes.io/hostname": node},
+                "containers": [{
+                    "name": "plain",
+                    "image": SANDBOX_IMAGE,
+                    "imagePullPolicy": "IfNotPresent",
+                    "command": ["/sandfork-agent", "vm-host", "--dir", "/tmp"],
+                }],
+            },
+        }))?;
+        api.create(&PostParams::default(), &pod).await?;
+    }
+    let mut running = BTreeSet::new();
+    let all_running = tokio::time::timeout(ALL_READY, async {
+        while let Some(event) = watch.next().await {
+            if let WatchEvent::Modified(pod) = event? {
+                let up = pod
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.container_statuses.as_ref())
+                    .is_some_and(|c| {
+                        c.iter()
+                            .any(|c| c.state.as_ref().is_some_and(|s| s.running.is_some()))
+                    });
+                if up {
+                    running.insert(pod.name_any());
+                    if running.len() == count as usize {
+                        return anyhow::Ok(started.elapsed().as_secs_f64() * 1e3);
+                    }
+                }
+            }
+        }
+        bail!("the watch of the plain Pods ended")
+    })
+    .await
+    .context("the plain Pods were not all running in time")??;
+    api.delete_collection(
+        &DeleteParams::default().grace_period(0),
+        &ListParams::default().labels(selector),
+    )
+    .await?;
+    Ok(all_running)
+}
