@@ -227,6 +227,31 @@ pub async fn start_source(
 /// baseline runs too, so both start the same image.
 pub const SANDBOX_IMAGE: &str = "docker.io/sandfork/agent:0.1.0";
 
+/// A plain Pod `name` of the sandbox image on `node` with `labels`: an
+/// empty VMM that gets no sandbox.
+pub(crate) fn plain_pod(
+    name: &str,
+    node: &str,
+    labels: serde_json::Value,
+) -> anyhow::Result<k8s_openapi::api::core::v1::Pod> {
+    Ok(serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "labels": labels},
+        "spec": {
+            "restartPolicy": "Never",
+            "terminationGracePeriodSeconds": 0,
+            "nodeSelector": {"kubernetes.io/hostname": node},
+            "containers": [{
+                "name": "plain",
+                "image": SANDBOX_IMAGE,
+                "imagePullPolicy": "IfNotPresent",
+                "command": ["/sandfork-agent", "vm-host", "--dir", "/tmp"],
+            }],
+        },
+    }))?)
+}
+
 /// Pod start-up on `node`, as a baseline for the cold path: a plain Pod of
 /// the sandbox image (doing nothing: an empty VMM that gets no sandbox),
 /// timed from its creation until a watch shows its container running.
@@ -239,22 +264,7 @@ pub async fn plain_pod_start_ms(
     use k8s_openapi::api::core::v1::Pod;
     let api: Api<Pod> = Api::namespaced(env.client(), ns);
     let mut events = watch_named(&api, name).await?;
-    let pod: Pod = serde_json::from_value(json!({
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name},
-        "spec": {
-            "restartPolicy": "Never",
-            "terminationGracePeriodSeconds": 0,
-            "nodeSelector": {"kubernetes.io/hostname": node},
-            "containers": [{
-                "name": "plain",
-                "image": SANDBOX_IMAGE,
-                "imagePullPolicy": "IfNotPresent",
-                "command": ["/sandfork-agent", "vm-host", "--dir", "/tmp"],
-            }],
-        },
-    }))?;
+    let pod = plain_pod(name, node, json!({}))?;
     let started = Instant::now();
     api.create(&PostParams::default(), &pod).await?;
     let running = tokio::time::timeout(Duration::from_secs(120), async {

@@ -14,7 +14,7 @@ use kube::api::{Api, DeleteParams, ListParams, PostParams, WatchEvent, WatchPara
 use sandfork_api::{labels, pod};
 use serde_json::json;
 
-use crate::bench::{SANDBOX_IMAGE, round, watch_from_now};
+use crate::bench::{plain_pod, round, watch_from_now};
 use crate::wait::{self, Look};
 use crate::{Env, objects, pods, process};
 
@@ -267,22 +267,11 @@ async fn plain_pods_all_running_ms(
     .boxed();
     let started = Instant::now();
     for index in 0..count {
-        let pod: Pod = serde_json::from_value(json!({
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {"name": format!("plain-{index}"), "labels": {"sandfork.dev/bench": "plain"}},
-            "spec": {
-                "restartPolicy": "Never",
-                "terminationGracePeriodSeconds": 0,
-                "nodeSelector": {"kubernetes.io/hostname": node},
-                "containers": [{
-                    "name": "plain",
-                    "image": SANDBOX_IMAGE,
-                    "imagePullPolicy": "IfNotPresent",
-                    "command": ["/sandfork-agent", "vm-host", "--dir", "/tmp"],
-                }],
-            },
-        }))?;
+        let pod = plain_pod(
+            &format!("plain-{index}"),
+            node,
+            json!({"sandfork.dev/bench": "plain"}),
+        )?;
         api.create(&PostParams::default(), &pod).await?;
     }
     let mut running = BTreeSet::new();
