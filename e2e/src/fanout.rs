@@ -11,6 +11,7 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, PostParams, WatchEvent, WatchParams};
+use sandfork_api::conditions::{self, FAILED, READY};
 use sandfork_api::{labels, pod};
 use serde_json::json;
 
@@ -35,6 +36,9 @@ const CPU_REQUEST: &str = "10m";
 /// Longest wait for all branches, or all plain Pods.
 const ALL_READY: Duration = Duration::from_secs(600);
 const MIB: f64 = (1 << 20) as f64;
+/// What the agent's and the VMMs' command lines say.
+const AGENT: &str = "serve";
+const VMM: &str = "vm-host";
 
 /// Runs the fan-out in namespace `ns`; returns the benchmark's JSON.
 pub async fn run(env: &Env, ns: &str, options: &Options) -> anyhow::Result<serde_json::Value> {
@@ -59,7 +63,8 @@ pub async fn run(env: &Env, ns: &str, options: &Options) -> anyhow::Result<serde
     // Settled: the source's boot and the agent's start-up are behind.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let source_pod_uid = pod_uid(env, ns, "source").await?;
-    let before = memory_of(&[&agent_uid, &source_pod_uid], &["serve", "vm-host"])?;
+    let agent_before = pod_memory(&agent_uid, AGENT)?;
+    let source_before = pod_memory(&source_pod_uid, VMM)?;
 
     let branches = objects::branches(env, ns);
     let by_name = "metadata.name=fan-out";
@@ -83,16 +88,10 @@ pub async fn run(env: &Env, ns: &str, options: &Options) -> anyhow::Result<serde
         while let Some(event) = watch.next().await {
             if let WatchEvent::Modified(branch) = event? {
                 let status = branch.status.clone().unwrap_or_default();
-                if sandfork_api::conditions::is_true(
-                    &status.conditions,
-                    sandfork_api::conditions::FAILED,
-                ) {
+                if conditions::is_true(&status.conditions, FAILED) {
                     bail!("SandboxBranch fan-out failed: {:?}", status.error);
                 }
-                if sandfork_api::conditions::is_true(
-                    &status.conditions,
-                    sandfork_api::conditions::READY,
-                ) {
+                if conditions::is_true(&status.conditions, READY) {
                     return anyhow::Ok((started.elapsed().as_secs_f64() * 1e3, status));
                 }
             }
@@ -128,26 +127,20 @@ pub async fn run(env: &Env, ns: &str, options: &Options) -> anyhow::Result<serde
     )
     .await?;
     let branch_pod_uids = branch_pod_uids(env, ns).await?;
-    let mut all_uids: Vec<&str> = vec![&agent_uid, &source_pod_uid];
-    all_uids.extend(branch_pod_uids.iter().map(String::as_str));
-    let mut needles = vec!["serve", "vm-host"];
-    needles.extend(std::iter::repeat_n("vm-host", branch_pod_uids.len()));
-    let after = memory_of(&all_uids, &needles)?;
     let guest_bytes = options.memory_mib << 20;
     let mut written = 0u64;
     let mut branch_pods = 0u64;
     for uid in &branch_pod_uids {
-        let pid = process::process_in_pod(uid, "vm-host")
+        let pid = process::process_in_pod(uid, VMM)
             .with_context(|| format!("no VMM in branch Pod {uid}"))?;
         written += process::private_bytes_in_mappings_of_size(pid, guest_bytes).unwrap_or(0);
         branch_pods += process::cgroup_memory_usage(pid).unwrap_or(0);
     }
-    let agent_after = process::process_in_pod(&agent_uid, "serve")
-        .and_then(process::cgroup_memory_usage)
-        .unwrap_or(0);
-    let agent_before = before.first().copied().unwrap_or(0);
+    let agent_after = pod_memory(&agent_uid, AGENT)?;
+    let source_after = pod_memory(&source_pod_uid, VMM)?;
     let count = branch_pod_uids.len().max(1) as f64;
-    let added = after.iter().sum::<u64>() as f64 - before.iter().sum::<u64>() as f64;
+    let added =
+        (agent_after + source_after + branch_pods) as f64 - (agent_before + source_before) as f64;
     let branch_pods_mib = branch_pods as f64 / MIB;
     let written_mib = written as f64 / MIB;
     let fixed_per_branch_mib = (branch_pods_mib - written_mib) / count;
@@ -180,17 +173,12 @@ pub async fn run(env: &Env, ns: &str, options: &Options) -> anyhow::Result<serde
     }))
 }
 
-/// Memory charged to the cgroup of the process mentioning `needles[i]` in
-/// the Pod with UID `uids[i]`, for each i.
-fn memory_of(uids: &[&str], needles: &[&str]) -> anyhow::Result<Vec<u64>> {
-    uids.iter()
-        .zip(needles)
-        .map(|(uid, needle)| {
-            process::process_in_pod(uid, needle)
-                .and_then(process::cgroup_memory_usage)
-                .with_context(|| format!("no memory figure for {needle} in Pod {uid}"))
-        })
-        .collect()
+/// Memory charged to the cgroup of the process mentioning `program` in the
+/// Pod with UID `uid`.
+fn pod_memory(uid: &str, program: &str) -> anyhow::Result<u64> {
+    process::process_in_pod(uid, program)
+        .and_then(process::cgroup_memory_usage)
+        .with_context(|| format!("no memory figure for {program} in Pod {uid}"))
 }
 
 async fn pod_uid(env: &Env, ns: &str, sandbox: &str) -> anyhow::Result<String> {
