@@ -211,6 +211,9 @@ pub struct BranchStatus {
     pub index: u32,
     /// Whether its `Ready` condition is `True`.
     pub ready: bool,
+    /// Whether it runs in a warm Pod or one made for it, once it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_source: Option<crate::warmpool::PodSource>,
 }
 
 /// Why a SandboxBranch failed.

@@ -3,7 +3,7 @@
 use kube::CustomResourceExt;
 use serde_json::Value;
 
-use crate::{Sandbox, SandboxBranch};
+use crate::{Sandbox, SandboxBranch, SandboxWarmPool};
 
 /// File name (under `crds/`) and YAML of each CRD.
 pub fn render() -> Vec<(&'static str, String)> {
@@ -21,6 +21,10 @@ pub fn render() -> Vec<(&'static str, String)> {
         (
             "sandfork.dev_sandboxbranches.yaml",
             yaml(SandboxBranch::crd()),
+        ),
+        (
+            "sandfork.dev_sandboxwarmpools.yaml",
+            yaml(SandboxWarmPool::crd()),
         ),
     ]
 }

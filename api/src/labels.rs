@@ -11,6 +11,8 @@ pub const SOURCE: &str = "sandfork.dev/source";
 pub const SANDBOX: &str = "sandfork.dev/sandbox";
 /// On a sandbox Pod: the UID of its Sandbox.
 pub const SANDBOX_UID: &str = "sandfork.dev/sandbox-uid";
+/// On a warm sandbox Pod: the SandboxWarmPool that made it (kept once claimed).
+pub const WARM_POOL: &str = "sandfork.dev/warm-pool";
 
 /// The recommended `app.kubernetes.io/*` labels, as every Sandfork object has them.
 pub const NAME: &str = "app.kubernetes.io/name";
@@ -31,4 +33,9 @@ pub fn branch_selector(name: &str) -> String {
 /// Label selector matching every sandbox Pod.
 pub fn sandbox_pod_selector() -> String {
     format!("{COMPONENT}={COMPONENT_SANDBOX}")
+}
+
+/// Label selector matching the Pods SandboxWarmPool `name` made.
+pub fn warm_pool_selector(name: &str) -> String {
+    format!("{WARM_POOL}={name}")
 }

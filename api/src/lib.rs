@@ -1,4 +1,4 @@
-//! Sandfork's API: the `Sandbox` and `SandboxBranch` custom resources
+//! Sandfork's API: the `Sandbox`, `SandboxBranch` and `SandboxWarmPool` custom resources
 //! (group `sandfork.dev`, version `v1alpha1`), the conventions the operator
 //! and the node agents share (agent Lease annotations, labels), and the code
 //! generated from the node agent's gRPC service in `proto/`, and from the
@@ -15,11 +15,13 @@ pub mod pod;
 pub mod sandbox;
 #[cfg(feature = "test-pki")]
 pub mod test_pki;
+pub mod warmpool;
 
 pub use branch::{SandboxBranch, SandboxBranchSpec, SandboxBranchStatus};
 pub use sandbox::{Sandbox, SandboxSpec, SandboxStatus};
+pub use warmpool::{SandboxWarmPool, SandboxWarmPoolSpec, SandboxWarmPoolStatus};
 
-/// The API group of both custom resources.
+/// The API group of the custom resources.
 pub const GROUP: &str = "sandfork.dev";
-/// The API version of both custom resources.
+/// The API version of the custom resources.
 pub const VERSION: &str = "v1alpha1";

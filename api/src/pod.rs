@@ -26,6 +26,9 @@ pub const DEFAULT_CPU_REQUEST_MILLIS_PER_VCPU: u32 = 100;
 
 /// Prefix of sandbox Pod names; the Sandbox's name follows.
 pub const NAME_PREFIX: &str = "sandbox-";
+/// Prefix of warm Pod names; the SandboxWarmPool's name and a generated
+/// suffix follow. A claimed warm Pod keeps its name.
+pub const WARM_NAME_PREFIX: &str = "warm-";
 
 /// Name of the Pod of Sandbox `sandbox`.
 pub fn name(sandbox: &str) -> String {

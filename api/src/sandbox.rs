@@ -265,6 +265,11 @@ pub struct SandboxStatus {
     #[serde(default, rename = "podUID", skip_serializing_if = "Option::is_none")]
     pub pod_uid: Option<String>,
 
+    /// `Warm` if the Pod was claimed from a SandboxWarmPool, `Cold` if it
+    /// was made for this Sandbox.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_source: Option<crate::warmpool::PodSource>,
+
     /// `Ready` is the summary: `True` while the VM runs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "crate::conditions::schema")]

@@ -22,7 +22,8 @@ use kube::api::{
 use kube::{Resource, ResourceExt};
 use sandfork_api::agent::v1 as pb;
 use sandfork_api::conditions::{self, FAILED, PROGRESSING, READY};
-use sandfork_api::{Sandbox, SandboxBranch, labels};
+use sandfork_api::warmpool::PodSource;
+use sandfork_api::{Sandbox, SandboxBranch, SandboxWarmPool, labels};
 use serde::Serialize;
 use serde_json::json;
 
@@ -104,6 +105,8 @@ impl Step {
 pub struct Fork {
     pub name: String,
     pub mode: Mode,
+    /// Whether the branch got a warm Pod or one made for it.
+    pub pod_source: Option<PodSource>,
     /// Until the watch delivered the SandboxBranch with `Ready=True`.
     pub apply_to_ready_ms: f64,
     /// When each step was first seen through the watches.
@@ -425,6 +428,7 @@ pub async fn fork(
     node: &str,
     name: &str,
     mode: Mode,
+    branch_memory_request_mib: Option<u64>,
 ) -> anyhow::Result<Fork> {
     let branches = objects::branches(env, ns);
     let sandboxes = objects::sandboxes(env, ns);
@@ -465,12 +469,15 @@ pub async fn fork(
         Mode::Live => "Live",
         Mode::StopAndCopy => "StopAndCopy",
     };
-    let spec = json!({
+    let mut spec = json!({
         "sourceRef": {"name": source},
         "branches": 1,
         "mode": mode_name,
         "deletionPolicy": "Delete",
     });
+    if let Some(request) = branch_memory_request_mib {
+        spec["branchMemoryRequestMiB"] = json!(request);
+    }
     let started_wall = Timestamp::now();
     let started = Instant::now();
     let created = objects::create_branch(env, ns, name, spec).await?;
@@ -545,6 +552,7 @@ pub async fn fork(
     let mut fork = Fork {
         name: name.to_string(),
         mode,
+        pod_source: status.branches.first().and_then(|b| b.pod_source),
         apply_to_ready_ms: ready_ms,
         seen_ms,
         events_ms: BTreeMap::new(),
@@ -648,7 +656,11 @@ pub struct Report {
     /// Medians of a write's round trip and of its delivery to a watch (ms).
     pub api_write_ms_p50: f64,
     pub watch_delivery_ms_p50: f64,
+    /// Live forks whose branch is of the warm pool's size class (the
+    /// default path: a warm Pod).
     pub live: Vec<Fork>,
+    /// Live forks whose branch is of no pool's size class (a Pod made for it).
+    pub cold: Vec<Fork>,
     pub stop_and_copy: Vec<Fork>,
     /// A plain Pod's start-up (ms), one per fork, in the same run.
     pub pod_start_ms: Vec<f64>,
@@ -660,7 +672,13 @@ impl Report {
     /// One JSON object; `timelines` adds every fork's steps.
     pub fn to_json(&self, extra: serde_json::Value, timelines: bool) -> serde_json::Value {
         let live = Summary::of(&self.live);
+        let cold = Summary::of(&self.cold);
         let baseline = Summary::of(&self.stop_and_copy);
+        let in_warm_pods = self
+            .live
+            .iter()
+            .filter(|f| f.pod_source == Some(PodSource::Warm))
+            .count();
         let ratio = match (&live, &baseline) {
             (Some(live), Some(baseline)) if live.p50 > 0.0 => {
                 Some((baseline.p50 / live.p50 * 100.0).round() / 100.0)
@@ -676,6 +694,14 @@ impl Report {
             "apply_to_ready_ms_p50": live.as_ref().map(|s| s.p50),
             "apply_to_ready_ms_p90": live.as_ref().map(|s| s.p90),
             "apply_to_ready_ms": live.as_ref().map(|s| s.samples.clone()).unwrap_or_default(),
+            "warm_forks_in_warm_pods": in_warm_pods,
+            "cold_apply_to_ready_ms_p50": cold.as_ref().map(|s| s.p50),
+            "cold_apply_to_ready_ms_p90": cold.as_ref().map(|s| s.p90),
+            "cold_apply_to_ready_ms": cold.as_ref().map(|s| s.samples.clone()).unwrap_or_default(),
+            "cold_over_warm_p50_ratio": match (&live, &cold) {
+                (Some(live), Some(cold)) if live.p50 > 0.0 => Some((cold.p50 / live.p50 * 100.0).round() / 100.0),
+                _ => None,
+            },
             "stop_and_copy_apply_to_ready_ms_p50": baseline.as_ref().map(|s| s.p50),
             "stop_and_copy_apply_to_ready_ms_p90": baseline.as_ref().map(|s| s.p90),
             "stop_and_copy_apply_to_ready_ms": baseline.as_ref().map(|s| s.samples.clone()).unwrap_or_default(),
@@ -688,6 +714,7 @@ impl Report {
             "cold_sandbox_ready_ms_p90": p90(&self.cold_sandbox_ms),
             "breakdown_ms_p50": {
                 "live": live.as_ref().map(|s| s.breakdown_p50.clone()),
+                "cold": cold.as_ref().map(|s| s.breakdown_p50.clone()),
                 "stop_and_copy": baseline.as_ref().map(|s| s.breakdown_p50.clone()),
             },
         });
@@ -695,7 +722,8 @@ impl Report {
             out.extend(extra);
         }
         if timelines {
-            out["timelines"] = json!({"live": self.live, "stop_and_copy": self.stop_and_copy});
+            out["timelines"] =
+                json!({"live": self.live, "cold": self.cold, "stop_and_copy": self.stop_and_copy});
         }
         out
     }
@@ -735,22 +763,39 @@ pub async fn run(env: &Env, ns: &str, options: &Options) -> anyhow::Result<Repor
         api_write_ms_p50,
         watch_delivery_ms_p50,
         live: Vec::new(),
+        cold: Vec::new(),
         stop_and_copy: Vec::new(),
         pod_start_ms: Vec::new(),
         cold_sandbox_ms: Vec::new(),
     };
+    warm_pool(env, ns, &node, options.memory_mib).await?;
     for i in 0..options.forks.max(options.baseline_forks) {
-        for (mode, count, prefix) in [
-            (Mode::Live, options.forks, "live"),
-            (Mode::StopAndCopy, options.baseline_forks, "stop-and-copy"),
+        for (mode, path, count, prefix) in [
+            (Mode::Live, Path::Warm, options.forks, "live"),
+            (Mode::Live, Path::Cold, options.forks, "cold"),
+            (
+                Mode::StopAndCopy,
+                Path::Warm,
+                options.baseline_forks,
+                "stop-and-copy",
+            ),
         ] {
             if i >= count {
                 continue;
             }
-            let fork = fork(env, ns, "source", &node, &format!("{prefix}-{i}"), mode).await?;
+            let request = match path {
+                Path::Warm => {
+                    warm_pod_ready(env, ns).await?;
+                    Some(WARM_REQUEST_MIB)
+                }
+                Path::Cold => None,
+            };
+            let name = format!("{prefix}-{i}");
+            let fork = fork(env, ns, "source", &node, &name, mode, request).await?;
             eprintln!(
-                "bench: {mode:?} fork {}/{count}: Ready after {:.1} ms (captured at {}, branch Ready at {}; capture call {}, restore call {}); gone {:.0} ms after its deletion",
+                "bench: {mode:?} fork {}/{count} ({:?} Pod): Ready after {:.1} ms (captured at {}, branch Ready at {}; capture call {}, restore call {}); gone {:.0} ms after its deletion",
                 i + 1,
+                fork.pod_source,
                 fork.apply_to_ready_ms,
                 shown(fork.seen_ms.get(&Step::Captured).copied()),
                 shown(fork.seen_ms.get(&Step::SandboxReady).copied()),
@@ -758,9 +803,10 @@ pub async fn run(env: &Env, ns: &str, options: &Options) -> anyhow::Result<Repor
                 shown(fork.restore_call_ms),
                 fork.teardown_ms,
             );
-            match mode {
-                Mode::Live => report.live.push(fork),
-                Mode::StopAndCopy => report.stop_and_copy.push(fork),
+            match (mode, path) {
+                (Mode::Live, Path::Warm) => report.live.push(fork),
+                (Mode::Live, Path::Cold) => report.cold.push(fork),
+                (Mode::StopAndCopy, _) => report.stop_and_copy.push(fork),
             }
         }
         // The baselines of the cold path, between the forks.
@@ -781,6 +827,57 @@ pub async fn run(env: &Env, ns: &str, options: &Options) -> anyhow::Result<Repor
         report.cold_sandbox_ms.push(cold_ms);
     }
     Ok(report)
+}
+
+/// Which Pod a fork's branch is meant to get.
+#[derive(Clone, Copy, Debug)]
+enum Path {
+    /// Of the warm pool's size class: a warm Pod (one is ready before it).
+    Warm,
+    /// Of no pool's size class: a Pod made for it.
+    Cold,
+}
+
+/// The memory request of warm forks' branches for their guest (MiB): the
+/// size class of the bench's SandboxWarmPool. Cold forks' branches request
+/// the whole guest, which no pool offers.
+const WARM_REQUEST_MIB: u64 = 32;
+/// Name of the bench's SandboxWarmPool.
+const WARM_POOL: &str = "bench";
+
+/// Makes the SandboxWarmPool of warm forks: two Pods on `node`.
+async fn warm_pool(env: &Env, ns: &str, node: &str, memory_mib: u64) -> anyhow::Result<()> {
+    let pool: SandboxWarmPool = serde_json::from_value(json!({
+        "apiVersion": "sandfork.dev/v1alpha1",
+        "kind": "SandboxWarmPool",
+        "metadata": {"name": WARM_POOL, "namespace": ns},
+        "spec": {
+            "podsPerNode": 2,
+            "memoryMiB": memory_mib,
+            "vcpus": 1,
+            "resources": {"memoryRequestMiB": WARM_REQUEST_MIB},
+            "nodeNames": [node],
+        },
+    }))?;
+    Api::<SandboxWarmPool>::namespaced(env.client(), ns)
+        .create(&PostParams::default(), &pool)
+        .await?;
+    Ok(())
+}
+
+/// Waits until the bench's pool has a warm Pod ready (refilled after the
+/// previous fork's claim).
+async fn warm_pod_ready(env: &Env, ns: &str) -> anyhow::Result<()> {
+    let pools: Api<SandboxWarmPool> = Api::namespaced(env.client(), ns);
+    wait::until("a warm Pod to be ready", FORK_READY, || async {
+        let status = pools.get(WARM_POOL).await?.status.unwrap_or_default();
+        Ok(if status.ready_pods > 0 {
+            Look::Done(())
+        } else {
+            Look::NotYet(format!("{status:?}"))
+        })
+    })
+    .await
 }
 
 fn shown(ms: Option<f64>) -> String {
@@ -864,6 +961,7 @@ mod tests {
         let fork = Fork {
             name: "f".into(),
             mode: Mode::Live,
+            pod_source: None,
             apply_to_ready_ms: 50.0,
             seen_ms: BTreeMap::from([
                 (Step::Created, 5.0),

@@ -1,7 +1,10 @@
 //! The fan-out benchmark: one SandboxBranch with many branches of one
 //! source, timed from its create request until a watch shows it Ready, with
-//! the memory the node gained; beside it, in the same run, the same number
-//! of plain Pods of the sandbox image created at once (Pod start-up alone).
+//! the memory the node gained. The branches claim warm Pods of a
+//! SandboxWarmPool made for them; beside it, in the same run, the same
+//! SandboxBranch with no warm Pods (a Pod made for each branch), and the
+//! same number of plain Pods of the sandbox image created at once (Pod
+//! start-up alone).
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -12,7 +15,8 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, PostParams, WatchEvent, WatchParams};
 use sandfork_api::conditions::{self, FAILED, READY};
-use sandfork_api::{labels, pod};
+use sandfork_api::warmpool::PodSource;
+use sandfork_api::{SandboxWarmPool, labels, pod};
 use serde_json::json;
 
 use crate::bench::{plain_pod, round, watch_from_now};
@@ -63,46 +67,40 @@ pub async fn run(env: &Env, ns: &str, options: &Options) -> anyhow::Result<serde
     // Settled: the source's boot and the agent's start-up are behind.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let source_pod_uid = pod_uid(env, ns, "source").await?;
+
+    // The cold path first: no warm Pod, every branch's Pod is made for it.
+    let branches = objects::branches(env, ns);
+    let (cold_ms, _) = fan_out(env, ns, "cold", options).await?;
+    eprintln!(
+        "bench: {} branches in Pods made for them Ready after {cold_ms:.1} ms",
+        options.branches
+    );
+    branches.delete("cold", &DeleteParams::default()).await?;
+    gone(env, ns, &format!("{}=cold", labels::BRANCH)).await?;
+
+    // Then the warm path: a pool of as many warm Pods on the node.
+    let filled = Instant::now();
+    warm_pool(env, ns, &node, options).await?;
+    let pool_filled_ms = filled.elapsed().as_secs_f64() * 1e3;
+    eprintln!(
+        "bench: {} warm Pods ready after {pool_filled_ms:.0} ms",
+        options.branches
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let agent_before = pod_memory(&agent_uid, AGENT)?;
     let source_before = pod_memory(&source_pod_uid, VMM)?;
-
-    let branches = objects::branches(env, ns);
-    let by_name = "metadata.name=fan-out";
-    let mut watch = watch_from_now(
-        &branches,
-        &ListParams::default().fields(by_name),
-        &WatchParams::default().fields(by_name),
-    )
-    .await?
-    .boxed();
-    let spec = json!({
-        "sourceRef": {"name": "source"},
-        "branches": options.branches,
-        "branchMemoryRequestMiB": options.branch_memory_request_mib,
-        "deletionPolicy": "Delete",
-        "failureDeadline": "10m",
-    });
-    let started = Instant::now();
-    objects::create_branch(env, ns, "fan-out", spec).await?;
-    let ready = tokio::time::timeout(ALL_READY, async {
-        while let Some(event) = watch.next().await {
-            if let WatchEvent::Modified(branch) = event? {
-                let status = branch.status.clone().unwrap_or_default();
-                if conditions::is_true(&status.conditions, FAILED) {
-                    bail!("SandboxBranch fan-out failed: {:?}", status.error);
-                }
-                if conditions::is_true(&status.conditions, READY) {
-                    return anyhow::Ok((started.elapsed().as_secs_f64() * 1e3, status));
-                }
-            }
-        }
-        bail!("the watch of SandboxBranch fan-out ended")
-    })
-    .await
-    .context("the branches were not all Ready in time")??;
-    let (all_ready_ms, status) = ready;
+    let (all_ready_ms, status) = fan_out(env, ns, "fan-out", options).await?;
+    // No refill: the measurement below is of the branches alone.
+    Api::<SandboxWarmPool>::namespaced(env.client(), ns)
+        .delete(WARM_POOL, &DeleteParams::default())
+        .await?;
+    let warm_branches = status
+        .branches
+        .iter()
+        .filter(|b| b.pod_source == Some(PodSource::Warm))
+        .count();
     eprintln!(
-        "bench: {} branches Ready after {all_ready_ms:.1} ms",
+        "bench: {} branches Ready after {all_ready_ms:.1} ms ({warm_branches} in warm Pods)",
         options.branches
     );
 
@@ -161,6 +159,9 @@ pub async fn run(env: &Env, ns: &str, options: &Options) -> anyhow::Result<serde
         "node": node,
         "branch_memory_request_mib": options.branch_memory_request_mib,
         "all_ready_ms": round(all_ready_ms),
+        "warm_branches": warm_branches,
+        "cold_all_ready_ms": round(cold_ms),
+        "warm_pool_filled_ms": round(pool_filled_ms),
         "plain_pods_all_running_ms": round(plain_ms),
         "all_ready_over_plain_pods_ratio": (plain_ms > 0.0).then(|| (all_ready_ms / plain_ms * 100.0).round() / 100.0),
         "capture_pause_us": status.capture.as_ref().map(|c| c.pause_micros),
@@ -171,6 +172,84 @@ pub async fn run(env: &Env, ns: &str, options: &Options) -> anyhow::Result<serde
         "fixed_per_branch_mib": round(fixed_per_branch_mib),
         "full_copies_mib": options.branches as u64 * options.memory_mib,
     }))
+}
+
+/// Name of the bench's SandboxWarmPool.
+const WARM_POOL: &str = "fan-out";
+
+/// Makes a SandboxWarmPool of the branches' size class with one warm Pod
+/// per branch on `node`, and waits until all are ready.
+async fn warm_pool(env: &Env, ns: &str, node: &str, options: &Options) -> anyhow::Result<()> {
+    let pool: SandboxWarmPool = serde_json::from_value(json!({
+        "apiVersion": "sandfork.dev/v1alpha1",
+        "kind": "SandboxWarmPool",
+        "metadata": {"name": WARM_POOL, "namespace": ns},
+        "spec": {
+            "podsPerNode": options.branches,
+            "memoryMiB": options.memory_mib,
+            "vcpus": 1,
+            "resources": {
+                "cpuRequest": CPU_REQUEST,
+                "memoryRequestMiB": options.branch_memory_request_mib,
+            },
+            "nodeNames": [node],
+        },
+    }))?;
+    let pools: Api<SandboxWarmPool> = Api::namespaced(env.client(), ns);
+    pools.create(&PostParams::default(), &pool).await?;
+    wait::until("the warm Pods to be ready", ALL_READY, || async {
+        let status = pools.get(WARM_POOL).await?.status.unwrap_or_default();
+        Ok(if status.ready_pods >= options.branches {
+            Look::Done(())
+        } else {
+            Look::NotYet(format!("{status:?}"))
+        })
+    })
+    .await
+}
+
+/// Applies SandboxBranch `name` of `options.branches` branches of `source`
+/// and times it until a watch shows it Ready; returns that and its status.
+async fn fan_out(
+    env: &Env,
+    ns: &str,
+    name: &str,
+    options: &Options,
+) -> anyhow::Result<(f64, sandfork_api::SandboxBranchStatus)> {
+    let branches = objects::branches(env, ns);
+    let by_name = format!("metadata.name={name}");
+    let mut watch = watch_from_now(
+        &branches,
+        &ListParams::default().fields(&by_name),
+        &WatchParams::default().fields(&by_name),
+    )
+    .await?
+    .boxed();
+    let spec = json!({
+        "sourceRef": {"name": "source"},
+        "branches": options.branches,
+        "branchMemoryRequestMiB": options.branch_memory_request_mib,
+        "deletionPolicy": "Delete",
+        "failureDeadline": "10m",
+    });
+    let started = Instant::now();
+    objects::create_branch(env, ns, name, spec).await?;
+    tokio::time::timeout(ALL_READY, async {
+        while let Some(event) = watch.next().await {
+            if let WatchEvent::Modified(branch) = event? {
+                let status = branch.status.clone().unwrap_or_default();
+                if conditions::is_true(&status.conditions, FAILED) {
+                    bail!("SandboxBranch {name} failed: {:?}", status.error);
+                }
+                if conditions::is_true(&status.conditions, READY) {
+                    return anyhow::Ok((started.elapsed().as_secs_f64() * 1e3, status));
+                }
+            }
+        }
+        bail!("the watch of SandboxBranch {name} ended")
+    })
+    .await
+    .context("the branches were not all Ready in time")?
 }
 
 /// Memory charged to the cgroup of the process mentioning `program` in the
@@ -194,7 +273,10 @@ async fn branch_pod_uids(env: &Env, ns: &str) -> anyhow::Result<Vec<String>> {
     let sandboxes = objects::sandboxes(env, ns)
         .list(&ListParams::default().labels(&selector))
         .await?;
-    let names: BTreeSet<String> = sandboxes.iter().map(|s| pod::name(&s.name_any())).collect();
+    let names: BTreeSet<String> = sandboxes
+        .iter()
+        .filter_map(|s| s.status.as_ref()?.pod.clone())
+        .collect();
     let all = Api::<Pod>::namespaced(env.client(), ns)
         .list(&ListParams::default())
         .await?;

@@ -127,13 +127,16 @@ pub async fn delete(client: &kube::Client, namespace: &str, name: &str) -> kube:
     Ok(())
 }
 
-/// The Pod the operator runs Sandbox `sandbox` in, if there is one.
+/// The Pod the operator runs Sandbox `sandbox` in, if there is one: made
+/// for it, or a warm Pod claimed for it (both are labelled with its name).
 pub async fn of_sandbox(
     client: &kube::Client,
     namespace: &str,
     sandbox: &str,
 ) -> kube::Result<Option<Pod>> {
-    Api::<Pod>::namespaced(client.clone(), namespace)
-        .get_opt(&sandfork_api::pod::name(sandbox))
-        .await
+    let selector = format!("{}={sandbox}", sandfork_api::labels::SANDBOX);
+    let listed = Api::<Pod>::namespaced(client.clone(), namespace)
+        .list(&kube::api::ListParams::default().labels(&selector))
+        .await?;
+    Ok(listed.items.into_iter().next())
 }

@@ -25,10 +25,12 @@ use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Secret};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use libtest_mimic::{Arguments, Failed, Trial};
+use sandfork_api::SandboxWarmPool;
 use sandfork_api::agent::v1 as pb;
 use sandfork_api::conditions::{self, FAILED, READY};
 use sandfork_api::deviceplugin::KVM_RESOURCE;
 use sandfork_api::labels;
+use sandfork_api::warmpool::PodSource;
 use sandfork_e2e::bench::{self, Step};
 use sandfork_e2e::env::Env;
 use sandfork_e2e::objects::{self, condition, counter_reports, placement};
@@ -98,7 +100,7 @@ fn main() -> ExitCode {
     });
 
     // (name, needs VMs, body)
-    let scenarios: [(&str, bool, Body); 19] = [
+    let scenarios: [(&str, bool, Body); 20] = [
         (
             "chart_accepted_by_api_server",
             false,
@@ -134,6 +136,7 @@ fn main() -> ExitCode {
             branches_continue_from_capture,
         ),
         ("branch_of_a_branch", true, branch_of_a_branch),
+        ("warm_pods_serve_branches", true, warm_pods_serve_branches),
         (
             "deleting_branch_frees_node",
             true,
@@ -295,6 +298,7 @@ fn chart_accepted_by_api_server(env: &Env) -> anyhow::Result<()> {
             let mut kinds = vec![
                 "customresourcedefinition.apiextensions.k8s.io/sandboxes.sandfork.dev",
                 "customresourcedefinition.apiextensions.k8s.io/sandboxbranches.sandfork.dev",
+                "customresourcedefinition.apiextensions.k8s.io/sandboxwarmpools.sandfork.dev",
                 "deployment.apps/",
                 "daemonset.apps/",
                 "clusterrole.rbac.authorization.k8s.io/",
@@ -385,7 +389,22 @@ fn chart_rbac_is_least_privilege(env: &Env) -> anyhow::Result<()> {
         ("operator", "create pods -n anywhere", true),
         ("operator", "delete pods -n anywhere", true),
         ("operator", "watch pods -A", true),
-        ("operator", "patch pods -n anywhere", false),
+        ("operator", "patch pods -n anywhere", true),
+        (
+            "operator",
+            "patch sandboxwarmpools.sandfork.dev --subresource=status -n anywhere",
+            true,
+        ),
+        (
+            "operator",
+            "create sandboxwarmpools.sandfork.dev -n x",
+            false,
+        ),
+        (
+            "operator",
+            "patch pods --subresource=status -n anywhere",
+            false,
+        ),
         ("operator", "update pods -n anywhere", false),
         (
             "operator",
@@ -1554,6 +1573,154 @@ fn branches_continue_from_capture(env: &Env) -> anyhow::Result<()> {
     })
 }
 
+/// The pool's warm Pods, claimed or not (they keep the pool's label).
+async fn warm_pods(env: &Env, ns: &str, pool: &str) -> anyhow::Result<Vec<Pod>> {
+    Ok(Api::<Pod>::namespaced(env.client(), ns)
+        .list(&ListParams::default().labels(&labels::warm_pool_selector(pool)))
+        .await?
+        .items)
+}
+
+/// Waits until SandboxWarmPool `pool` reports `ready` warm Pods.
+async fn warm_pool_ready(env: &Env, ns: &str, pool: &str, ready: u32) -> anyhow::Result<()> {
+    let pools: Api<SandboxWarmPool> = Api::namespaced(env.client(), ns);
+    wait::until(
+        &format!("SandboxWarmPool {pool} to have {ready} ready Pods"),
+        SANDBOX_READY,
+        || async {
+            env.check_processes()?;
+            let status = pools.get(pool).await?.status.unwrap_or_default();
+            Ok(if status.ready_pods == ready {
+                Look::Done(())
+            } else {
+                Look::NotYet(format!("{status:?}"))
+            })
+        },
+    )
+    .await
+}
+
+/// Branches claim the warm Pods of a SandboxWarmPool of their size class
+/// (Pods that were Ready, their VMM answering, before the branch existed),
+/// one Pod each, and a branch finding none gets a Pod made for it; the
+/// SandboxBranch's status says which. The pool refills in the background,
+/// claimed Pods go with their branches, unclaimed ones with the pool.
+fn warm_pods_serve_branches(env: &Env) -> anyhow::Result<()> {
+    env.scenario("warm-pool", false, |ns| async move {
+        let (node, _, before) = running_counter(env, &ns, "source", 2).await?;
+        let pool: SandboxWarmPool = serde_json::from_value(json!({
+            "apiVersion": "sandfork.dev/v1alpha1",
+            "kind": "SandboxWarmPool",
+            "metadata": {"name": "warm", "namespace": ns},
+            "spec": {"podsPerNode": 2, "memoryMiB": MEMORY_MIB, "vcpus": 1,
+                     "resources": {"memoryRequestMiB": 8}, "nodeNames": [node]},
+        }))?;
+        let pools: Api<SandboxWarmPool> = Api::namespaced(env.client(), &ns);
+        pools.create(&Default::default(), &pool).await?;
+        warm_pool_ready(env, &ns, "warm", 2).await?;
+        let warm: BTreeSet<String> = warm_pods(env, &ns, "warm")
+            .await?
+            .iter()
+            .map(|pod| pod.metadata.name.clone().unwrap_or_default())
+            .collect();
+        ensure!(warm.len() == 2, "warm Pods {warm:?}");
+
+        objects::create_branch(
+            env,
+            &ns,
+            "fork",
+            json!({"sourceRef": {"name": "source"}, "branches": 3, "branchMemoryRequestMiB": 8}),
+        )
+        .await?;
+        let branch = objects::branch_ready(env, &ns, "fork", BRANCH_READY).await?;
+        check_branches(env, &ns, &branch, "source", &node, before).await?;
+        let entries = branch.status.clone().unwrap_or_default().branches;
+        let mut claimed = BTreeSet::new();
+        for entry in &entries {
+            let sandbox = objects::sandboxes(env, &ns).get(&entry.name).await?;
+            let status = sandbox.status.clone().unwrap_or_default();
+            let pod_name = status.pod.clone().unwrap_or_default();
+            ensure!(
+                status.pod_source == entry.pod_source,
+                "{}: the SandboxBranch says {:?}, the Sandbox {:?}",
+                entry.name,
+                entry.pod_source,
+                status.pod_source
+            );
+            match entry.pod_source {
+                Some(PodSource::Warm) => {
+                    ensure!(
+                        warm.contains(&pod_name),
+                        "{} runs in {pod_name}",
+                        entry.name
+                    );
+                    ensure!(claimed.insert(pod_name.clone()), "{pod_name} claimed twice");
+                }
+                Some(PodSource::Cold) => ensure!(
+                    pod_name == sandfork_api::pod::name(&entry.name),
+                    "{} runs in {pod_name}",
+                    entry.name
+                ),
+                None => bail!("{} has no pod source", entry.name),
+            }
+            let pod = pods::of_sandbox(&env.client(), &ns, &entry.name)
+                .await?
+                .with_context(|| format!("{} has no Pod", entry.name))?;
+            let owner = pod
+                .metadata
+                .owner_references
+                .clone()
+                .unwrap_or_default()
+                .into_iter()
+                .find(|o| o.controller == Some(true));
+            ensure!(
+                owner.as_ref().map(|o| (o.kind.as_str(), o.uid.as_str()))
+                    == Some((
+                        "Sandbox",
+                        sandbox.metadata.uid.as_deref().unwrap_or_default()
+                    )),
+                "{pod_name} is controlled by {owner:?}"
+            );
+        }
+        ensure!(
+            claimed.len() == 2 && entries.len() == 3,
+            "two branches in the two warm Pods, one in a cold Pod: {entries:?}"
+        );
+        check_branch_pod_memory(env, &ns, &entries[0].name, 8).await?;
+
+        // Refilled in the background: two more ready, not counting the claimed.
+        warm_pool_ready(env, &ns, "warm", 2).await?;
+        ensure!(
+            warm_pods(env, &ns, "warm").await?.len() == 4,
+            "two claimed and two new warm Pods"
+        );
+
+        // The claimed Pods go with their branches, the others with the pool.
+        objects::branches(env, &ns)
+            .delete("fork", &DeleteParams::default())
+            .await?;
+        pools.delete("warm", &DeleteParams::default()).await?;
+        wait::until(
+            "the warm Pods to be gone",
+            Duration::from_secs(120),
+            || async {
+                let left: Vec<String> = warm_pods(env, &ns, "warm")
+                    .await?
+                    .iter()
+                    .map(|p| p.metadata.name.clone().unwrap_or_default())
+                    .collect();
+                Ok(if left.is_empty() {
+                    Look::Done(())
+                } else {
+                    Look::NotYet(format!("left: {left:?}"))
+                })
+            },
+        )
+        .await?;
+        Ok(())
+    })
+}
+
 /// The Pod of branch `name` requests `guest_request_mib` of its guest's
 /// memory (plus the overhead) and is limited to the whole guest, so it is
 /// Burstable: the kubelet admitted it so.
@@ -1563,9 +1730,9 @@ async fn check_branch_pod_memory(
     name: &str,
     guest_request_mib: u64,
 ) -> anyhow::Result<()> {
-    let pod = Api::<Pod>::namespaced(env.client(), ns)
-        .get(&sandfork_api::pod::name(name))
-        .await?;
+    let pod = pods::of_sandbox(&env.client(), ns, name)
+        .await?
+        .with_context(|| format!("branch {name} has no Pod"))?;
     let resources = pod
         .spec
         .as_ref()
@@ -1846,7 +2013,7 @@ fn missing_source_fails_cleanly(env: &Env) -> anyhow::Result<()> {
 fn fork_is_timed_by_watch(env: &Env) -> anyhow::Result<()> {
     env.scenario("timed-fork", false, |ns| async move {
         let (node, _) = bench::start_source(env, &ns, "source", "Counter", MEMORY_MIB).await?;
-        let fork = bench::fork(env, &ns, "source", &node, "timed", bench::Mode::Live).await?;
+        let fork = bench::fork(env, &ns, "source", &node, "timed", bench::Mode::Live, None).await?;
         let at = |step: Step| fork.seen_ms.get(&step).copied();
         let missing: Vec<Step> = Step::ALL
             .into_iter()

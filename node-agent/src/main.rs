@@ -102,6 +102,11 @@ enum Command {
         #[arg(long)]
         dir: PathBuf,
     },
+    /// Exit 0 if the VMM serving --dir answers (a warm Pod's startup probe).
+    VmHostProbe {
+        #[arg(long)]
+        dir: PathBuf,
+    },
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -124,6 +129,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::VmHost { dir } => Ok(vmhost::serve(&dir)?),
+        Command::VmHostProbe { dir } => Ok(vmhost::probe(&dir)?),
         Command::Bench(args) => {
             sandfork_bench::run_with(&args, sandfork_node_agent::vmm_bench::measure)
         }
@@ -225,7 +231,11 @@ fn run_local(root: &std::path::Path, command: Command) -> anyhow::Result<()> {
             state_dir::capture(root, &capture).import(&file)?;
             Ok(())
         }
-        Command::Bench(_) | Command::CheckDevices | Command::Serve(_) | Command::VmHost { .. } => {
+        Command::Bench(_)
+        | Command::CheckDevices
+        | Command::Serve(_)
+        | Command::VmHost { .. }
+        | Command::VmHostProbe { .. } => {
             unreachable!("handled in main")
         }
     }

@@ -243,6 +243,16 @@ fn started_by_default() -> bool {
     true
 }
 
+/// Whether the VMM serving `dir` answers a status request.
+pub fn probe(dir: &Path) -> std::io::Result<()> {
+    match call(dir, &Request::Status, Duration::from_secs(1))? {
+        Response::Status(_) => Ok(()),
+        other => Err(std::io::Error::other(format!(
+            "the VMM answered {other:?} to a status request"
+        ))),
+    }
+}
+
 /// Sends one request to the VMM whose control socket is in `dir`.
 pub fn call(dir: &Path, request: &Request, timeout: Duration) -> std::io::Result<Response> {
     call_with(dir, request, &[], timeout)

@@ -631,6 +631,7 @@ impl<'a> Pass<'a> {
                 name: sandbox.name_any(),
                 index: *index,
                 ready: sandbox.is_ready(),
+                pod_source: sandbox.status.as_ref().and_then(|s| s.pod_source),
             })
             .collect();
         let ready = self

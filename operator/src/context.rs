@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
@@ -20,7 +20,7 @@ use crate::pod::VmmImage;
 
 /// The field manager of every write the operator makes.
 pub const FIELD_MANAGER: &str = "sandfork-operator";
-/// The finalizer on both kinds.
+/// The finalizer on every kind the operator reconciles.
 pub const FINALIZER: &str = "sandfork.dev/cleanup";
 
 /// The image sandbox Pods run when none is configured: the agent's.
@@ -107,7 +107,7 @@ pub struct Caches {
     pub sandboxes: Store<Sandbox>,
     /// All SandboxBranches (the SandboxBranch controller's cache).
     pub branches: Store<SandboxBranch>,
-    /// Sandbox Pods (labelled `app.kubernetes.io/component=sandbox`).
+    /// Sandbox Pods (labelled `app.kubernetes.io/component=sandbox`), warm ones too.
     pub pods: Store<Pod>,
 }
 
@@ -121,6 +121,8 @@ pub struct Context {
     pub clock: Clock,
     pub settings: Settings,
     failures: Mutex<HashMap<String, u32>>,
+    /// Warm Pods this operator claimed or is claiming, by UID, and when.
+    warm_claims: Mutex<HashMap<String, Instant>>,
 }
 
 impl Context {
@@ -142,6 +144,7 @@ impl Context {
             clock,
             settings,
             failures: Mutex::new(HashMap::new()),
+            warm_claims: Mutex::new(HashMap::new()),
         }
     }
 
@@ -185,6 +188,23 @@ impl Context {
             .checked_shl(count.saturating_sub(1).min(20))
             .unwrap_or(u64::MAX);
         Duration::from_secs(secs).min(self.settings.max_backoff)
+    }
+
+    /// Keeps the warm Pod `uid` from other claims of this operator for
+    /// `hold`; false if one holds it already. The API server's
+    /// resourceVersion check is what makes a claim safe: this only spares
+    /// concurrent claims from racing for the Pod the cache shows first.
+    pub fn reserve_warm_pod(&self, uid: &str, hold: Duration) -> bool {
+        let mut claims = self.warm_claims.lock().expect("warm claims lock");
+        let now = Instant::now();
+        claims.retain(|_, at| now.duration_since(*at) < hold);
+        match claims.entry(uid.to_string()) {
+            std::collections::hash_map::Entry::Occupied(_) => false,
+            std::collections::hash_map::Entry::Vacant(entry) => {
+                entry.insert(now);
+                true
+            }
+        }
     }
 
     /// Forgets the failures of `key` after a successful reconcile.

@@ -43,6 +43,10 @@ pub trait Reconcile:
     /// The controller's name in metrics.
     const CONTROLLER: &'static str;
 
+    /// Whether the object carries the operator's finalizer, so that
+    /// `cleanup` runs before it goes. Without it `cleanup` is never called.
+    const FINALIZED: bool = true;
+
     type Status: ObjectStatus;
 
     fn status(&self) -> Option<&Self::Status>;
@@ -147,15 +151,25 @@ async fn finalized_pass<K: Reconcile>(obj: Arc<K>, ctx: Arc<Context>) -> Result<
         .namespace()
         .ok_or_else(|| Error::Permanent(format!("{} without a namespace", K::kind(&()))))?;
     let api: Api<K> = Api::namespaced(ctx.client.clone(), &namespace);
-    let pass = finalizer(&api, FINALIZER, obj, |event| async {
-        match event {
-            Finalizer::Apply(obj) => obj.apply(&ctx).await,
-            Finalizer::Cleanup(obj) => obj.cleanup(&ctx).await,
+    let pass = async {
+        if !K::FINALIZED {
+            return match obj.meta().deletion_timestamp {
+                Some(_) => Ok(Action::await_change()),
+                None => obj.apply(&ctx).await,
+            };
         }
-    });
+        finalizer(&api, FINALIZER, obj.clone(), |event| async {
+            match event {
+                Finalizer::Apply(obj) => obj.apply(&ctx).await,
+                Finalizer::Cleanup(obj) => obj.cleanup(&ctx).await,
+            }
+        })
+        .await
+        .map_err(Error::from_finalizer)
+    };
     let limit = ctx.settings.reconcile_timeout;
     let result = match tokio::time::timeout(limit, pass).await {
-        Ok(result) => result.map_err(Error::from_finalizer),
+        Ok(result) => result,
         Err(_) => Err(Error::Timeout(limit)),
     };
     ctx.metrics.reconciled(K::CONTROLLER, started.elapsed());

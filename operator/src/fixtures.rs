@@ -145,10 +145,13 @@ fn status(code: u16, reason: &str, message: String) -> (u16, Value) {
 }
 
 fn labels_match(object: &Value, selector: &str) -> bool {
-    selector.split(',').filter(|s| !s.is_empty()).all(|term| {
-        let (key, value) = term.split_once('=').unwrap_or((term, ""));
-        object["metadata"]["labels"][key].as_str() == Some(value)
-    })
+    selector
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .all(|term| match term.split_once('=') {
+            Some((key, value)) => object["metadata"]["labels"][key].as_str() == Some(value),
+            None => !object["metadata"]["labels"][term].is_null(),
+        })
 }
 
 impl FakeApi {
@@ -261,6 +264,11 @@ impl FakeApi {
             }
             (Method::POST, None) => {
                 let mut object = request.body.clone();
+                if object["metadata"]["name"].is_null()
+                    && let Some(prefix) = object["metadata"]["generateName"].as_str()
+                {
+                    object["metadata"]["name"] = json!(format!("{prefix}{}", state.next_uid + 1));
+                }
                 let name = object["metadata"]["name"]
                     .as_str()
                     .unwrap_or_default()
@@ -331,7 +339,8 @@ impl FakeApi {
                 let before_spec = object["spec"].clone();
                 // A resourceVersion in the patch is a precondition.
                 let expected = &request.body["metadata"]["resourceVersion"];
-                if request.content_type == "application/apply-patch+yaml"
+                if (request.content_type == "application/apply-patch+yaml"
+                    || request.content_type == "application/merge-patch+json")
                     && !expected.is_null()
                     && *expected != object["metadata"]["resourceVersion"]
                 {
@@ -570,9 +579,13 @@ pub fn bind_pod(pod: &mut Value, node: &str) {
     pod["status"]["conditions"] = json!([{"type": "PodScheduled", "status": "True"}]);
 }
 
-/// Runs a bound Pod's containers, as the kubelet does.
+/// Runs a bound Pod's containers, as the kubelet does; they are ready.
 pub fn run_pod(pod: &mut Value) {
     pod["status"]["phase"] = json!("Running");
+    pod["status"]["conditions"] = json!([
+        {"type": "PodScheduled", "status": "True"},
+        {"type": "Ready", "status": "True"},
+    ]);
     pod["status"]["containerStatuses"] = json!([{
         "name": "vmm", "image": "sandfork/agent", "imageID": "", "ready": true,
         "restartCount": 0, "state": {"running": {"startedAt": "2026-03-01T12:00:00Z"}},

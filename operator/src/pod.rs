@@ -5,15 +5,16 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Affinity, Capabilities, Container, EmptyDirVolumeSource, EnvVar, ImageVolumeSource,
-    NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, Pod, PodSpec,
+    Affinity, Capabilities, Container, EmptyDirVolumeSource, EnvVar, ExecAction, ImageVolumeSource,
+    NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, Pod, PodSpec, Probe,
     ResourceRequirements, SeccompProfile, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::api::ObjectMeta;
 use kube::{Resource, ResourceExt};
 use sandfork_api::deviceplugin::KVM_RESOURCE;
-use sandfork_api::{Sandbox, labels, pod};
+use sandfork_api::sandbox::{BuiltinWorkload, GuestSpec};
+use sandfork_api::{Sandbox, SandboxSpec, SandboxWarmPool, labels, pod};
 
 /// Where the VMM binary lies in the agent image.
 const VMM_BINARY: &str = "/sandfork-agent";
@@ -29,7 +30,6 @@ pub struct VmmImage {
     pub pull_policy: String,
 }
 
-/// The Pod of `sandbox`, or why its spec cannot make one.
 /// The VMM's socket volume and, for a guest image, that image as a volume.
 fn volumes(guest_image: Option<&str>) -> Vec<Volume> {
     let mut volumes = vec![Volume {
@@ -67,6 +67,7 @@ fn volume_mounts(guest_image: bool) -> Vec<VolumeMount> {
     mounts
 }
 
+/// The Pod of `sandbox`, or why its spec cannot make one.
 pub fn sandbox_pod(sandbox: &Sandbox, image: &VmmImage) -> Result<Pod, String> {
     let sandbox_name = sandbox.name_any();
     let name = pod::name(&sandbox_name);
@@ -74,10 +75,93 @@ pub fn sandbox_pod(sandbox: &Sandbox, image: &VmmImage) -> Result<Pod, String> {
     let uid = sandbox
         .uid()
         .ok_or_else(|| "the Sandbox has no UID yet".to_string())?;
-    let spec = &sandbox.spec;
-    let labels = BTreeMap::from([
-        (labels::SANDBOX.to_string(), sandbox_name.clone()),
-        (labels::SANDBOX_UID.to_string(), uid),
+    let namespace = sandbox.namespace().unwrap_or_default();
+    let mut labels = common_labels();
+    labels.insert(labels::SANDBOX.to_string(), sandbox_name.clone());
+    labels.insert(labels::SANDBOX_UID.to_string(), uid);
+    let metadata = ObjectMeta {
+        name: Some(name),
+        namespace: Some(namespace.clone()),
+        labels: Some(labels),
+        owner_references: Some(vec![owner_reference(sandbox)?]),
+        ..ObjectMeta::default()
+    };
+    let env = EnvVar {
+        name: "SANDFORK_SANDBOX".into(),
+        value: Some(format!("{namespace}/{sandbox_name}")),
+        value_from: None,
+    };
+    vmm_pod(&sandbox.spec, metadata, env, image)
+}
+
+/// A warm Pod of `pool` for `node`: the Pod of a Sandbox of the pool's size
+/// class, owned by the pool, whose VMM waits for whichever Sandbox claims it.
+/// It is Ready once its VMM answers (a startup probe), and only then claimable.
+pub fn warm_pod(pool: &SandboxWarmPool, node: &str, image: &VmmImage) -> Result<Pod, String> {
+    let pool_name = pool.name_any();
+    let namespace = pool.namespace().unwrap_or_default();
+    let mut labels = common_labels();
+    labels.insert(labels::WARM_POOL.to_string(), pool_name.clone());
+    let mut owner = pool
+        .controller_owner_ref(&())
+        .ok_or_else(|| "the SandboxWarmPool has no name or UID".to_string())?;
+    owner.block_owner_deletion = Some(true);
+    let metadata = ObjectMeta {
+        generate_name: Some(format!("{}{pool_name}-", pod::WARM_NAME_PREFIX)),
+        namespace: Some(namespace.clone()),
+        labels: Some(labels),
+        owner_references: Some(vec![owner]),
+        ..ObjectMeta::default()
+    };
+    let env = EnvVar {
+        name: "SANDFORK_WARM_POOL".into(),
+        value: Some(format!("{namespace}/{pool_name}")),
+        value_from: None,
+    };
+    let mut pod = vmm_pod(&warm_spec(pool, node), metadata, env, image)?;
+    if let Some(spec) = pod.spec.as_mut() {
+        spec.containers[0].startup_probe = Some(vmm_answers_probe());
+    }
+    Ok(pod)
+}
+
+/// The spec of the Sandboxes a warm Pod of `pool` on `node` can serve.
+pub fn warm_spec(pool: &SandboxWarmPool, node: &str) -> SandboxSpec {
+    SandboxSpec {
+        guest: GuestSpec::builtin(BuiltinWorkload::Idle),
+        memory_mib: pool.spec.memory_mib,
+        vcpus: pool.spec.vcpus,
+        node_selector: None,
+        node_name: Some(node.to_string()),
+        affinity: None,
+        tolerations: Vec::new(),
+        priority_class_name: None,
+        resources: pool.spec.resources.clone(),
+        restore_from: None,
+    }
+}
+
+/// Succeeds once the VMM answers on its control socket (run once: a VMM
+/// that stops later ends its container, and so the Pod).
+fn vmm_answers_probe() -> Probe {
+    Probe {
+        exec: Some(ExecAction {
+            command: Some(
+                [VMM_BINARY, "vm-host-probe", "--dir", pod::VMM_DIR]
+                    .map(String::from)
+                    .to_vec(),
+            ),
+        }),
+        period_seconds: Some(1),
+        timeout_seconds: Some(2),
+        failure_threshold: Some(120),
+        ..Probe::default()
+    }
+}
+
+/// The labels every sandbox Pod has, warm or not.
+fn common_labels() -> BTreeMap<String, String> {
+    BTreeMap::from([
         (labels::NAME.to_string(), labels::NAME_VALUE.to_string()),
         (
             labels::COMPONENT.to_string(),
@@ -87,8 +171,16 @@ pub fn sandbox_pod(sandbox: &Sandbox, image: &VmmImage) -> Result<Pod, String> {
             labels::MANAGED_BY.to_string(),
             labels::MANAGED_BY_OPERATOR.to_string(),
         ),
-    ]);
-    let namespace = sandbox.namespace().unwrap_or_default();
+    ])
+}
+
+/// The Pod that runs the VMM of a Sandbox with `spec`.
+fn vmm_pod(
+    spec: &SandboxSpec,
+    metadata: ObjectMeta,
+    env: EnvVar,
+    image: &VmmImage,
+) -> Result<Pod, String> {
     let container = Container {
         name: pod::VMM_CONTAINER.into(),
         image: Some(image.image.clone()),
@@ -98,13 +190,9 @@ pub fn sandbox_pod(sandbox: &Sandbox, image: &VmmImage) -> Result<Pod, String> {
                 .map(String::from)
                 .to_vec(),
         ),
-        env: Some(vec![EnvVar {
-            name: "SANDFORK_SANDBOX".into(),
-            value: Some(format!("{namespace}/{sandbox_name}")),
-            value_from: None,
-        }]),
+        env: Some(vec![env]),
         volume_mounts: Some(volume_mounts(spec.guest.image.is_some())),
-        resources: Some(resources(sandbox)?),
+        resources: Some(resources(spec)?),
         // A VMM that could not start its VM exits with the reason as its
         // last log lines; they become the Pod's message.
         termination_message_policy: Some("FallbackToLogsOnError".into()),
@@ -127,13 +215,7 @@ pub fn sandbox_pod(sandbox: &Sandbox, image: &VmmImage) -> Result<Pod, String> {
         ..Container::default()
     };
     Ok(Pod {
-        metadata: ObjectMeta {
-            name: Some(name),
-            namespace: Some(namespace),
-            labels: Some(labels),
-            owner_references: Some(vec![owner_reference(sandbox)?]),
-            ..ObjectMeta::default()
-        },
+        metadata,
         spec: Some(PodSpec {
             containers: vec![container],
             volumes: Some(volumes(spec.guest.image.as_deref())),
@@ -156,7 +238,7 @@ pub fn sandbox_pod(sandbox: &Sandbox, image: &VmmImage) -> Result<Pod, String> {
 /// The Sandbox as the Pod's controlling owner: the garbage collector deletes
 /// the Pod after it, and not before the Pod is gone when deletion is in the
 /// foreground.
-fn owner_reference(
+pub(crate) fn owner_reference(
     sandbox: &Sandbox,
 ) -> Result<k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference, String> {
     let mut owner = sandbox
@@ -221,8 +303,7 @@ fn affinity(affinity: Option<Affinity>, node: Option<&str>) -> Option<Affinity> 
 /// Memory limit = guest + overhead, request = the guest's requested part
 /// (default all of it) + overhead; CPU limit = vCPUs; one
 /// `sandfork.dev/kvm`, which the agent's device plugin counts per node.
-fn resources(sandbox: &Sandbox) -> Result<ResourceRequirements, String> {
-    let spec = &sandbox.spec;
+pub fn resources(spec: &SandboxSpec) -> Result<ResourceRequirements, String> {
     let options = spec.resources.clone().unwrap_or_default();
     let overhead = options.overhead_mib.unwrap_or(pod::DEFAULT_OVERHEAD_MIB);
     if overhead > pod::MAX_OVERHEAD_MIB {

@@ -14,7 +14,7 @@ use kube::runtime::events::Reporter;
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
-use sandfork_api::{Sandbox, SandboxBranch, labels};
+use sandfork_api::{Sandbox, SandboxBranch, SandboxWarmPool, labels};
 
 use crate::agents::{AgentTlsArgs, Agents, Dial, TlsDialer};
 use crate::context::{
@@ -151,7 +151,7 @@ async fn shutdown_signal() {
     }
 }
 
-/// Runs both controllers until a shutdown signal.
+/// Runs the three controllers until a shutdown signal.
 async fn controllers(
     client: Client,
     dialer: Arc<dyn Dial>,
@@ -211,7 +211,21 @@ async fn controllers(
         Api::<SandboxBranch>::all(client.clone()),
         watcher::Config::default(),
     )
-    .with_config(config);
+    .with_config(config.clone());
+    // A warm Pod's pool is named by its label, which a claim keeps: a claim
+    // (the Pod no longer owned) triggers the pool's refill.
+    let warm_pods = watcher::Config::default().labels(labels::WARM_POOL);
+    let pool_controller = Controller::new(
+        Api::<SandboxWarmPool>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .watches(Api::<Pod>::all(client.clone()), warm_pods, |pod: Pod| {
+        let pool = pod.labels().get(labels::WARM_POOL).cloned();
+        let namespace = pod.namespace().unwrap_or_default();
+        pool.map(|pool| ObjectRef::new(&pool).within(&namespace))
+    })
+    .with_config(config)
+    .shutdown_on_signal();
     let branches = branch_controller.store();
     let ctx = Arc::new(Context::new(
         client.clone(),
@@ -251,14 +265,21 @@ async fn controllers(
             }
         });
     let branches = branch_controller
-        .run(reconcile, error_policy, ctx)
+        .run(reconcile, error_policy, ctx.clone())
         .for_each(|result| async move {
             if let Err(err) = result {
                 tracing::debug!(error = %ErrorChain(&err), "sandboxbranch controller");
             }
         });
+    let pools = pool_controller
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(err) = result {
+                tracing::debug!(error = %ErrorChain(&err), "sandboxwarmpool controller");
+            }
+        });
     tracing::info!("controllers running");
-    futures::join!(sandboxes, branches);
+    futures::join!(sandboxes, branches, pools);
     Ok(())
 }
 

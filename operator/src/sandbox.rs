@@ -3,10 +3,12 @@
 //! starts; then has the agent of that node start (or, for a branch,
 //! restore) the VM inside the Pod, and reports the VM's state.
 //!
-//! Restart safety: the Pod has a fixed name, so creating it again finds the
-//! one made before; its name, UID and node are written into the status
-//! before the agent is asked to start anything; and every agent call is
-//! keyed by the Sandbox's UID. A reconcile interrupted at any point repeats
+//! Restart safety: the Pod is labelled with the Sandbox's UID, whether made
+//! for it (under a fixed name, so creating it again finds the one made
+//! before) or claimed from a warm pool (see [`crate::warmpool`]), so a pass
+//! finds it before the status records it; its name, UID and node are written
+//! into the status before the agent is asked to start anything; and every
+//! agent call is keyed by the Sandbox's UID. A reconcile interrupted at any point repeats
 //! harmlessly, and a Pod that is gone once recorded is never replaced (the
 //! VM's state died with it).
 
@@ -15,7 +17,7 @@ use std::time::Instant;
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
-use kube::api::{Api, DeleteParams, PostParams, Preconditions};
+use kube::api::{Api, DeleteParams, ListParams, PostParams, Preconditions};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
@@ -23,7 +25,8 @@ use sandfork_api::agent::v1 as pb;
 use sandfork_api::agent::v1::agent_client::AgentClient;
 use sandfork_api::conditions::{self, Cond};
 use sandfork_api::sandbox::{BuiltinWorkload, DirtyPattern, GuestSpec, SandboxOrigin, VmStatus};
-use sandfork_api::{Sandbox, SandboxBranch, SandboxStatus};
+use sandfork_api::warmpool::PodSource;
+use sandfork_api::{Sandbox, SandboxBranch, SandboxStatus, labels};
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -247,13 +250,19 @@ impl<'a> Pass<'a> {
         }
     }
 
-    /// The Sandbox's Pod: made if the Sandbox never had one, else the one
-    /// recorded. One that is gone, being deleted, replaced or ended fails
-    /// the Sandbox for good: its VM cannot be brought back.
+    /// The Sandbox's Pod: if the Sandbox never had one, a warm Pod claimed
+    /// for it or else one made for it; then the one recorded. One that is
+    /// gone, being deleted, replaced or ended fails the Sandbox for good:
+    /// its VM cannot be brought back.
     async fn ensure_pod(&mut self) -> Step<Pod> {
-        let name = sandfork_api::pod::name(&self.sandbox.name_any());
         let recorded = self.update.status.pod_uid.clone();
-        let pod = match self.find_pod(&name, recorded.as_deref()).await? {
+        let found = match self.update.status.pod.clone() {
+            Some(name) => self.find_pod(&name, recorded.as_deref()).await?,
+            None => self.find_own_pod().await?,
+        };
+        let name = (self.update.status.pod.clone())
+            .unwrap_or_else(|| sandfork_api::pod::name(&self.sandbox.name_any()));
+        let pod = match found {
             Some(pod) => pod,
             None if recorded.is_some() => {
                 let message = format!("the Sandbox's Pod {name} was deleted, and its VM with it");
@@ -265,8 +274,12 @@ impl<'a> Pass<'a> {
                 );
                 return self.fail(reason::POD_DELETED, "Observe", message).await;
             }
-            None => self.create_pod().await?,
+            None => match crate::warmpool::claim(self.ctx, self.sandbox, &self.uid).await? {
+                Some(pod) => pod,
+                None => self.create_pod().await?,
+            },
         };
+        let name = pod.name_any();
         if !is_owned_by(&pod, &self.uid) {
             let message = format!(
                 "a Pod named {name} already exists and does not belong to this Sandbox; delete it or rename the Sandbox"
@@ -290,6 +303,11 @@ impl<'a> Pass<'a> {
         }
         self.update.status.pod = Some(name);
         self.update.status.pod_uid = Some(pod_uid);
+        self.update.status.pod_source = Some(if pod.labels().contains_key(labels::WARM_POOL) {
+            PodSource::Warm
+        } else {
+            PodSource::Cold
+        });
         Ok(pod)
     }
 
@@ -304,9 +322,10 @@ impl<'a> Pass<'a> {
             .caches
             .pods
             .get(&ObjectRef::new(name).within(&namespace))
-            .filter(|pod| match recorded {
-                Some(uid) => pod.uid().as_deref() == Some(uid),
-                None => is_owned_by(pod, &self.uid),
+            .filter(|pod| {
+                // A claimed warm Pod may still show its pool as owner here.
+                is_owned_by(pod, &self.uid)
+                    && recorded.is_none_or(|uid| pod.uid().as_deref() == Some(uid))
             })
             .filter(|pod| vmm_running(pod));
         if let Some(pod) = cached {
@@ -314,6 +333,21 @@ impl<'a> Pass<'a> {
         }
         let pods: Api<Pod> = Api::namespaced(self.ctx.client.clone(), &namespace);
         Ok(pods.get_opt(name).await?)
+    }
+
+    /// The Pod an earlier pass made or claimed for this Sandbox before its
+    /// status recorded it (it carries the Sandbox's UID as a label): asked
+    /// of the API server, since a claim this operator just made may not be
+    /// in its cache yet.
+    async fn find_own_pod(&self) -> Result<Option<Pod>> {
+        let namespace = self.sandbox.namespace().unwrap_or_default();
+        let pods: Api<Pod> = Api::namespaced(self.ctx.client.clone(), &namespace);
+        let selector = format!("{}={}", labels::SANDBOX_UID, self.uid);
+        let listed = pods.list(&ListParams::default().labels(&selector)).await?;
+        Ok(listed
+            .items
+            .into_iter()
+            .find(|pod| is_owned_by(pod, &self.uid)))
     }
 
     /// Creates the Pod; one made by an earlier, interrupted pass is read back.
@@ -644,7 +678,7 @@ impl<'a> Pass<'a> {
 }
 
 /// Whether the Pod runs, and its VMM container in it.
-fn vmm_running(pod: &Pod) -> bool {
+pub(crate) fn vmm_running(pod: &Pod) -> bool {
     let Some(status) = &pod.status else {
         return false;
     };
@@ -674,7 +708,7 @@ fn is_owned_by(pod: &Pod, uid: &str) -> bool {
 }
 
 /// A condition of `pod` by type.
-fn pod_condition<'p>(
+pub(crate) fn pod_condition<'p>(
     pod: &'p Pod,
     type_: &str,
 ) -> Option<&'p k8s_openapi::api::core::v1::PodCondition> {
@@ -688,7 +722,7 @@ fn pod_condition<'p>(
 
 /// How `pod` ended, if it did (it never restarts): the Pod's reason (e.g.
 /// `Evicted`), else how its `vmm` container terminated (e.g. `OOMKilled`).
-fn pod_ended(pod: &Pod) -> Option<String> {
+pub(crate) fn pod_ended(pod: &Pod) -> Option<String> {
     let status = pod.status.as_ref()?;
     let phase = status.phase.as_deref()?;
     if phase != "Failed" && phase != "Succeeded" {
@@ -765,11 +799,16 @@ async fn stop_vm(sandbox: &Sandbox, ctx: &Context, node: &str) -> Result<()> {
 }
 
 /// Deletes the Sandbox's Pod, if it has one (the garbage collector would
-/// too, through the owner reference; this is sooner). A Pod of that name
-/// that is not the Sandbox's is left alone.
+/// too, through the owner reference, and does for a claimed warm Pod the
+/// status did not record yet; this is sooner). A Pod of that name that is
+/// not the Sandbox's is left alone.
 async fn delete_pod(sandbox: &Sandbox, ctx: &Context) -> Result<()> {
     let uid = sandbox.uid().unwrap_or_default();
-    let name = sandfork_api::pod::name(&sandbox.name_any());
+    let name = sandbox
+        .status
+        .as_ref()
+        .and_then(|s| s.pod.clone())
+        .unwrap_or_else(|| sandfork_api::pod::name(&sandbox.name_any()));
     let pods: Api<Pod> =
         Api::namespaced(ctx.client.clone(), &sandbox.namespace().unwrap_or_default());
     let Some(pod) = pods.get_opt(&name).await? else {

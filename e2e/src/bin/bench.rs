@@ -211,10 +211,19 @@ fn print_summary(report: &Report, out: &serde_json::Value) {
         report.options.forks, report.options.memory_mib, report.options.guest, report.node
     );
     println!(
-        "  Live         p50 {:>10}  p90 {:>10}",
+        "  Live, warm   p50 {:>10}  p90 {:>10}  ({} of {} in warm Pods)",
         number("apply_to_ready_ms_p50"),
-        number("apply_to_ready_ms_p90")
+        number("apply_to_ready_ms_p90"),
+        out["warm_forks_in_warm_pods"],
+        report.options.forks
     );
+    println!(
+        "  Live, cold   p50 {:>10}  p90 {:>10}  (p50 ratio {})",
+        number("cold_apply_to_ready_ms_p50"),
+        number("cold_apply_to_ready_ms_p90"),
+        out["cold_over_warm_p50_ratio"]
+    );
+    println!("  plain Pod    p50 {:>10}", number("pod_start_ms_p50"),);
     if report.options.baseline_forks > 0 {
         println!(
             "  StopAndCopy  p50 {:>10}  p90 {:>10}  ({} forks; p50 ratio {})",

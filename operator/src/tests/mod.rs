@@ -6,6 +6,7 @@ mod branch;
 mod leader;
 mod sandbox;
 mod tls;
+mod warmpool;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
