@@ -127,6 +127,16 @@ pub async fn delete(client: &kube::Client, namespace: &str, name: &str) -> kube:
     Ok(())
 }
 
+/// The kind and UID of the Pod's controlling owner.
+pub fn controller(pod: &Pod) -> Option<(String, String)> {
+    pod.metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|owner| owner.controller == Some(true))
+        .map(|owner| (owner.kind.clone(), owner.uid.clone()))
+}
+
 /// The Pod the operator runs Sandbox `sandbox` in, if there is one: made
 /// for it, or a warm Pod claimed for it (both are labelled with its name).
 pub async fn of_sandbox(

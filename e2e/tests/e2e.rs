@@ -671,16 +671,9 @@ fn sandbox_becomes_ready(env: &Env) -> anyhow::Result<()> {
             "status.node {node}, its Pod's node {:?}",
             pods::node_of(&pod)
         );
-        let owner = pod
-            .metadata
-            .owner_references
-            .clone()
-            .unwrap_or_default()
-            .into_iter()
-            .find(|owner| owner.controller == Some(true));
+        let owner = pods::controller(&pod);
         ensure!(
-            owner.as_ref().map(|o| (o.kind.as_str(), o.uid.as_str()))
-                == Some(("Sandbox", uid.as_str())),
+            owner == Some(("Sandbox".into(), uid.clone())),
             "the Pod's controller is {owner:?}"
         );
         let container = pod
@@ -1666,18 +1659,12 @@ fn warm_pods_serve_branches(env: &Env) -> anyhow::Result<()> {
             let pod = pods::of_sandbox(&env.client(), &ns, &entry.name)
                 .await?
                 .with_context(|| format!("{} has no Pod", entry.name))?;
-            let owner = pod
-                .metadata
-                .owner_references
-                .clone()
-                .unwrap_or_default()
-                .into_iter()
-                .find(|o| o.controller == Some(true));
+            let owner = pods::controller(&pod);
             ensure!(
-                owner.as_ref().map(|o| (o.kind.as_str(), o.uid.as_str()))
+                owner
                     == Some((
-                        "Sandbox",
-                        sandbox.metadata.uid.as_deref().unwrap_or_default()
+                        "Sandbox".into(),
+                        sandbox.metadata.uid.clone().unwrap_or_default()
                     )),
                 "{pod_name} is controlled by {owner:?}"
             );

@@ -50,6 +50,8 @@ pub struct Settings {
     pub reconcile_timeout: Duration,
     /// The image of the `vmm` container of sandbox Pods.
     pub vmm_image: VmmImage,
+    /// Send Events without waiting for the API server's answer.
+    pub events_in_background: bool,
 }
 
 impl Default for Settings {
@@ -67,6 +69,7 @@ impl Default for Settings {
                 image: DEFAULT_VMM_IMAGE.into(),
                 pull_policy: DEFAULT_VMM_IMAGE_PULL_POLICY.into(),
             },
+            events_in_background: true,
         }
     }
 }
@@ -123,6 +126,9 @@ pub struct Context {
     failures: Mutex<HashMap<String, u32>>,
     /// Warm Pods this operator claimed or is claiming, by UID, and when.
     warm_claims: Mutex<HashMap<String, Instant>>,
+    /// The warm Pod this operator claimed for each Sandbox (by UID), and
+    /// when: its cache may not show the claim yet.
+    claimed_for: Mutex<HashMap<String, (String, Instant)>>,
 }
 
 impl Context {
@@ -145,6 +151,7 @@ impl Context {
             settings,
             failures: Mutex::new(HashMap::new()),
             warm_claims: Mutex::new(HashMap::new()),
+            claimed_for: Mutex::new(HashMap::new()),
         }
     }
 
@@ -170,12 +177,24 @@ impl Context {
     }
 
     /// Publishes `event` about `obj`; failing to publish is only logged.
+    /// Unless the settings say otherwise it is sent in the background: an
+    /// Event is an API write, and a fork's path would wait for each.
     pub async fn publish<K>(&self, obj: &K, event: Event)
     where
         K: Resource<DynamicType = ()>,
     {
-        if let Err(err) = self.recorder.publish(&event, &obj.object_ref(&())).await {
-            tracing::warn!(object = %obj.name_any(), reason = event.reason, error = %ErrorChain(&err), "could not publish event");
+        let recorder = self.recorder.clone();
+        let reference = obj.object_ref(&());
+        let name = obj.name_any();
+        let send = async move {
+            if let Err(err) = recorder.publish(&event, &reference).await {
+                tracing::warn!(object = %name, reason = event.reason, error = %ErrorChain(&err), "could not publish event");
+            }
+        };
+        if self.settings.events_in_background {
+            tokio::spawn(send);
+        } else {
+            send.await;
         }
     }
 
@@ -205,6 +224,21 @@ impl Context {
                 true
             }
         }
+    }
+
+    /// Records that this operator claimed warm Pod `pod` for the Sandbox
+    /// with UID `sandbox`; remembered for `hold`.
+    pub fn record_claim(&self, sandbox: &str, pod: &str, hold: Duration) {
+        let mut claimed = self.claimed_for.lock().expect("claims lock");
+        let now = Instant::now();
+        claimed.retain(|_, (_, at)| now.duration_since(*at) < hold);
+        claimed.insert(sandbox.to_string(), (pod.to_string(), now));
+    }
+
+    /// The warm Pod this operator claimed for the Sandbox with UID `sandbox`.
+    pub fn claimed_for(&self, sandbox: &str) -> Option<String> {
+        let claimed = self.claimed_for.lock().expect("claims lock");
+        claimed.get(sandbox).map(|(pod, _)| pod.clone())
     }
 
     /// Forgets the failures of `key` after a successful reconcile.

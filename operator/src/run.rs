@@ -198,6 +198,9 @@ async fn controllers(
             }
         });
     tokio::spawn(pod_watch);
+    // A warm Pod claimed just before a restart is found there (see
+    // `Sandbox::find_own_pod`): the controllers start once it is full.
+    pods.wait_until_ready().await?;
 
     let config = Config::default().concurrency(args.concurrency);
     let sandbox_controller = Controller::new(

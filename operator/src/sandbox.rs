@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
-use kube::api::{Api, DeleteParams, ListParams, PostParams, Preconditions};
+use kube::api::{Api, DeleteParams, PostParams, Preconditions};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
@@ -335,19 +335,31 @@ impl<'a> Pass<'a> {
         Ok(pods.get_opt(name).await?)
     }
 
-    /// The Pod an earlier pass made or claimed for this Sandbox before its
-    /// status recorded it (it carries the Sandbox's UID as a label): asked
-    /// of the API server, since a claim this operator just made may not be
-    /// in its cache yet.
+    /// A warm Pod an earlier pass claimed for this Sandbox before its status
+    /// recorded it: the cache shows it labelled with the Sandbox's UID (the
+    /// operator waits for a full cache at start-up, so also after a
+    /// restart), or this operator remembers the claim its cache does not
+    /// show yet. (A Pod made for it has a fixed name: creating it again
+    /// finds it.) No list: a consistent one waits for the API server's
+    /// watch cache, up to 100 ms.
     async fn find_own_pod(&self) -> Result<Option<Pod>> {
         let namespace = self.sandbox.namespace().unwrap_or_default();
+        let cached = self.ctx.caches.pods.state().into_iter().find(|pod| {
+            pod.namespace().as_deref() == Some(namespace.as_str())
+                && pod.labels().get(labels::SANDBOX_UID) == Some(&self.uid)
+                && is_owned_by(pod, &self.uid)
+        });
+        if let Some(pod) = cached {
+            return Ok(Some(pod.as_ref().clone()));
+        }
+        let Some(name) = self.ctx.claimed_for(&self.uid) else {
+            return Ok(None);
+        };
         let pods: Api<Pod> = Api::namespaced(self.ctx.client.clone(), &namespace);
-        let selector = format!("{}={}", labels::SANDBOX_UID, self.uid);
-        let listed = pods.list(&ListParams::default().labels(&selector)).await?;
-        Ok(listed
-            .items
-            .into_iter()
-            .find(|pod| is_owned_by(pod, &self.uid)))
+        Ok(pods
+            .get_opt(&name)
+            .await?
+            .filter(|pod| is_owned_by(pod, &self.uid)))
     }
 
     /// Creates the Pod; one made by an earlier, interrupted pass is read back.

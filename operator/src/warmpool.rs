@@ -361,6 +361,7 @@ pub async fn claim(ctx: &Context, sandbox: &Sandbox, uid: &str) -> Result<Option
             .await
         {
             Ok(claimed) => {
+                ctx.record_claim(uid, &claimed.name_any(), CLAIM_MEMORY);
                 tracing::info!(
                     pod = claimed.name_any(),
                     patch_ms = started.elapsed().as_secs_f64() * 1e3,

@@ -169,7 +169,11 @@ impl Harness {
                 instance: Some("test".into()),
             },
             clock.clone(),
-            Settings::default(),
+            // Tests look at the Events a pass sent as soon as it returns.
+            Settings {
+                events_in_background: false,
+                ..Settings::default()
+            },
         ))
     }
 

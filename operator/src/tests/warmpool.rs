@@ -249,7 +249,9 @@ async fn a_claim_whose_status_was_not_written_is_found_again_after_a_restart() {
     h.api.fail(Method::PATCH, "/sandboxes/vm/status", 500, 1);
     assert!(h.reconcile_sandbox("vm").await.is_err());
     assert!(h.sandbox("vm").unwrap().status.is_none());
+    // A new operator process starts from a full list of the Pods.
     h.restart();
+    h.cache_pods();
     h.settle_sandbox("vm").await;
 
     let sandbox = h.sandbox("vm").unwrap();
@@ -312,4 +314,26 @@ async fn only_ready_pods_of_the_same_size_class_are_claimed() {
     assert_eq!(imaged.pod_source, Some(PodSource::Cold));
     let unclaimed = h.api.get::<Pod>(Some(NS), &warm.name_any()).unwrap();
     assert_eq!(controller_kind(&unclaimed), "SandboxWarmPool");
+}
+
+#[tokio::test]
+async fn a_retried_pass_finds_its_claim_when_the_cache_lags() {
+    let mut h = Harness::new().await;
+    h.filled_pool("small", 2, 256).await;
+    h.cache_pods();
+    h.api.insert(&sandbox_object("vm", 256));
+    h.reconcile_sandbox("vm").await.unwrap();
+    h.api.fail(Method::PATCH, "/sandboxes/vm/status", 500, 1);
+    assert!(h.reconcile_sandbox("vm").await.is_err());
+    // Same operator, its cache still shows both Pods unclaimed.
+    h.settle_sandbox("vm").await;
+
+    assert!(h.sandbox("vm").unwrap().is_ready());
+    let owned = h
+        .api
+        .list::<Pod>(Some(NS))
+        .into_iter()
+        .filter(|p| controller_kind(p) == "Sandbox")
+        .count();
+    assert_eq!(owned, 1, "no second claim");
 }
