@@ -30,6 +30,8 @@ use crate::pod::{self, warm_pod};
 
 pub const CONTROLLER: &str = "sandboxwarmpool";
 
+/// Warm Pods a pool starts at once on one node.
+const MAX_STARTING_PER_NODE: usize = 8;
 /// Warm Pods a claim tries before it gives up and a cold Pod is made.
 const CLAIM_ATTEMPTS: usize = 4;
 /// How long a claim this operator made keeps its Pod from other claims of
@@ -147,7 +149,11 @@ async fn fill(pool: &SandboxWarmPool, ctx: &Context) -> Result<Action> {
         for pod in kept.split_off(wanted.min(kept.len())) {
             delete_pod(&pods, &pod).await?;
         }
-        for _ in kept.len()..wanted {
+        // A few at a time: a node starting many Pods at once has little CPU
+        // left for the forks that just claimed them.
+        let starting = kept.iter().filter(|pod| !is_claimable(pod)).count();
+        let missing = wanted.saturating_sub(kept.len());
+        for _ in 0..missing.min(MAX_STARTING_PER_NODE.saturating_sub(starting)) {
             let made = warm_pod(pool, node, &ctx.settings.vmm_image).map_err(Error::Permanent)?;
             kept.push(pods.create(&PostParams::default(), &made).await?);
         }

@@ -5,7 +5,7 @@
 //! for it instead of racing it.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use sandfork_api::agent::v1 as pb;
 use tonic::{Request, Response, Status};
@@ -60,12 +60,12 @@ fn being_captured(uid: &str) -> pb::Sandbox {
     }
 }
 
-/// One mutex per key, created on demand.
+/// One reader-writer lock per key, created on demand.
 #[derive(Default)]
-struct KeyedLocks(Mutex<HashMap<String, Arc<Mutex<()>>>>);
+struct KeyedLocks(Mutex<HashMap<String, Arc<RwLock<()>>>>);
 
 impl KeyedLocks {
-    fn get(&self, key: &str) -> Arc<Mutex<()>> {
+    fn get(&self, key: &str) -> Arc<RwLock<()>> {
         let mut locks = self
             .0
             .lock()
@@ -76,8 +76,19 @@ impl KeyedLocks {
     }
 }
 
-fn lock_key(kind: &str, uid: &str) -> String {
-    format!("{kind}/{uid}")
+/// A lock a call holds while it works: alone, or beside other shared holders
+/// (the restores of one capture run side by side; its deletion waits for them).
+enum Hold {
+    Exclusive(String),
+    Shared(String),
+}
+
+fn exclusive(kind: &str, uid: &str) -> Hold {
+    Hold::Exclusive(format!("{kind}/{uid}"))
+}
+
+fn shared(kind: &str, uid: &str) -> Hold {
+    Hold::Shared(format!("{kind}/{uid}"))
 }
 
 impl AgentService {
@@ -98,8 +109,8 @@ impl AgentService {
             .contains(uid)
     }
 
-    /// Runs `work` on a blocking thread holding the locks of `keys` (in order).
-    async fn blocking<T, F>(&self, keys: Vec<String>, work: F) -> Result<T, Status>
+    /// Runs `work` on a blocking thread holding the locks of `holds` (in order).
+    async fn blocking<T, F>(&self, holds: Vec<Hold>, work: F) -> Result<T, Status>
     where
         T: Send + 'static,
         F: FnOnce(&Manager) -> Result<T, Status> + Send + 'static,
@@ -107,11 +118,25 @@ impl AgentService {
         let manager = self.manager.clone();
         let locks = self.locks.clone();
         tokio::task::spawn_blocking(move || {
-            let mutexes: Vec<Arc<Mutex<()>>> = keys.iter().map(|key| locks.get(key)).collect();
-            let _guards: Vec<_> = mutexes
+            let held: Vec<(Arc<RwLock<()>>, bool)> = holds
                 .iter()
-                .map(|m| m.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))
+                .map(|hold| match hold {
+                    Hold::Exclusive(key) => (locks.get(key), true),
+                    Hold::Shared(key) => (locks.get(key), false),
+                })
                 .collect();
+            // Taken in order; released when this returns.
+            let (mut writing, mut reading) = (Vec::new(), Vec::new());
+            for (lock, exclusive) in &held {
+                if *exclusive {
+                    writing.push(
+                        lock.write()
+                            .unwrap_or_else(|poisoned| poisoned.into_inner()),
+                    );
+                } else {
+                    reading.push(lock.read().unwrap_or_else(|poisoned| poisoned.into_inner()));
+                }
+            }
             work(&manager)
         })
         .await
@@ -206,7 +231,7 @@ impl pb::agent_server::Agent for AgentService {
         let max = self.capacity.max_sandboxes;
         let pod = pod_of(&request.pod_uid);
         let sandbox = self
-            .blocking(vec![lock_key("sandbox", &request.uid)], move |manager| {
+            .blocking(vec![exclusive("sandbox", &request.uid)], move |manager| {
                 if manager.status(&spec.name).is_err() {
                     let running = sandbox_names(manager)?.len();
                     if max > 0 && running >= max as usize {
@@ -227,8 +252,8 @@ impl pb::agent_server::Agent for AgentService {
     ) -> Result<Response<pb::Sandbox>, Status> {
         let request = request.into_inner();
         let keys = vec![
-            lock_key("sandbox", &request.uid),
-            lock_key("capture", &request.capture_uid),
+            exclusive("sandbox", &request.uid),
+            shared("capture", &request.capture_uid),
         ];
         let max = self.capacity.max_sandboxes;
         let sandbox = self
@@ -299,7 +324,7 @@ impl pb::agent_server::Agent for AgentService {
     ) -> Result<Response<pb::DeleteSandboxResponse>, Status> {
         let uid = request.into_inner().uid;
         let existed = self
-            .blocking(vec![lock_key("sandbox", &uid)], move |manager| {
+            .blocking(vec![exclusive("sandbox", &uid)], move |manager| {
                 crate::manager::validate_name(&uid)?;
                 let existed = manager.status(&uid).is_ok();
                 manager.delete(&uid)?;
@@ -318,7 +343,7 @@ impl pb::agent_server::Agent for AgentService {
         let capturing = Capturing::new(&self.capturing, &request.sandbox_uid);
         let capture = self
             .blocking(
-                vec![lock_key("capture", &request.capture_uid)],
+                vec![exclusive("capture", &request.capture_uid)],
                 move |manager| {
                     let capture = manager.capture(
                         &request.sandbox_uid,
@@ -371,7 +396,7 @@ impl pb::agent_server::Agent for AgentService {
     ) -> Result<Response<pb::DeleteCaptureResponse>, Status> {
         let uid = request.into_inner().uid;
         let existed = self
-            .blocking(vec![lock_key("capture", &uid)], move |manager| {
+            .blocking(vec![exclusive("capture", &uid)], move |manager| {
                 let existed = find_capture(manager, &uid).is_ok();
                 manager.delete_capture(&uid)?;
                 Ok(existed)
