@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job: Sandfork as users meet it. Installs the Helm chart, applies a
-# running Sandbox (examples/sandbox.yaml) and a SandboxBranch of it
-# (examples/branch.yaml), waits for both to be Ready and shows
+# running Sandbox (examples/sandbox.yaml), a SandboxWarmPool of its size
+# (examples/warm-pool.yaml) and a SandboxBranch of it (examples/branch.yaml),
+# whose branches claim warm Pods, waits for them to be Ready and shows
 # `kubectl get sandboxes,sandboxbranches`.
 #
 # Where it runs:
@@ -38,9 +39,14 @@ wait_and_show() {
   show kubectl -n "$demo_ns" wait --for=condition=Ready sandbox/counter --timeout=180s
   # Let the counter run a few passes, so that its branches start mid-run.
   sleep 5
+  # Warm Pods of the counter's size: its branches claim them, no Pod start-up.
+  show kubectl -n "$demo_ns" apply -f examples/warm-pool.yaml
+  show kubectl -n "$demo_ns" wait --for=condition=Ready sandboxwarmpool/counter-size --timeout=180s
   show kubectl -n "$demo_ns" apply -f examples/branch.yaml
   show kubectl -n "$demo_ns" wait --for=condition=Ready sandboxbranch/counter-fork --timeout=300s
-  show kubectl -n "$demo_ns" get sandboxes,sandboxbranches -o wide
+  show kubectl -n "$demo_ns" get sandboxes,sandboxbranches,sandboxwarmpools -o wide
+  show kubectl -n "$demo_ns" get sandboxbranch counter-fork \
+    -o jsonpath='{range .status.branches[*]}{.name}{" Pod: "}{.podSource}{"\n"}{end}'
   # One Pod per Sandbox, placed by the scheduler: its VMM runs the VM.
   show kubectl -n "$demo_ns" get pods -o wide -l app.kubernetes.io/component=sandbox
   show kubectl -n "$demo_ns" logs sandbox-counter --tail=5
@@ -75,7 +81,7 @@ if [[ -n ${KUBECONFIG:-} || -f $HOME/.kube/config ]]; then
   log "using the cluster of $(kubectl config current-context)"
   cleanup_cluster() {
     if [[ ${SANDFORK_DEMO_KEEP:-0} != 1 ]]; then
-      kubectl -n "$demo_ns" delete --ignore-not-found --wait=true -f examples/branch.yaml -f examples/sandbox.yaml >&2 || true
+      kubectl -n "$demo_ns" delete --ignore-not-found --wait=true -f examples/branch.yaml -f examples/warm-pool.yaml -f examples/sandbox.yaml >&2 || true
     fi
   }
   trap cleanup_cluster EXIT
@@ -153,4 +159,4 @@ log "on $node, agent Pod $agent_pod runs (NAME: the Sandbox's UID; REPORTS: the 
 show kubectl -n "$demo_ns" get sandboxes -o custom-columns=NAME:.metadata.name,UID:.metadata.uid,NODE:.status.node
 show kubectl -n "$namespace" exec "$agent_pod" -- /sandfork-agent --state-dir /run/sandfork list
 # Through the operator, so that it stops the VMs and frees the capture.
-show kubectl -n "$demo_ns" delete --timeout=120s -f examples/branch.yaml -f examples/sandbox.yaml
+show kubectl -n "$demo_ns" delete --timeout=120s -f examples/branch.yaml -f examples/warm-pool.yaml -f examples/sandbox.yaml
