@@ -924,7 +924,7 @@ async fn read_events(
 }
 
 /// The number in `text` after the last `before` and up to `after`.
-fn number_between(text: &str, before: &str, after: &str) -> Option<f64> {
+pub(crate) fn number_between(text: &str, before: &str, after: &str) -> Option<f64> {
     let (_, rest) = text.rsplit_once(before)?;
     let (number, _) = rest.split_once(after)?;
     number.trim().parse().ok()

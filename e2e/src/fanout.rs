@@ -6,12 +6,13 @@
 //! same number of plain Pods of the sandbox image created at once (Pod
 //! start-up alone).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::events::v1::Event;
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, PostParams, WatchEvent, WatchParams};
 use sandfork_api::conditions::{self, FAILED, READY};
@@ -19,7 +20,7 @@ use sandfork_api::warmpool::PodSource;
 use sandfork_api::{SandboxWarmPool, labels, pod};
 use serde_json::json;
 
-use crate::bench::{plain_pod, round, watch_from_now};
+use crate::bench::{number_between, percentile, plain_pod, round, watch_from_now};
 use crate::wait::{self, Look};
 use crate::{Env, objects, pods, process};
 
@@ -70,7 +71,7 @@ pub async fn run(env: &Env, ns: &str, options: &Options) -> anyhow::Result<serde
 
     // The cold path first: no warm Pod, every branch's Pod is made for it.
     let branches = objects::branches(env, ns);
-    let (cold_ms, _) = fan_out(env, ns, "cold", options).await?;
+    let (cold_ms, _, cold_timeline) = fan_out(env, ns, "cold", options).await?;
     eprintln!(
         "bench: {} branches in Pods made for them Ready after {cold_ms:.1} ms",
         options.branches
@@ -89,7 +90,9 @@ pub async fn run(env: &Env, ns: &str, options: &Options) -> anyhow::Result<serde
     tokio::time::sleep(Duration::from_secs(2)).await;
     let agent_before = pod_memory(&agent_uid, AGENT)?;
     let source_before = pod_memory(&source_pod_uid, VMM)?;
-    let (all_ready_ms, status) = fan_out(env, ns, "fan-out", options).await?;
+    let requests_before = api_requests(env).await?;
+    let (all_ready_ms, status, timeline) = fan_out(env, ns, "fan-out", options).await?;
+    let requests = requests_during(&requests_before, &api_requests(env).await?);
     // No refill: the measurement below is of the branches alone.
     Api::<SandboxWarmPool>::namespaced(env.client(), ns)
         .delete(WARM_POOL, &DeleteParams::default())
@@ -124,6 +127,7 @@ pub async fn run(env: &Env, ns: &str, options: &Options) -> anyhow::Result<serde
         },
     )
     .await?;
+    let restore_calls = restore_calls_ms(env, ns, "fan-out").await?;
     let branch_pod_uids = branch_pod_uids(env, ns).await?;
     let guest_bytes = options.memory_mib << 20;
     let mut written = 0u64;
@@ -171,6 +175,11 @@ pub async fn run(env: &Env, ns: &str, options: &Options) -> anyhow::Result<serde
         "branch_written_mib": round(written_mib),
         "fixed_per_branch_mib": round(fixed_per_branch_mib),
         "full_copies_mib": options.branches as u64 * options.memory_mib,
+        "timeline": timeline.to_json(),
+        "api_requests": requests,
+        "restore_call_ms_p50": round(percentile(&restore_calls, 50.0)),
+        "restore_call_ms_max": round(percentile(&restore_calls, 100.0)),
+        "cold_timeline": cold_timeline.to_json(),
     }))
 }
 
@@ -208,23 +217,86 @@ async fn warm_pool(env: &Env, ns: &str, node: &str, options: &Options) -> anyhow
     .await
 }
 
+/// When each step of a fan-out was first seen through the watches, in ms
+/// after its create request was sent: the SandboxBranch's capture, and each
+/// branch Sandbox's creation, node and `Ready`.
+#[derive(Debug, Default)]
+pub struct Timeline {
+    pub captured_ms: Option<f64>,
+    pub created_ms: Vec<f64>,
+    pub bound_ms: Vec<f64>,
+    pub ready_ms: Vec<f64>,
+}
+
+impl Timeline {
+    /// The first, median and last of each branch step, for the JSON.
+    pub fn to_json(&self) -> serde_json::Value {
+        let spread = |values: &[f64]| {
+            json!({
+                "first": round(percentile(values, 0.0)),
+                "p50": round(percentile(values, 50.0)),
+                "last": round(percentile(values, 100.0)),
+            })
+        };
+        json!({
+            "captured_ms": self.captured_ms.map(round),
+            "branch_created_ms": spread(&self.created_ms),
+            "branch_bound_ms": spread(&self.bound_ms),
+            "branch_ready_ms": spread(&self.ready_ms),
+        })
+    }
+}
+
+/// One change seen by the fan-out's watches.
+enum Seen {
+    Branch(Box<sandfork_api::SandboxBranch>),
+    Sandbox(Box<sandfork_api::Sandbox>),
+}
+
 /// Applies SandboxBranch `name` of `options.branches` branches of `source`
-/// and times it until a watch shows it Ready; returns that and its status.
+/// and times it until a watch shows it Ready; returns that, its status and
+/// the timeline of its branches.
 async fn fan_out(
     env: &Env,
     ns: &str,
     name: &str,
     options: &Options,
-) -> anyhow::Result<(f64, sandfork_api::SandboxBranchStatus)> {
+) -> anyhow::Result<(f64, sandfork_api::SandboxBranchStatus, Timeline)> {
     let branches = objects::branches(env, ns);
     let by_name = format!("metadata.name={name}");
-    let mut watch = watch_from_now(
+    let branch_watch = watch_from_now(
         &branches,
         &ListParams::default().fields(&by_name),
         &WatchParams::default().fields(&by_name),
     )
     .await?
-    .boxed();
+    .filter_map(|event| async {
+        match event {
+            Ok(WatchEvent::Added(b) | WatchEvent::Modified(b)) => {
+                Some(Ok(Seen::Branch(Box::new(b))))
+            }
+            Ok(_) => None,
+            Err(err) => Some(Err(err)),
+        }
+    });
+    let by_owner = format!("{}={name}", labels::BRANCH);
+    let sandboxes = objects::sandboxes(env, ns);
+    let sandbox_watch = watch_from_now(
+        &sandboxes,
+        &ListParams::default().labels(&by_owner),
+        &WatchParams::default().labels(&by_owner),
+    )
+    .await?
+    .filter_map(|event| async {
+        match event {
+            Ok(WatchEvent::Added(s) | WatchEvent::Modified(s)) => {
+                Some(Ok(Seen::Sandbox(Box::new(s))))
+            }
+            Ok(_) => None,
+            Err(err) => Some(Err(err)),
+        }
+    });
+    let mut watch = futures::stream::select(branch_watch.boxed(), sandbox_watch.boxed());
     let spec = json!({
         "sourceRef": {"name": "source"},
         "branches": options.branches,
@@ -234,22 +306,112 @@ async fn fan_out(
     });
     let started = Instant::now();
     objects::create_branch(env, ns, name, spec).await?;
+    let at = || started.elapsed().as_secs_f64() * 1e3;
+    let mut timeline = Timeline::default();
+    let (mut created, mut bound, mut ready) = (BTreeSet::new(), BTreeSet::new(), BTreeSet::new());
     tokio::time::timeout(ALL_READY, async {
-        while let Some(event) = watch.next().await {
-            if let WatchEvent::Modified(branch) = event? {
-                let status = branch.status.clone().unwrap_or_default();
-                if conditions::is_true(&status.conditions, FAILED) {
-                    bail!("SandboxBranch {name} failed: {:?}", status.error);
+        while let Some(seen) = watch.next().await {
+            match seen? {
+                Seen::Sandbox(sandbox) => {
+                    let sandbox_name = sandbox.name_any();
+                    if created.insert(sandbox_name.clone()) {
+                        timeline.created_ms.push(at());
+                    }
+                    if sandbox.node().is_some() && bound.insert(sandbox_name.clone()) {
+                        timeline.bound_ms.push(at());
+                    }
+                    if sandbox.is_ready() && ready.insert(sandbox_name) {
+                        timeline.ready_ms.push(at());
+                    }
                 }
-                if conditions::is_true(&status.conditions, READY) {
-                    return anyhow::Ok((started.elapsed().as_secs_f64() * 1e3, status));
+                Seen::Branch(branch) => {
+                    let status = branch.status.clone().unwrap_or_default();
+                    if status.capture.is_some() && timeline.captured_ms.is_none() {
+                        timeline.captured_ms = Some(at());
+                    }
+                    if conditions::is_true(&status.conditions, FAILED) {
+                        bail!("SandboxBranch {name} failed: {:?}", status.error);
+                    }
+                    if conditions::is_true(&status.conditions, READY) {
+                        return anyhow::Ok((at(), status));
+                    }
                 }
             }
         }
-        bail!("the watch of SandboxBranch {name} ended")
+        bail!("the watches of SandboxBranch {name} ended")
     })
     .await
     .context("the branches were not all Ready in time")?
+    .map(|(ms, status)| (ms, status, timeline))
+}
+
+/// The API server's request counts so far, by `VERB resource`
+/// (`apiserver_request_total`, summed over the other labels).
+async fn api_requests(env: &Env) -> anyhow::Result<BTreeMap<String, f64>> {
+    let request = http::Request::get("/metrics").body(Vec::new())?;
+    let text = env.client().request_text(request).await?;
+    let mut counts = BTreeMap::new();
+    for line in text.lines() {
+        let Some(labels) = line.strip_prefix("apiserver_request_total{") else {
+            continue;
+        };
+        let Some((labels, value)) = labels.rsplit_once("} ") else {
+            continue;
+        };
+        let label = |name: &str| {
+            labels
+                .split(',')
+                .find_map(|pair| pair.strip_prefix(&format!("{name}=\"")))
+                .map(|value| value.trim_end_matches('"').to_string())
+                .unwrap_or_default()
+        };
+        let key = format!("{} {}", label("verb"), label("resource"));
+        *counts.entry(key).or_insert(0.0) += value.trim().parse::<f64>().unwrap_or(0.0);
+    }
+    Ok(counts)
+}
+
+/// The requests between two counts, those of more than 0, most first,
+/// with their total.
+fn requests_during(
+    before: &BTreeMap<String, f64>,
+    after: &BTreeMap<String, f64>,
+) -> serde_json::Value {
+    let mut during: Vec<(String, f64)> = after
+        .iter()
+        .map(|(key, count)| (key.clone(), count - before.get(key).copied().unwrap_or(0.0)))
+        .filter(|(_, count)| *count > 0.0)
+        .collect();
+    during.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let total: f64 = during.iter().map(|(_, count)| count).sum();
+    let mut out = serde_json::Map::new();
+    out.insert("total".into(), json!(total));
+    for (key, count) in during {
+        out.insert(key, json!(count));
+    }
+    serde_json::Value::Object(out)
+}
+
+/// The RestoreBranch calls of the branches of SandboxBranch `name`, as the
+/// operator timed them (its `Restored` Events), in ms.
+async fn restore_calls_ms(env: &Env, ns: &str, name: &str) -> anyhow::Result<Vec<f64>> {
+    let prefix = format!("{name}-");
+    let events: Api<Event> = Api::namespaced(env.client(), ns);
+    Ok(events
+        .list(&ListParams::default())
+        .await?
+        .items
+        .iter()
+        .filter(|event| event.reason.as_deref() == Some("Restored"))
+        .filter(|event| {
+            event
+                .regarding
+                .as_ref()
+                .and_then(|about| about.name.as_deref())
+                .is_some_and(|about| about.starts_with(&prefix))
+        })
+        .filter_map(|event| number_between(event.note.as_deref()?, " in ", " ms"))
+        .collect())
 }
 
 /// Memory charged to the cgroup of the process mentioning `program` in the
