@@ -13,6 +13,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
@@ -40,6 +41,9 @@ use crate::error::{Error, Result, agent_code_is_transient, is_already_exists, is
 use crate::metrics::{KindLabels, ModeLabels};
 
 pub const CONTROLLER: &str = "sandboxbranch";
+
+/// How many branch Sandboxes a pass creates at once.
+const PARALLEL_CREATES: usize = 16;
 
 /// The agent's page size, for its page counts.
 const PAGE_BYTES: u64 = 4096;
@@ -510,21 +514,44 @@ impl<'a> Pass<'a> {
             )
             .await;
         }
-        for created in created {
-            let note = format!(
-                "created Sandbox {:?} on node {}",
-                created.name.as_deref().unwrap_or_default(),
-                capture.node
-            );
-            // Naming the branch, so that these Events are not merged into one series.
-            let event = Event {
-                type_: EventType::Normal,
-                reason: "BranchCreated".into(),
-                note: Some(note),
-                action: "Restore".into(),
-                secondary: Some(created),
-            };
-            ctx.publish(branch, event).await;
+        // One Event for the branches this pass made: a fan-out's would
+        // otherwise be as many API writes on its path.
+        created.sort_by_key(|(index, _)| *index);
+        match created.as_slice() {
+            [] => {}
+            [(_, only)] => {
+                let note = format!(
+                    "created Sandbox {:?} on node {}",
+                    only.name.as_deref().unwrap_or_default(),
+                    capture.node
+                );
+                // Naming the branch, so that these Events are not merged into one series.
+                let event = Event {
+                    type_: EventType::Normal,
+                    reason: "BranchCreated".into(),
+                    note: Some(note),
+                    action: "Restore".into(),
+                    secondary: Some(only.clone()),
+                };
+                ctx.publish(branch, event).await;
+            }
+            [(_, first), .., (_, last)] => {
+                let note = format!(
+                    "created {} Sandboxes, {:?} to {:?}, on node {}",
+                    created.len(),
+                    first.name.as_deref().unwrap_or_default(),
+                    last.name.as_deref().unwrap_or_default(),
+                    capture.node
+                );
+                ctx.event(
+                    branch,
+                    EventType::Normal,
+                    "BranchesCreated",
+                    "Restore",
+                    note,
+                )
+                .await;
+            }
         }
         match halted? {
             None => Ok(()),
@@ -539,7 +566,7 @@ impl<'a> Pass<'a> {
         &self,
         branches: &mut Branches,
         capture: &Capture,
-        created: &mut Vec<ObjectReference>,
+        created: &mut Vec<(u32, ObjectReference)>,
     ) -> Result<Option<Halt>> {
         let branch = self.branch;
         let missing: Vec<u32> = (0..branch.spec.branches)
@@ -569,35 +596,66 @@ impl<'a> Pass<'a> {
         if let Some(message) = memory_request_error(branch, &template) {
             return Ok(Some(Halt::Fail(reason::INVALID_SPEC, message)));
         }
-        for index in missing {
-            let object = branch_object(branch, index, &template, &capture.node, &self.uid);
-            let name = object.name_any();
-            let params = PostParams {
-                dry_run: false,
-                field_manager: Some(FIELD_MANAGER.into()),
-            };
-            match self.sandboxes.create(&params, &object).await {
-                Ok(sandbox) => {
-                    created.push(sandbox.object_ref(&()));
+        // The creates go out side by side: one after another, a fan-out
+        // of 64 spent seconds on them before its last branch could start.
+        let creates = futures::stream::iter(missing)
+            .map(|index| {
+                let object = branch_object(branch, index, &template, &capture.node, &self.uid);
+                async move { (index, self.create_branch(object).await) }
+            })
+            .buffer_unordered(PARALLEL_CREATES)
+            .collect::<Vec<_>>()
+            .await;
+        let mut halt = None;
+        let mut failed = None;
+        for (index, outcome) in creates {
+            match outcome {
+                Ok(Made::Created(sandbox)) => {
+                    created.push((index, sandbox.object_ref(&())));
                     branches.insert(index, sandbox);
                 }
-                Err(err) if is_already_exists(&err) => match self.sandboxes.get_opt(&name).await? {
-                    Some(found) if is_ours(&found, &self.uid) => {
-                        branches.insert(index, found);
-                    }
-                    Some(_) => {
-                        let message = format!(
-                            "a Sandbox named {name:?} already exists and was not made by this SandboxBranch"
-                        );
-                        return Ok(Some(Halt::Fail(reason::NAME_CONFLICT, message)));
-                    }
-                    // Deleted in between: create it on the next pass.
-                    None => return Ok(Some(Halt::Retry)),
-                },
-                Err(err) => return Err(err.into()),
+                Ok(Made::Found(sandbox)) => {
+                    branches.insert(index, sandbox);
+                }
+                Ok(Made::Halted(Halt::Fail(reason, message))) => {
+                    halt = Some(Halt::Fail(reason, message));
+                }
+                Ok(Made::Halted(Halt::Retry)) => {
+                    halt = halt.or(Some(Halt::Retry));
+                }
+                Err(err) => failed = Some(err),
             }
         }
-        Ok(None)
+        match (halt, failed) {
+            (Some(fail @ Halt::Fail(..)), _) => Ok(Some(fail)),
+            (_, Some(err)) => Err(err),
+            (halt, None) => Ok(halt),
+        }
+    }
+
+    /// Creates one branch Sandbox; one of that name made by an earlier pass
+    /// is taken if it is ours.
+    async fn create_branch(&self, object: Sandbox) -> Result<Made> {
+        let name = object.name_any();
+        let params = PostParams {
+            dry_run: false,
+            field_manager: Some(FIELD_MANAGER.into()),
+        };
+        match self.sandboxes.create(&params, &object).await {
+            Ok(sandbox) => Ok(Made::Created(sandbox)),
+            Err(err) if is_already_exists(&err) => match self.sandboxes.get_opt(&name).await? {
+                Some(found) if is_ours(&found, &self.uid) => Ok(Made::Found(found)),
+                Some(_) => {
+                    let message = format!(
+                        "a Sandbox named {name:?} already exists and was not made by this SandboxBranch"
+                    );
+                    Ok(Made::Halted(Halt::Fail(reason::NAME_CONFLICT, message)))
+                }
+                // Deleted in between: create it on the next pass.
+                None => Ok(Made::Halted(Halt::Retry)),
+            },
+            Err(err) => Err(err.into()),
+        }
     }
 
     /// Fewer branches wanted than exist: deletes the extra ones we own.
@@ -795,6 +853,14 @@ fn copy_summary(stats: &pb::CaptureStats) -> String {
         stats.copy_ns / 1_000_000,
         stats.pages_copied_by_fault_handler,
     )
+}
+
+/// What became of one branch's create.
+enum Made {
+    Created(Sandbox),
+    /// An earlier pass had made it.
+    Found(Sandbox),
+    Halted(Halt),
 }
 
 /// Why a pass stopped creating branches.

@@ -52,6 +52,11 @@ pub struct Settings {
     pub vmm_image: VmmImage,
     /// Send Events without waiting for the API server's answer.
     pub events_in_background: bool,
+    /// A warm pool refills once this long has passed without a claim of
+    /// its Pods: starting Pods takes the CPU a burst of forks needs.
+    pub refill_quiet: Duration,
+    /// ... but never waits longer than this after a burst's first claim.
+    pub refill_max_wait: Duration,
 }
 
 impl Default for Settings {
@@ -70,6 +75,8 @@ impl Default for Settings {
                 pull_policy: DEFAULT_VMM_IMAGE_PULL_POLICY.into(),
             },
             events_in_background: true,
+            refill_quiet: Duration::from_millis(500),
+            refill_max_wait: Duration::from_secs(5),
         }
     }
 }
@@ -129,6 +136,9 @@ pub struct Context {
     /// The warm Pod this operator claimed for each Sandbox (by UID), and
     /// when: its cache may not show the claim yet.
     claimed_for: Mutex<HashMap<String, (String, Instant)>>,
+    /// Claims of each pool's Pods (by `namespace/name`): when the current
+    /// burst of claims began, and its last claim.
+    pool_claims: Mutex<HashMap<String, (Instant, Instant)>>,
 }
 
 impl Context {
@@ -152,6 +162,7 @@ impl Context {
             failures: Mutex::new(HashMap::new()),
             warm_claims: Mutex::new(HashMap::new()),
             claimed_for: Mutex::new(HashMap::new()),
+            pool_claims: Mutex::new(HashMap::new()),
         }
     }
 
@@ -239,6 +250,36 @@ impl Context {
     pub fn claimed_for(&self, sandbox: &str) -> Option<String> {
         let claimed = self.claimed_for.lock().expect("claims lock");
         claimed.get(sandbox).map(|(pod, _)| pod.clone())
+    }
+
+    /// Notes a claim of a Pod of pool `pool` (`namespace/name`).
+    pub fn note_pool_claim(&self, pool: &str) {
+        let mut claims = self.pool_claims.lock().expect("pool claims lock");
+        let now = Instant::now();
+        let quiet = self.settings.refill_quiet;
+        claims
+            .entry(pool.to_string())
+            .and_modify(|(began, last)| {
+                if now.duration_since(*last) >= quiet {
+                    *began = now;
+                }
+                *last = now;
+            })
+            .or_insert((now, now));
+    }
+
+    /// How long pool `pool` should wait before it starts Pods: until its
+    /// Pods have gone unclaimed for `refill_quiet`, and at most until
+    /// `refill_max_wait` after the burst's first claim. `None`: no wait.
+    pub fn refill_wait(&self, pool: &str) -> Option<Duration> {
+        let claims = self.pool_claims.lock().expect("pool claims lock");
+        let (began, last) = claims.get(pool)?;
+        let now = Instant::now();
+        let until =
+            (*last + self.settings.refill_quiet).min(*began + self.settings.refill_max_wait);
+        until
+            .checked_duration_since(now)
+            .filter(|wait| !wait.is_zero())
     }
 
     /// Forgets the failures of `key` after a successful reconcile.

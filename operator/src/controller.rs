@@ -16,7 +16,6 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::core::NamespaceResourceScope;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
-use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::{Resource, ResourceExt};
 use sandfork_api::conditions::{self, Cond};
 use serde::Serialize;
@@ -158,14 +157,7 @@ async fn finalized_pass<K: Reconcile>(obj: Arc<K>, ctx: Arc<Context>) -> Result<
                 None => obj.apply(&ctx).await,
             };
         }
-        finalizer(&api, FINALIZER, obj.clone(), |event| async {
-            match event {
-                Finalizer::Apply(obj) => obj.apply(&ctx).await,
-                Finalizer::Cleanup(obj) => obj.cleanup(&ctx).await,
-            }
-        })
-        .await
-        .map_err(Error::from_finalizer)
+        finalized(&api, obj.as_ref(), &ctx).await
     };
     let limit = ctx.settings.reconcile_timeout;
     let result = match tokio::time::timeout(limit, pass).await {
@@ -177,6 +169,70 @@ async fn finalized_pass<K: Reconcile>(obj: Arc<K>, ctx: Arc<Context>) -> Result<
         ctx.succeeded(&key);
     }
     result
+}
+
+/// `apply` once the object carries the finalizer, which a new object gets
+/// first; `cleanup` once it is being deleted, and then the finalizer goes.
+/// A pass that adds the finalizer goes on to `apply` with the object the
+/// API server returned: waiting for the watch to deliver that change would
+/// put one more round trip on the path of every new object.
+async fn finalized<K: Reconcile>(api: &Api<K>, obj: &K, ctx: &Context) -> Result<Action> {
+    let has_finalizer = obj.finalizers().iter().any(|f| f == FINALIZER);
+    match (obj.meta().deletion_timestamp.is_some(), has_finalizer) {
+        (false, true) => obj.apply(ctx).await,
+        (false, false) => {
+            let mut finalizers = obj.finalizers().to_vec();
+            finalizers.push(FINALIZER.to_string());
+            let added = patch_finalizers(api, obj, finalizers)
+                .await
+                .map_err(|source| Error::Finalizer {
+                    action: "add",
+                    source,
+                })?;
+            added.apply(ctx).await
+        }
+        (true, true) => {
+            let action = obj.cleanup(ctx).await?;
+            let finalizers = obj
+                .finalizers()
+                .iter()
+                .filter(|f| *f != FINALIZER)
+                .cloned()
+                .collect();
+            match patch_finalizers(api, obj, finalizers).await {
+                Ok(_) => Ok(action),
+                // Gone already: nothing holds it any more.
+                Err(err) if crate::error::is_not_found(&err) => Ok(action),
+                Err(source) => Err(Error::Finalizer {
+                    action: "remove",
+                    source,
+                }),
+            }
+        }
+        (true, false) => Ok(Action::await_change()),
+    }
+}
+
+/// Sets the object's finalizers to `finalizers`, on the condition that it
+/// is still at the version read (otherwise the API server answers 409, and
+/// the pass is retried from a fresh copy).
+async fn patch_finalizers<K: Reconcile>(
+    api: &Api<K>,
+    obj: &K,
+    finalizers: Vec<String>,
+) -> kube::Result<K> {
+    let patch = serde_json::json!({
+        "metadata": {
+            "resourceVersion": obj.meta().resource_version,
+            "finalizers": finalizers,
+        },
+    });
+    api.patch(
+        obj.meta().name.as_deref().unwrap_or_default(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await
 }
 
 /// What to do after a failed reconcile: a conflict is retried soon, waiting

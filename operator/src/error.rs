@@ -39,9 +39,9 @@ pub enum Error {
     #[error("the agent on node {node} is not available: {reason}")]
     AgentUnavailable { node: String, reason: String },
 
-    /// Cleanup is waiting for something to finish (the finalizer helper
-    /// removes the finalizer after any successful cleanup, so waiting is an
-    /// error that is retried).
+    /// Cleanup is waiting for something to finish (the finalizer is
+    /// removed after any successful cleanup, so waiting is an error that is
+    /// retried).
     #[error("waiting: {0}")]
     Waiting(String),
 
@@ -103,25 +103,6 @@ impl std::fmt::Display for ErrorChain<'_> {
 }
 
 impl Error {
-    /// The error of a reconcile inside the finalizer helper: what `apply` or
-    /// `cleanup` returned as it is (kube's wrapper would repeat its message),
-    /// or what the helper itself ran into.
-    pub fn from_finalizer(err: kube::runtime::finalizer::Error<Error>) -> Self {
-        use kube::runtime::finalizer::Error as Finalizer;
-        match err {
-            Finalizer::ApplyFailed(err) | Finalizer::CleanupFailed(err) => err,
-            Finalizer::AddFinalizer(source) => Error::Finalizer {
-                action: "add",
-                source,
-            },
-            Finalizer::RemoveFinalizer(source) => Error::Finalizer {
-                action: "remove",
-                source,
-            },
-            other => Error::Permanent(other.to_string()),
-        }
-    }
-
     /// The agent on `node` answered `status`.
     pub fn agent(node: &str, status: tonic::Status) -> Self {
         Error::Agent {
@@ -219,13 +200,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn an_error_from_inside_the_finalizer_reads_once() {
-        let waiting = Error::Waiting("2 branches are being deleted".into());
-        let err = Error::from_finalizer(kube::runtime::finalizer::Error::CleanupFailed(waiting));
-        assert!(err.is_waiting());
-        assert_eq!(
-            ErrorChain(&err).to_string(),
-            "waiting: 2 branches are being deleted"
+    fn errors_read_once_with_their_sources() {
+        let conflict = kube::Error::Api(Box::new(
+            kube::core::Status::failure("the object has been modified", "Conflict").with_code(409),
+        ));
+        let err = Error::Finalizer {
+            action: "add",
+            source: conflict,
+        };
+        assert!(err.is_conflict());
+        let chain = ErrorChain(&err).to_string();
+        assert!(
+            chain.starts_with("could not add the finalizer: "),
+            "{chain}"
         );
 
         let agent = Error::agent("node-a", tonic::Status::unavailable("agent restarting"));

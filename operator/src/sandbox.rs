@@ -425,14 +425,18 @@ impl<'a> Pass<'a> {
             let message = format!("Pod {name} bound to node {node}");
             self.update.ready(false, reason::SCHEDULED, message.clone());
             self.update.write(ctx).await?;
-            ctx.event(
-                sandbox,
-                EventType::Normal,
-                reason::SCHEDULED,
-                "Bind",
-                message,
-            )
-            .await;
+            // A claimed warm Pod was bound long before: its claim's Event
+            // names the node.
+            if self.update.status.pod_source != Some(PodSource::Warm) {
+                ctx.event(
+                    sandbox,
+                    EventType::Normal,
+                    reason::SCHEDULED,
+                    "Bind",
+                    message,
+                )
+                .await;
+            }
         }
         Ok(node)
     }

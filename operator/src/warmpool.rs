@@ -139,6 +139,8 @@ async fn fill(pool: &SandboxWarmPool, ctx: &Context) -> Result<Action> {
             .push(pod);
     }
 
+    // Claims going on: the Pods that replace them start once they pause.
+    let refill_wait = ctx.refill_wait(&pool_key(&namespace_of(pool), &pool.name_any()));
     let explicit = !pool.spec.node_names.is_empty();
     let mut ready_by_node = BTreeMap::new();
     let (mut ready_total, mut starting_total, mut short) = (0u32, 0u32, false);
@@ -153,7 +155,11 @@ async fn fill(pool: &SandboxWarmPool, ctx: &Context) -> Result<Action> {
         // left for the forks that just claimed them.
         let starting = kept.iter().filter(|pod| !is_claimable(pod)).count();
         let missing = wanted.saturating_sub(kept.len());
-        for _ in 0..missing.min(MAX_STARTING_PER_NODE.saturating_sub(starting)) {
+        let startable = match refill_wait {
+            Some(_) => 0,
+            None => missing.min(MAX_STARTING_PER_NODE.saturating_sub(starting)),
+        };
+        for _ in 0..startable {
             let made = warm_pod(pool, node, &ctx.settings.vmm_image).map_err(Error::Permanent)?;
             kept.push(pods.create(&PostParams::default(), &made).await?);
         }
@@ -199,12 +205,19 @@ async fn fill(pool: &SandboxWarmPool, ctx: &Context) -> Result<Action> {
     };
     update.set_conditions(&[Cond::new(conditions::READY, ready, why, message)]);
     update.write(ctx).await?;
-    Ok(if ready {
+    Ok(if let Some(wait) = refill_wait.filter(|_| short) {
+        Action::requeue(wait)
+    } else if ready {
         Action::requeue(ctx.settings.resync)
     } else {
         // Pod changes trigger passes; this is a backstop (and finds new agents).
         Action::requeue(ctx.settings.poll * 5)
     })
+}
+
+/// How a pool is known in the context's claim records.
+fn pool_key(namespace: &str, name: &str) -> String {
+    format!("{namespace}/{name}")
 }
 
 /// The nodes the pool keeps Pods on: those it names, else every node whose
@@ -368,6 +381,9 @@ pub async fn claim(ctx: &Context, sandbox: &Sandbox, uid: &str) -> Result<Option
         {
             Ok(claimed) => {
                 ctx.record_claim(uid, &claimed.name_any(), CLAIM_MEMORY);
+                if let Some(pool) = claimed.labels().get(labels::WARM_POOL) {
+                    ctx.note_pool_claim(&pool_key(&namespace, pool));
+                }
                 tracing::info!(
                     pod = claimed.name_any(),
                     patch_ms = started.elapsed().as_secs_f64() * 1e3,
@@ -379,12 +395,17 @@ pub async fn claim(ctx: &Context, sandbox: &Sandbox, uid: &str) -> Result<Option
                     "PodClaimed",
                     "ClaimPod",
                     format!(
-                        "claimed warm Pod {} of SandboxWarmPool {}",
+                        "claimed warm Pod {} of SandboxWarmPool {} on node {}",
                         claimed.name_any(),
                         claimed
                             .labels()
                             .get(labels::WARM_POOL)
                             .cloned()
+                            .unwrap_or_default(),
+                        claimed
+                            .spec
+                            .as_ref()
+                            .and_then(|spec| spec.node_name.as_deref())
                             .unwrap_or_default()
                     ),
                 )

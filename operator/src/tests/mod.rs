@@ -10,6 +10,7 @@ mod warmpool;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::Method;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
@@ -135,7 +136,7 @@ impl Harness {
             branches: branch_store.clone(),
             pods: pod_store.clone(),
         };
-        let ctx = Self::context(&client, &stores, &clock);
+        let ctx = Self::context(&client, &stores, &clock, test_settings());
         Self {
             api,
             client,
@@ -154,7 +155,12 @@ impl Harness {
         }
     }
 
-    fn context(client: &kube::Client, stores: &Stores, clock: &Clock) -> Arc<Context> {
+    fn context(
+        client: &kube::Client,
+        stores: &Stores,
+        clock: &Clock,
+        settings: Settings,
+    ) -> Arc<Context> {
         Arc::new(Context::new(
             client.clone(),
             Agents::new(stores.leases.clone(), Arc::new(PlainDialer)),
@@ -169,23 +175,24 @@ impl Harness {
                 instance: Some("test".into()),
             },
             clock.clone(),
-            // Tests look at the Events a pass sent as soon as it returns.
-            Settings {
-                events_in_background: false,
-                ..Settings::default()
-            },
+            settings,
         ))
     }
 
     /// A fresh operator process (new caches of its own, same cluster and agents).
     pub fn restart(&mut self) {
+        self.restart_with(test_settings());
+    }
+
+    /// A fresh operator process with `settings`.
+    pub fn restart_with(&mut self, settings: Settings) {
         let stores = Stores {
             leases: self.lease_store.clone(),
             sandboxes: self.sandbox_store.clone(),
             branches: self.branch_store.clone(),
             pods: self.pod_store.clone(),
         };
-        self.ctx = Self::context(&self.client, &stores, &self.clock);
+        self.ctx = Self::context(&self.client, &stores, &self.clock, settings);
     }
 
     /// The agent renews its Lease now.
@@ -306,16 +313,33 @@ pub fn condition(
     (c.status.clone(), c.reason.clone(), c.message.clone())
 }
 
-/// Whether `request` is the JSON patch that adds our finalizer.
+/// The operator's settings in tests.
+pub fn test_settings() -> Settings {
+    Settings {
+        // Tests look at the Events a pass sent as soon as it returns.
+        events_in_background: false,
+        // ... and at a pool's refill right after a claim.
+        refill_quiet: Duration::ZERO,
+        ..Settings::default()
+    }
+}
+
+/// `object` as a first pass leaves it: with the operator's finalizer.
+pub fn finalized<K: kube::Resource>(mut object: K) -> K {
+    object.meta_mut().finalizers = Some(vec![FINALIZER.to_string()]);
+    object
+}
+
+/// Whether `request` is the patch that adds our finalizer, on the
+/// condition of the version read.
 pub fn adds_finalizer(request: &Recorded) -> bool {
+    let metadata = &request.body["metadata"];
     request.method == Method::PATCH
-        && request.content_type == "application/json-patch+json"
-        && request.body.as_array().is_some_and(|ops| {
-            ops.iter().any(|op| {
-                op["op"] == "add"
-                    && (op["value"] == FINALIZER || op["value"] == serde_json::json!([FINALIZER]))
-            })
-        })
+        && request.content_type == "application/merge-patch+json"
+        && !metadata["resourceVersion"].is_null()
+        && metadata["finalizers"]
+            .as_array()
+            .is_some_and(|f| f.iter().any(|f| f == FINALIZER))
 }
 
 /// Whether `request` is a server-side apply of a status with our field manager.

@@ -13,7 +13,7 @@ use super::*;
 use crate::sandbox::reason;
 
 #[tokio::test]
-async fn first_pass_only_adds_the_finalizer() {
+async fn first_pass_adds_the_finalizer_then_goes_on() {
     let h = Harness::new().await;
     h.api.insert(&sandbox_object("vm", 256));
     h.api.clear_requests();
@@ -21,18 +21,41 @@ async fn first_pass_only_adds_the_finalizer() {
     h.reconcile_sandbox("vm").await.unwrap();
 
     let requests = h.api_requests();
-    assert_eq!(requests.len(), 1, "{requests:#?}");
     assert!(adds_finalizer(&requests[0]), "{:#?}", requests[0]);
     assert!(
         requests[0]
             .path
             .ends_with("/namespaces/team-a/sandboxes/vm")
     );
-    assert!(h.agent.calls().is_empty());
     assert_eq!(
         h.sandbox("vm").unwrap().metadata.finalizers,
         Some(vec![FINALIZER.to_string()])
     );
+    // The same pass made the Pod, without waiting for a watch to show the
+    // finalizer, and wrote the status from the version the patch returned.
+    assert_eq!(pod_requests(&h, Method::POST).len(), 1, "{requests:#?}");
+    assert!(requests.iter().any(is_status_apply), "{requests:#?}");
+    assert!(h.sandbox("vm").unwrap().status.is_some());
+}
+
+/// A finalizer added meanwhile by another writer fails the add with a
+/// conflict (the patch is conditional on the version read), retried soon.
+#[tokio::test]
+async fn adding_the_finalizer_to_a_changed_object_conflicts() {
+    let h = Harness::new().await;
+    let stale = sandbox_object("vm", 256);
+    h.api.insert(&stale);
+    let stale = h.sandbox("vm").unwrap();
+    h.api.edit::<Sandbox>(Some(NS), "vm", |o| {
+        o["metadata"]["labels"] = serde_json::json!({"changed": "yes"});
+        o["metadata"]["resourceVersion"] = serde_json::json!("changed");
+    });
+
+    let err = crate::controller::reconcile(std::sync::Arc::new(stale), h.ctx.clone())
+        .await
+        .unwrap_err();
+    assert!(err.is_conflict(), "{err:?}");
+    assert!(pod_requests(&h, Method::POST).is_empty());
 }
 
 /// Requests to the Pods collection of the test namespace.
@@ -46,8 +69,7 @@ fn pod_requests(h: &Harness, method: Method) -> Vec<Recorded> {
 #[tokio::test]
 async fn makes_a_pod_then_starts_the_vm_in_it_and_reports_ready() {
     let h = Harness::new().await;
-    h.api.insert(&sandbox_object("vm", 256));
-    h.reconcile_sandbox("vm").await.unwrap();
+    h.api.insert(&finalized(sandbox_object("vm", 256)));
     h.api.clear_requests();
 
     let action = h.reconcile_sandbox("vm").await.unwrap();
@@ -169,8 +191,7 @@ async fn the_pod_is_the_sandboxes_and_asks_for_what_it_needs() {
 async fn the_agent_is_not_called_before_the_pod_is_bound_and_running() {
     let h = Harness::new().await;
     h.api.hold_pods();
-    h.api.insert(&sandbox_object("vm", 256));
-    h.reconcile_sandbox("vm").await.unwrap();
+    h.api.insert(&finalized(sandbox_object("vm", 256)));
 
     let action = h.reconcile_sandbox("vm").await.unwrap();
     assert_eq!(action, Action::requeue(h.ctx.settings.poll * 5));
@@ -235,8 +256,7 @@ async fn unschedulable_carries_the_schedulers_message() {
 #[tokio::test]
 async fn the_agent_is_not_asked_before_the_binding_is_written() {
     let h = Harness::new().await;
-    h.api.insert(&sandbox_object("vm", 256));
-    h.reconcile_sandbox("vm").await.unwrap();
+    h.api.insert(&finalized(sandbox_object("vm", 256)));
     h.api.fail(Method::PATCH, "/sandboxes/vm/status", 500, 1);
 
     let err = h.reconcile_sandbox("vm").await.unwrap_err();
@@ -256,8 +276,7 @@ async fn the_agent_is_not_asked_before_the_binding_is_written() {
 #[tokio::test]
 async fn a_restart_after_the_vm_started_makes_no_twin() {
     let mut h = Harness::new().await;
-    h.api.insert(&sandbox_object("vm", 256));
-    h.reconcile_sandbox("vm").await.unwrap();
+    h.api.insert(&finalized(sandbox_object("vm", 256)));
     // The binding is written; the write after CreateSandbox fails, as if the
     // operator died right after the agent started the VM.
     h.api
@@ -309,8 +328,7 @@ async fn too_little_memory_on_the_node_is_retried_with_a_condition() {
         "CreateSandbox",
         Status::resource_exhausted("host has 100 MiB free, 256 MiB asked"),
     );
-    h.api.insert(&sandbox_object("vm", 256));
-    h.reconcile_sandbox("vm").await.unwrap();
+    h.api.insert(&finalized(sandbox_object("vm", 256)));
 
     let err = h.reconcile_sandbox("vm").await.unwrap_err();
     assert!(err.is_transient());
@@ -595,8 +613,7 @@ async fn an_agent_whose_vmm_is_not_up_yet_is_asked_again() {
         "CreateSandbox",
         Status::failed_precondition("the VMM socket is not there yet"),
     );
-    h.api.insert(&sandbox_object("vm", 256));
-    h.reconcile_sandbox("vm").await.unwrap();
+    h.api.insert(&finalized(sandbox_object("vm", 256)));
 
     let err = h.reconcile_sandbox("vm").await.unwrap_err();
     assert!(err.is_transient(), "{err}");
@@ -614,8 +631,7 @@ async fn an_agent_whose_vmm_is_not_up_yet_is_asked_again() {
 #[tokio::test]
 async fn a_stale_copy_cannot_start_the_vm_twice() {
     let h = Harness::new().await;
-    h.api.insert(&sandbox_object("vm", 256));
-    h.reconcile_sandbox("vm").await.unwrap();
+    h.api.insert(&finalized(sandbox_object("vm", 256)));
     let stale = h.sandbox("vm").unwrap();
     h.reconcile_sandbox("vm").await.unwrap();
     assert!(h.sandbox("vm").unwrap().is_ready());

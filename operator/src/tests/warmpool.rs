@@ -185,7 +185,7 @@ async fn a_sandbox_of_the_size_class_claims_a_warm_pod_which_the_pool_replaces()
     let claims: Vec<_> = h
         .api_requests()
         .into_iter()
-        .filter(|r| r.method == Method::PATCH && r.content_type == "application/merge-patch+json")
+        .filter(|r| r.method == Method::PATCH && r.path.contains("/pods/"))
         .collect();
     assert_eq!(claims.len(), 1);
     assert_eq!(
@@ -208,6 +208,50 @@ async fn a_sandbox_of_the_size_class_claims_a_warm_pod_which_the_pool_replaces()
         h.pool("small").metadata.finalizers.is_none(),
         "the garbage collector frees a pool's Pods"
     );
+}
+
+#[tokio::test]
+async fn a_burst_of_claims_delays_the_refill_until_it_pauses() {
+    let mut h = Harness::new().await;
+    h.filled_pool("small", 2, 256).await;
+    let quiet = Duration::from_millis(300);
+    h.restart_with(Settings {
+        refill_quiet: quiet,
+        ..test_settings()
+    });
+    h.cache_pods();
+    h.api.insert(&sandbox_object("vm", 256));
+    h.settle_sandbox("vm").await;
+    assert_eq!(
+        h.sandbox("vm").unwrap().status.unwrap().pod_source,
+        Some(PodSource::Warm)
+    );
+    h.api.clear_requests();
+
+    // Right after the claim: nothing is started, and the pool looks again
+    // once the claims have paused.
+    let action = h.reconcile_pool("small").await.unwrap();
+    assert!(
+        h.api_requests().iter().all(|r| r.method != Method::POST),
+        "{:#?}",
+        h.api_requests()
+    );
+    let settled = [
+        Action::await_change(),
+        Action::requeue(h.ctx.settings.resync),
+        Action::requeue(h.ctx.settings.poll * 5),
+    ];
+    assert!(!settled.contains(&action), "{action:?}");
+    assert_eq!(h.pool("small").status.unwrap().ready_pods, 1);
+
+    tokio::time::sleep(quiet).await;
+    h.reconcile_pool("small").await.unwrap();
+    let unclaimed = h
+        .warm_pods("small")
+        .iter()
+        .filter(|p| controller_kind(p) == "SandboxWarmPool")
+        .count();
+    assert_eq!(unclaimed, 2, "refilled once the claims paused");
 }
 
 #[tokio::test]
@@ -243,8 +287,7 @@ async fn a_claim_whose_status_was_not_written_is_found_again_after_a_restart() {
     let mut h = Harness::new().await;
     h.filled_pool("small", 2, 256).await;
     h.cache_pods();
-    h.api.insert(&sandbox_object("vm", 256));
-    h.reconcile_sandbox("vm").await.unwrap();
+    h.api.insert(&finalized(sandbox_object("vm", 256)));
     // The claim lands, the status write after it fails: the operator dies here.
     h.api.fail(Method::PATCH, "/sandboxes/vm/status", 500, 1);
     assert!(h.reconcile_sandbox("vm").await.is_err());
@@ -321,8 +364,7 @@ async fn a_retried_pass_finds_its_claim_when_the_cache_lags() {
     let mut h = Harness::new().await;
     h.filled_pool("small", 2, 256).await;
     h.cache_pods();
-    h.api.insert(&sandbox_object("vm", 256));
-    h.reconcile_sandbox("vm").await.unwrap();
+    h.api.insert(&finalized(sandbox_object("vm", 256)));
     h.api.fail(Method::PATCH, "/sandboxes/vm/status", 500, 1);
     assert!(h.reconcile_sandbox("vm").await.is_err());
     // Same operator, its cache still shows both Pods unclaimed.
