@@ -75,15 +75,6 @@ pub enum ManagerError {
     PodVmmNotReady { name: String, pod_uid: String },
     #[error("invalid Pod UID {0:?}")]
     InvalidPodUid(String),
-    #[error(
-        "a capture of {wanted_mib} MiB does not fit: captures hold {held_mib} MiB of the \
-         {budget_mib} MiB this agent may hold (its Pod's memory request)"
-    )]
-    CaptureBudget {
-        wanted_mib: u64,
-        held_mib: u64,
-        budget_mib: u64,
-    },
     #[error("sandbox {name:?}: VM process not reachable")]
     VmUnreachable {
         name: String,
@@ -273,27 +264,12 @@ impl Manager {
             .sum()
     }
 
-    /// Checks that a capture of the sandbox fits the budget: what its guest
-    /// memory holds now (the capture's holes cost nothing) beside what
-    /// captures hold already.
-    fn check_capture_budget(&self, control: &Path, name: &str) -> Result<(), ManagerError> {
-        let Some(budget) = self.capture_budget else {
-            return Ok(());
-        };
-        let ranges = match vmhost::call(control, &Request::Populated, STATUS_TIMEOUT) {
-            Ok(Response::Populated { ranges }) => ranges,
-            other => return Err(failed_reply(name, other)),
-        };
-        let wanted: u64 = ranges.iter().map(|[_, len]| len).sum();
-        let held = self.capture_bytes_held();
-        if held + wanted > budget {
-            return Err(ManagerError::CaptureBudget {
-                wanted_mib: wanted.div_ceil(1 << 20),
-                held_mib: held >> 20,
-                budget_mib: budget >> 20,
-            });
-        }
-        Ok(())
+    /// How much more memory captures may take, if this agent has a budget.
+    /// The VMM refuses a capture whose guest memory holds more data now
+    /// (the capture's holes cost nothing).
+    fn capture_allowance(&self) -> Option<u64> {
+        self.capture_budget
+            .map(|budget| budget.saturating_sub(self.capture_bytes_held()))
     }
 
     /// Looks for Pods' VMM sockets under `dir` instead of the kubelet's
@@ -704,7 +680,7 @@ impl Manager {
         // it sees this capture and nothing else of the state directory.
         let control = self.control_dir(&record);
         let started = Instant::now();
-        self.check_capture_budget(&control, sandbox)?;
+        let max_bytes = self.capture_allowance();
         let budget_checked = started.elapsed();
         let memory_bytes = record.memory_mib << 20;
         std::fs::DirBuilder::new()
@@ -731,6 +707,7 @@ impl Manager {
             mode,
             verify,
             wait,
+            max_bytes,
         };
         let handed = rustix::fs::open(
             dir.path(),

@@ -66,7 +66,8 @@ pub enum Request {
         restore: Option<Box<SnapshotState>>,
     },
     /// The byte ranges of guest memory that hold data (the rest are holes,
-    /// which a capture neither copies nor allocates).
+    /// which a capture neither copies nor allocates). Agents now send the
+    /// budget with the capture; this stays for one that asks first.
     Populated,
     /// Capture into the directory sent with the request, filling its memory
     /// file through the agent's mapping of it: the userfaultfd sent second,
@@ -83,6 +84,12 @@ pub enum Request {
         /// can start while the copy goes on.
         #[serde(default = "wait_by_default")]
         wait: bool,
+        /// The most guest memory holding data that the capture may copy
+        /// (what the agent's capture budget has left): a larger one is
+        /// refused before the VM pauses. Asked here rather than in a call
+        /// of its own, which cost a round trip on every capture.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_bytes: Option<u64>,
     },
     Stop,
 }
@@ -186,6 +193,11 @@ pub enum HostError {
     AlreadyStarted,
     #[error("cannot start the VM")]
     Start(#[source] Box<ServeError>),
+    #[error(
+        "a capture of {wanted_mib} MiB does not fit: {allowed_mib} MiB are left of what the \
+         agent may hold for captures (its Pod's memory request)"
+    )]
+    OverBudget { wanted_mib: u64, allowed_mib: u64 },
 }
 
 impl HostError {
@@ -198,6 +210,7 @@ impl HostError {
             }
             Self::BadRequest(_) | Self::MissingDescriptors(_) => ErrorKind::InvalidArgument,
             Self::Start(err) => err.kind(),
+            Self::OverBudget { .. } => ErrorKind::ResourceExhausted,
         }
     }
 
@@ -576,6 +589,7 @@ fn serve_connection(
                 mode,
                 verify,
                 wait,
+                max_bytes,
             }) => {
                 let mut fds = fds.into_iter();
                 let response = match (fds.next(), fds.next()) {
@@ -584,7 +598,10 @@ fn serve_connection(
                             uffd,
                             base: target_base,
                         };
-                        match request_capture(jobs, dir, target, capture, mode, verify, wait) {
+                        let captured = fits(vm, max_bytes).and_then(|()| {
+                            request_capture(jobs, dir, target, capture, mode, verify, wait)
+                        });
+                        match captured {
                             Ok(info) => Response::Captured(info),
                             Err(err) => err.response(),
                         }
@@ -672,6 +689,22 @@ fn run_capture(vm: &Vm, record: &SandboxRecord, job: CaptureJob) {
             .map(|state| capture_info(name, &state, None))
             .map_err(Into::into),
     );
+}
+
+/// Refuses a capture that would copy more than `max_bytes` of `vm`'s memory.
+fn fits(vm: &Vm, max_bytes: Option<u64>) -> Result<(), HostError> {
+    let Some(max_bytes) = max_bytes else {
+        return Ok(());
+    };
+    let ranges = populated(vm).map_err(|err| HostError::Snapshot(SnapshotError::Memory(err)))?;
+    let wanted: u64 = ranges.iter().map(|[_, len]| len).sum();
+    if wanted > max_bytes {
+        return Err(HostError::OverBudget {
+            wanted_mib: wanted.div_ceil(1 << 20),
+            allowed_mib: max_bytes >> 20,
+        });
+    }
+    Ok(())
 }
 
 /// The byte ranges of `vm`'s memory that are not holes.

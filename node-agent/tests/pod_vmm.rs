@@ -159,6 +159,61 @@ fn a_pod_vmm_runs_captures_and_branches_and_outlives_the_agent() {
 }
 
 #[test]
+fn captures_beyond_the_budget_are_refused_and_leave_nothing() {
+    if !common::devices_present() {
+        return;
+    }
+    let state = common::StateDir::new();
+    let pods = tempfile::tempdir().unwrap();
+    // Room for one capture of the 128 MiB guest once it has written all of
+    // it, not for two.
+    let manager = state
+        .manager()
+        .with_pods_dir(pods.path())
+        .with_capture_budget_mib(Some(200));
+    let _vmm = PodVmm::start(pods.path(), SOURCE_POD);
+    manager
+        .run_on(&counter("source"), Some(SOURCE_POD))
+        .unwrap();
+    // A pass writes every page of the guest's memory.
+    assert!(common::wait_until(Duration::from_secs(30), || passes(
+        &manager, "source"
+    ) >= 2));
+
+    let first = manager
+        .capture("source", "first", CaptureMode::Live, false, true)
+        .unwrap();
+    assert!(first.memory_complete);
+    let err = manager
+        .capture("source", "second", CaptureMode::Live, false, true)
+        .unwrap_err();
+    let status = tonic::Status::from(err);
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("does not fit") && status.message().contains("MiB are left"),
+        "{status:?}"
+    );
+    let captures: Vec<_> = std::fs::read_dir(state.path().join("captures"))
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name())
+        .collect();
+    assert_eq!(captures, ["first"], "the refused capture left nothing");
+
+    // The source ran on, and with the first capture gone the second fits.
+    let before = passes(&manager, "source");
+    assert!(common::wait_until(Duration::from_secs(30), || passes(
+        &manager, "source"
+    ) > before));
+    manager.delete_capture("first").unwrap();
+    let second = manager
+        .capture("source", "second", CaptureMode::Live, false, true)
+        .unwrap();
+    assert!(second.memory_complete);
+    manager.delete_capture("second").unwrap();
+    manager.delete("source").unwrap();
+}
+
+#[test]
 fn a_pod_without_its_vmm_is_reported_unready_and_nothing_is_left() {
     if !common::devices_present() {
         return;

@@ -25,7 +25,6 @@ impl From<ManagerError> for Status {
             | ManagerError::InvalidSpec(_)
             | ManagerError::InvalidPodUid(_) => ErrorKind::InvalidArgument,
             ManagerError::PodVmmNotReady { .. } => ErrorKind::Internal,
-            ManagerError::CaptureBudget { .. } => ErrorKind::ResourceExhausted,
             ManagerError::NotFound { .. } => ErrorKind::NotFound,
             ManagerError::AlreadyExists { .. } => ErrorKind::AlreadyExists,
             ManagerError::Memory(err) => ErrorKind::of_memory(err),
