@@ -6,9 +6,11 @@
 //! Restart safety: the Pod is labelled with the Sandbox's UID, whether made
 //! for it (under a fixed name, so creating it again finds the one made
 //! before) or claimed from a warm pool (see [`crate::warmpool`]), so a pass
-//! finds it before the status records it; its name, UID and node are written
-//! into the status before the agent is asked to start anything; and every
-//! agent call is keyed by the Sandbox's UID. A reconcile interrupted at any point repeats
+//! finds it before the status records it; the name, UID and node of a Pod
+//! made for it are written into the status before the agent is asked to
+//! start anything (a claimed one's go in with the VM's state: the claim
+//! itself marks the Pod as the Sandbox's); and every agent call is keyed by
+//! the Sandbox's UID. A reconcile interrupted at any point repeats
 //! harmlessly, and a Pod that is gone once recorded is never replaced (the
 //! VM's state died with it).
 
@@ -138,6 +140,8 @@ struct Pass<'a> {
     ctx: &'a Context,
     uid: String,
     update: Update<'a>,
+    /// The warm Pod this pass claimed, as the start's Event names it.
+    claimed: Option<String>,
 }
 
 impl<'a> Pass<'a> {
@@ -150,6 +154,7 @@ impl<'a> Pass<'a> {
             ctx,
             uid,
             update: Update::new(sandbox, ctx.clock.now()),
+            claimed: None,
         })
     }
 
@@ -275,7 +280,10 @@ impl<'a> Pass<'a> {
                 return self.fail(reason::POD_DELETED, "Observe", message).await;
             }
             None => match crate::warmpool::claim(self.ctx, self.sandbox, &self.uid).await? {
-                Some(pod) => pod,
+                Some(pod) => {
+                    self.claimed = Some(crate::warmpool::claimed_pod_note(&pod));
+                    pod
+                }
                 None => self.create_pod().await?,
             },
         };
@@ -422,11 +430,15 @@ impl<'a> Pass<'a> {
         };
         if self.update.status.node.as_deref() != Some(node.as_str()) {
             self.update.status.node = Some(node.clone());
+            if self.claimed.is_some() {
+                // Claimed in this pass, bound long before: the claim
+                // labelled it with this Sandbox's UID, so a later pass finds
+                // it again; its node goes into the status with the VM's state.
+                return Ok(node);
+            }
             let message = format!("Pod {name} bound to node {node}");
             self.update.ready(false, reason::SCHEDULED, message.clone());
             self.update.write(ctx).await?;
-            // A claimed warm Pod was bound long before: its claim's Event
-            // names the node.
             if self.update.status.pod_source != Some(PodSource::Warm) {
                 ctx.event(
                     sandbox,
@@ -500,6 +512,12 @@ impl<'a> Pass<'a> {
         pod_uid: &str,
         workload: pb::Workload,
     ) -> Step<(pb::Sandbox, StartEvent)> {
+        if self.claimed.is_some() {
+            // No VM of this Sandbox runs in a Pod it did not own until now:
+            // one an earlier pass started would be in a Pod labelled as its
+            // own, which that pass would have found instead.
+            return self.start(client, node, pod_uid, workload).await;
+        }
         let observed = match client
             .get_sandbox(with_timeout(
                 pb::GetSandboxRequest {
@@ -572,7 +590,7 @@ impl<'a> Pass<'a> {
             Ok(vm) => vm.into_inner(),
             Err(status) => return self.start_failed(node, status).await,
         };
-        let event = match &sandbox.spec.restore_from {
+        let (reason, mut note) = match &sandbox.spec.restore_from {
             Some(restore) => (
                 "Restored",
                 format!(
@@ -583,7 +601,11 @@ impl<'a> Pass<'a> {
             ),
             None => ("Started", format!("started on node {node}")),
         };
-        Ok((vm, Some(event)))
+        // The claim has no Event of its own: one write less per fork.
+        if let Some(claimed) = &self.claimed {
+            note = format!("{note}, in {claimed}");
+        }
+        Ok((vm, Some((reason, note))))
     }
 
     /// Records why the agent refused to start the VM: for good, or to be retried.

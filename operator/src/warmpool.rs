@@ -18,7 +18,6 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::controller::Action;
-use kube::runtime::events::EventType;
 use sandfork_api::conditions::{self, Cond};
 use sandfork_api::{Sandbox, SandboxWarmPool, SandboxWarmPoolStatus, labels};
 use serde_json::json;
@@ -292,6 +291,18 @@ async fn delete_pod(pods: &Api<Pod>, pod: &Pod) -> Result<()> {
     }
 }
 
+/// A claimed Pod as the Event of its VM's start names it.
+pub fn claimed_pod_note(pod: &Pod) -> String {
+    format!(
+        "warm Pod {} of SandboxWarmPool {}",
+        pod.name_any(),
+        pod.labels()
+            .get(labels::WARM_POOL)
+            .map(String::as_str)
+            .unwrap_or_default(),
+    )
+}
+
 /// Whether a Sandbox with `spec` can run in a warm Pod: a built-in guest (a
 /// guest image is a volume of its own Pod) and no scheduling wish beyond its
 /// node. Its resources are compared Pod by Pod.
@@ -389,27 +400,6 @@ pub async fn claim(ctx: &Context, sandbox: &Sandbox, uid: &str) -> Result<Option
                     patch_ms = started.elapsed().as_secs_f64() * 1e3,
                     "claimed a warm Pod"
                 );
-                ctx.event(
-                    sandbox,
-                    EventType::Normal,
-                    "PodClaimed",
-                    "ClaimPod",
-                    format!(
-                        "claimed warm Pod {} of SandboxWarmPool {} on node {}",
-                        claimed.name_any(),
-                        claimed
-                            .labels()
-                            .get(labels::WARM_POOL)
-                            .cloned()
-                            .unwrap_or_default(),
-                        claimed
-                            .spec
-                            .as_ref()
-                            .and_then(|spec| spec.node_name.as_deref())
-                            .unwrap_or_default()
-                    ),
-                )
-                .await;
                 return Ok(Some(claimed));
             }
             // Claimed, changed or deleted since the cache saw it: another one.

@@ -193,7 +193,34 @@ async fn a_sandbox_of_the_size_class_claims_a_warm_pod_which_the_pool_replaces()
         warm.metadata.resource_version.clone().unwrap().as_str(),
         "the claim is conditional on the version seen"
     );
-    assert!(h.events().contains(&"PodClaimed".to_string()));
+    // One status write records the claimed Pod, its node and the running
+    // VM, and the start's Event names the Pod: the claim adds no write.
+    let status_writes = h
+        .api_requests()
+        .into_iter()
+        .filter(|r| r.path.ends_with("/sandboxes/vm/status"))
+        .count();
+    assert_eq!(status_writes, 1);
+    assert_eq!(h.events(), ["Started"]);
+    let started = h
+        .api
+        .requests()
+        .into_iter()
+        .find(|r| r.method == Method::POST && r.body["reason"] == "Started")
+        .unwrap();
+    let note = started.body["note"].as_str().unwrap();
+    assert!(
+        note.contains(&format!(
+            "in warm Pod {} of SandboxWarmPool small",
+            warm.name_any()
+        )),
+        "{note}"
+    );
+    let calls = h.agent.calls();
+    assert!(
+        calls[0].starts_with("CreateSandbox "),
+        "no VM runs in a Pod claimed just now, so none is looked for: {calls:?}"
+    );
 
     h.reconcile_pool("small").await.unwrap();
     let pods = h.warm_pods("small");
