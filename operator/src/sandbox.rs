@@ -590,22 +590,23 @@ impl<'a> Pass<'a> {
             Ok(vm) => vm.into_inner(),
             Err(status) => return self.start_failed(node, status).await,
         };
-        let (reason, mut note) = match &sandbox.spec.restore_from {
+        // The claim has no Event of its own: one write less per fork.
+        let place = match &self.claimed {
+            Some(claimed) => format!("in {claimed} on node {node}"),
+            None => format!("on node {node}"),
+        };
+        let event = match &sandbox.spec.restore_from {
             Some(restore) => (
                 "Restored",
                 format!(
-                    "restored on node {node} from SandboxBranch {} in {:.1} ms",
+                    "restored {place} from SandboxBranch {} in {:.1} ms",
                     restore.sandbox_branch,
                     started.elapsed().as_secs_f64() * 1e3
                 ),
             ),
-            None => ("Started", format!("started on node {node}")),
+            None => ("Started", format!("started {place}")),
         };
-        // The claim has no Event of its own: one write less per fork.
-        if let Some(claimed) = &self.claimed {
-            note = format!("{note}, in {claimed}");
-        }
-        Ok((vm, Some((reason, note))))
+        Ok((vm, Some(event)))
     }
 
     /// Records why the agent refused to start the VM: for good, or to be retried.
