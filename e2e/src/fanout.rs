@@ -345,8 +345,9 @@ async fn fan_out(
     .map(|(ms, status)| (ms, status, timeline))
 }
 
-/// The API server's request counts so far, by `VERB resource`
-/// (`apiserver_request_total`, summed over the other labels).
+/// The API server's request counts so far, by `VERB resource`, with the
+/// code when it is not a success (`apiserver_request_total`, summed over
+/// the other labels).
 async fn api_requests(env: &Env) -> anyhow::Result<BTreeMap<String, f64>> {
     let request = http::Request::get("/metrics").body(Vec::new())?;
     let text = env.client().request_text(request).await?;
@@ -365,7 +366,11 @@ async fn api_requests(env: &Env) -> anyhow::Result<BTreeMap<String, f64>> {
                 .map(|value| value.trim_end_matches('"').to_string())
                 .unwrap_or_default()
         };
-        let key = format!("{} {}", label("verb"), label("resource"));
+        let code = label("code");
+        let key = match code.starts_with('2') {
+            true => format!("{} {}", label("verb"), label("resource")),
+            false => format!("{} {} {code}", label("verb"), label("resource")),
+        };
         *counts.entry(key).or_insert(0.0) += value.trim().parse::<f64>().unwrap_or(0.0);
     }
     Ok(counts)

@@ -139,7 +139,15 @@ pub struct Context {
     /// Claims of each pool's Pods (by `namespace/name`): when the current
     /// burst of claims began, and its last claim.
     pool_claims: Mutex<HashMap<String, (Instant, Instant)>>,
+    /// Versions of objects (by `kind/namespace/name`) that this operator's
+    /// own writes replaced, and when it last wrote: a pass given one of them
+    /// works from a copy its cache has yet to update.
+    superseded: Mutex<HashMap<String, (Vec<String>, Instant)>>,
 }
+
+/// How long this operator remembers the versions its writes replaced: far
+/// longer than its cache takes to show a write.
+const SUPERSEDED_MEMORY: Duration = Duration::from_secs(60);
 
 impl Context {
     pub fn new(
@@ -163,6 +171,7 @@ impl Context {
             warm_claims: Mutex::new(HashMap::new()),
             claimed_for: Mutex::new(HashMap::new()),
             pool_claims: Mutex::new(HashMap::new()),
+            superseded: Mutex::new(HashMap::new()),
         }
     }
 
@@ -280,6 +289,34 @@ impl Context {
         until
             .checked_duration_since(now)
             .filter(|wait| !wait.is_zero())
+    }
+
+    /// Notes that a write of this operator replaced version `version` of
+    /// the object `key`.
+    pub fn note_superseded(&self, key: &str, version: &str) {
+        let mut superseded = self.superseded.lock().expect("superseded lock");
+        let now = Instant::now();
+        superseded.retain(|_, (_, at)| now.duration_since(*at) < SUPERSEDED_MEMORY);
+        let (versions, at) = superseded
+            .entry(key.to_string())
+            .or_insert_with(|| (Vec::new(), now));
+        versions.push(version.to_string());
+        *at = now;
+    }
+
+    /// Whether `version` of the object `key` is one that this operator's
+    /// writes replaced. Any other version means the cache has caught up (or
+    /// another writer moved on): those noted for `key` are forgotten.
+    pub fn is_superseded(&self, key: &str, version: Option<&str>) -> bool {
+        let mut superseded = self.superseded.lock().expect("superseded lock");
+        let Some((versions, _)) = superseded.get(key) else {
+            return false;
+        };
+        if version.is_some_and(|version| versions.iter().any(|v| v == version)) {
+            return true;
+        }
+        superseded.remove(key);
+        false
     }
 
     /// Forgets the failures of `key` after a successful reconcile.

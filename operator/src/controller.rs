@@ -149,6 +149,13 @@ async fn finalized_pass<K: Reconcile>(obj: Arc<K>, ctx: Arc<Context>) -> Result<
     let namespace = obj
         .namespace()
         .ok_or_else(|| Error::Permanent(format!("{} without a namespace", K::kind(&()))))?;
+    if ctx.is_superseded(&key, obj.meta().resource_version.as_deref()) {
+        // This operator wrote over this copy: the watch brings the newer
+        // one, and with it the next pass. Working from this one would redo
+        // what was done, and its writes would fail (409).
+        tracing::debug!("a copy older than this operator's last write; waiting for the newer");
+        return Ok(Action::requeue(CONFLICT_RETRY));
+    }
     let api: Api<K> = Api::namespaced(ctx.client.clone(), &namespace);
     let pass = async {
         if !K::FINALIZED {
@@ -189,6 +196,9 @@ async fn finalized<K: Reconcile>(api: &Api<K>, obj: &K, ctx: &Context) -> Result
                     action: "add",
                     source,
                 })?;
+            if let Some(version) = &obj.meta().resource_version {
+                ctx.note_superseded(&object_key(obj), version);
+            }
             added.apply(ctx).await
         }
         (true, true) => {
@@ -291,13 +301,16 @@ impl<'a, K: Reconcile> StatusUpdate<'a, K> {
         if self.written.as_ref() == Some(&self.status) {
             return Ok(());
         }
-        self.resource_version = apply_status(
+        let written = apply_status(
             ctx,
             self.obj,
             self.resource_version.as_deref(),
             &self.status,
         )
         .await?;
+        if let Some(replaced) = std::mem::replace(&mut self.resource_version, written) {
+            ctx.note_superseded(&object_key(self.obj), &replaced);
+        }
         self.written = Some(self.status.clone());
         Ok(())
     }

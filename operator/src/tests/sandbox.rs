@@ -629,13 +629,40 @@ async fn an_agent_whose_vmm_is_not_up_yet_is_asked_again() {
 }
 
 #[tokio::test]
-async fn a_stale_copy_cannot_start_the_vm_twice() {
+async fn a_copy_older_than_its_own_write_is_not_reconciled() {
     let h = Harness::new().await;
+    h.api.insert(&finalized(sandbox_object("vm", 256)));
+    let stale = h.sandbox("vm").unwrap();
+    h.reconcile_sandbox("vm").await.unwrap();
+    let ready = h.sandbox("vm").unwrap();
+    assert!(ready.is_ready());
+    h.api.clear_requests();
+    let calls = h.agent.calls().len();
+
+    // The cache has yet to show the status this operator wrote: the pass
+    // waits for it instead of redoing the work and failing its write.
+    let action = crate::controller::reconcile(std::sync::Arc::new(stale), h.ctx.clone())
+        .await
+        .unwrap();
+    assert_eq!(action, Action::requeue(crate::controller::CONFLICT_RETRY));
+    assert!(h.api.requests().is_empty(), "{:#?}", h.api.requests());
+    assert_eq!(h.agent.calls().len(), calls, "no agent call");
+
+    // The newer copy is reconciled as usual.
+    h.reconcile_sandbox("vm").await.unwrap();
+    assert!(!h.agent.calls()[calls..].is_empty());
+}
+
+#[tokio::test]
+async fn a_stale_copy_cannot_start_the_vm_twice() {
+    let mut h = Harness::new().await;
     h.api.insert(&finalized(sandbox_object("vm", 256)));
     let stale = h.sandbox("vm").unwrap();
     h.reconcile_sandbox("vm").await.unwrap();
     assert!(h.sandbox("vm").unwrap().is_ready());
     h.api.clear_requests();
+    // A new operator knows nothing of the writes of the one before.
+    h.restart();
 
     // A reconcile from the copy read before the Pod was made finds the Pod
     // and cannot write over the newer status.
