@@ -404,6 +404,16 @@ impl FakeApi {
                 let Some(object) = collection.get_mut(&name) else {
                     return status(404, "NotFound", format!("{name:?} not found"));
                 };
+                for field in ["uid", "resourceVersion"] {
+                    let expected = &request.body["preconditions"][field];
+                    if !expected.is_null() && *expected != object["metadata"][field] {
+                        return status(
+                            409,
+                            "Conflict",
+                            format!("Precondition failed: {field} {expected}"),
+                        );
+                    }
+                }
                 if object["metadata"]["finalizers"]
                     .as_array()
                     .is_some_and(|f| !f.is_empty())

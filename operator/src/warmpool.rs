@@ -276,11 +276,13 @@ pub fn is_claimable(pod: &Pod) -> bool {
         && crate::sandbox::pod_condition(pod, "Ready").is_some_and(|c| c.status == "True")
 }
 
-async fn delete_pod(pods: &Api<Pod>, pod: &Pod) -> Result<()> {
+/// Deletes `pod` as the pool saw it: one claimed (or changed) since is not
+/// deleted (409), and the next pass looks at it again.
+pub(crate) async fn delete_pod(pods: &Api<Pod>, pod: &Pod) -> Result<()> {
     let params = DeleteParams {
         preconditions: Some(Preconditions {
             uid: pod.uid(),
-            resource_version: None,
+            resource_version: pod.resource_version(),
         }),
         ..DeleteParams::default()
     };

@@ -153,6 +153,26 @@ async fn a_smaller_pool_deletes_its_extra_pods_and_ended_ones_are_replaced() {
 }
 
 #[tokio::test]
+async fn a_warm_pod_claimed_since_the_pool_listed_it_is_not_deleted() {
+    let h = Harness::new().await;
+    h.filled_pool("small", 1, 256).await;
+    let listed = h.warm_pods("small").remove(0);
+    // A claim lands between the pool's list and its delete.
+    h.api.edit::<Pod>(Some(NS), &listed.name_any(), |pod| {
+        pod["metadata"]["labels"][labels::SANDBOX_UID] = serde_json::json!("claimer");
+        pod["metadata"]["resourceVersion"] = serde_json::json!("claimed");
+    });
+    let pods = kube::Api::<Pod>::namespaced(h.client.clone(), NS);
+
+    let err = crate::warmpool::delete_pod(&pods, &listed)
+        .await
+        .unwrap_err();
+
+    assert!(err.is_conflict(), "{err:?}");
+    assert!(h.api.get::<Pod>(Some(NS), &listed.name_any()).is_some());
+}
+
+#[tokio::test]
 async fn a_sandbox_of_the_size_class_claims_a_warm_pod_which_the_pool_replaces() {
     let mut h = Harness::new().await;
     h.filled_pool("small", 1, 256).await;
