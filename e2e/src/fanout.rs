@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use futures::StreamExt;
+use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::events::v1::Event;
 use kube::ResourceExt;
@@ -253,6 +253,20 @@ enum Seen {
     Sandbox(Box<sandfork_api::Sandbox>),
 }
 
+/// The objects `watch` shows added or changed, each as `seen` makes it.
+fn changes<K>(
+    watch: impl Stream<Item = kube::Result<WatchEvent<K>>>,
+    seen: fn(K) -> Seen,
+) -> impl Stream<Item = kube::Result<Seen>> {
+    watch.filter_map(move |event| async move {
+        match event {
+            Ok(WatchEvent::Added(object) | WatchEvent::Modified(object)) => Some(Ok(seen(object))),
+            Ok(_) => None,
+            Err(err) => Some(Err(err)),
+        }
+    })
+}
+
 /// Applies SandboxBranch `name` of `options.branches` branches of `source`
 /// and times it until a watch shows it Ready; returns that, its status and
 /// the timeline of its branches.
@@ -269,16 +283,7 @@ async fn fan_out(
         &ListParams::default().fields(&by_name),
         &WatchParams::default().fields(&by_name),
     )
-    .await?
-    .filter_map(|event| async {
-        match event {
-            Ok(WatchEvent::Added(b) | WatchEvent::Modified(b)) => {
-                Some(Ok(Seen::Branch(Box::new(b))))
-            }
-            Ok(_) => None,
-            Err(err) => Some(Err(err)),
-        }
-    });
+    .await?;
     let by_owner = format!("{}={name}", labels::BRANCH);
     let sandboxes = objects::sandboxes(env, ns);
     let sandbox_watch = watch_from_now(
@@ -286,17 +291,11 @@ async fn fan_out(
         &ListParams::default().labels(&by_owner),
         &WatchParams::default().labels(&by_owner),
     )
-    .await?
-    .filter_map(|event| async {
-        match event {
-            Ok(WatchEvent::Added(s) | WatchEvent::Modified(s)) => {
-                Some(Ok(Seen::Sandbox(Box::new(s))))
-            }
-            Ok(_) => None,
-            Err(err) => Some(Err(err)),
-        }
-    });
-    let mut watch = futures::stream::select(branch_watch.boxed(), sandbox_watch.boxed());
+    .await?;
+    let mut watch = futures::stream::select(
+        changes(branch_watch, |branch| Seen::Branch(Box::new(branch))).boxed(),
+        changes(sandbox_watch, |sandbox| Seen::Sandbox(Box::new(sandbox))).boxed(),
+    );
     let spec = json!({
         "sourceRef": {"name": "source"},
         "branches": options.branches,
@@ -367,27 +366,25 @@ async fn api_requests(env: &Env) -> anyhow::Result<BTreeMap<String, f64>> {
                 .unwrap_or_default()
         };
         let code = label("code");
-        let key = match code.starts_with('2') {
-            true => format!("{} {}", label("verb"), label("resource")),
-            false => format!("{} {} {code}", label("verb"), label("resource")),
-        };
+        let mut key = format!("{} {}", label("verb"), label("resource"));
+        if !code.starts_with('2') {
+            key = format!("{key} {code}");
+        }
         *counts.entry(key).or_insert(0.0) += value.trim().parse::<f64>().unwrap_or(0.0);
     }
     Ok(counts)
 }
 
-/// The requests between two counts, those of more than 0, most first,
-/// with their total.
+/// The requests between two counts, those of more than 0, with their total.
 fn requests_during(
     before: &BTreeMap<String, f64>,
     after: &BTreeMap<String, f64>,
 ) -> serde_json::Value {
-    let mut during: Vec<(String, f64)> = after
+    let during: Vec<(String, f64)> = after
         .iter()
         .map(|(key, count)| (key.clone(), count - before.get(key).copied().unwrap_or(0.0)))
         .filter(|(_, count)| *count > 0.0)
         .collect();
-    during.sort_by(|a, b| b.1.total_cmp(&a.1));
     let total: f64 = during.iter().map(|(_, count)| count).sum();
     let mut out = serde_json::Map::new();
     out.insert("total".into(), json!(total));
