@@ -738,7 +738,7 @@ impl Manager {
         }
         match &reply {
             Ok(Response::Captured(info)) if !info.memory_complete => {
-                keep_until_copied(dir.clone(), target);
+                keep_until_copied(target);
             }
             Ok(Response::Captured(_)) => drop(target),
             _ => {
@@ -863,16 +863,16 @@ fn failed_reply(name: &str, reply: std::io::Result<Response>) -> ManagerError {
     }
 }
 
-/// Keeps the agent's mapping of a capture whose copy runs until the copy
-/// completes or fails (its state then says complete, or is gone).
-fn keep_until_copied(dir: CaptureDir, target: sandfork_vmm::memory::SnapshotMapping) {
+/// Keeps the agent's mapping of a capture whose copy runs until the VMM is
+/// done filling it: the copy completed or failed and the VMM answers its
+/// branches no more, or the VMM exited. A capture deleted meanwhile is no
+/// different: its branches still need the rest of its memory.
+fn keep_until_copied(target: sandfork_vmm::memory::SnapshotMapping) {
     let kept = std::thread::Builder::new()
         .name("capture-target".into())
         .spawn(move || {
-            // Each look parses the state (vCPU state included): not too often,
-            // beside a copy that wants the CPU.
-            while dir.read_state().is_ok_and(|state| !state.memory_complete) {
-                std::thread::sleep(Duration::from_millis(25));
+            if let Err(err) = target.wait_for_fillers() {
+                tracing::error!(error = %err, "cannot tell when a capture's copy ends: its copy may fail");
             }
             drop(target);
         });

@@ -209,6 +209,50 @@ fn branches_started_during_the_copy_outlive_a_deleted_source_but_not_a_crashed_o
     );
 }
 
+/// The agent owns a capture's memory mapping and the VMM fills it: the agent
+/// must keep it until the VMM has stopped filling, not until the capture
+/// looks complete or gone, or the branches still being filled stop.
+#[test]
+fn a_capture_deleted_mid_copy_leaves_its_branches_running() {
+    if !common::devices_present() {
+        return;
+    }
+    let state = common::StateDir::new();
+    let manager = manager(state.path());
+    let source = manager.run(&counter("source", 512)).unwrap();
+    wait_reports(&manager, "source", 1);
+    let capture = manager
+        .capture("source", "snap", CaptureMode::Live, false, false)
+        .unwrap();
+    let branch = manager.branch("orphan", "snap").unwrap();
+    manager.delete_capture("snap").unwrap();
+    assert!(
+        !capture.memory_complete && manager.list_captures().unwrap().is_empty(),
+        "the copy completed before the capture was deleted"
+    );
+    // Running past the copy's end, on memory the copy completed.
+    let mut first_pass = None;
+    let progressed = common::wait_until(Duration::from_secs(60), || {
+        let info = manager.status("orphan").unwrap();
+        if info.state != SandboxState::Running {
+            return true;
+        }
+        let Some(&pass) = info.reports.first() else {
+            return false;
+        };
+        pass > *first_pass.get_or_insert(pass) + 1
+    });
+    let state = manager.status("orphan").unwrap().state;
+    assert!(
+        progressed && state == SandboxState::Running,
+        "the branch did not run on: {state:?}"
+    );
+    assert!(process_alive(branch.pid.unwrap()));
+    assert!(process_alive(source.pid.unwrap()));
+    manager.delete("orphan").unwrap();
+    manager.delete("source").unwrap();
+}
+
 fn manager_for_restart(dir: &Path) -> Manager {
     manager(dir)
 }

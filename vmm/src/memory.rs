@@ -13,7 +13,7 @@ use std::ops::Range;
 use std::os::fd::{AsFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::ptr::NonNull;
 
-use rustix::fs::{MemfdFlags, SealFlags, SeekFrom};
+use rustix::fs::{FlockOperation, MemfdFlags, SealFlags, SeekFrom};
 use rustix::mm::{Advice, MapFlags, ProtFlags};
 use userfaultfd::{RegisterMode, Uffd, UffdBuilder};
 
@@ -434,6 +434,15 @@ fn map(fd: BorrowedFd<'_>, len: usize, flags: MapFlags) -> Result<NonNull<u8>, M
 /// cgroup. So the agent maps a capture's file and registers it, and the
 /// sandbox's VMM fills it through the handed-over userfaultfd: the capture's
 /// memory is charged to the agent, not to the sandbox's Pod.
+///
+/// A remote filler holds an exclusive `flock` on its descriptor of the file
+/// for as long as it may fill; the owner waits for it (`wait_for_fillers`)
+/// before unmapping, since a fill into a mapping that is gone fails the
+/// capture and with it the branches still being filled. A lock rather than
+/// a look at the capture's state: the filler still answers branches, and
+/// zero-fills holes they ask for, after its state says complete, and a
+/// capture deleted mid-copy has no state at all; and a filler that dies
+/// drops its lock with it.
 pub struct SnapshotMapping {
     base: NonNull<u8>,
     len: usize,
@@ -497,6 +506,9 @@ impl SnapshotMapping {
     /// this process's memory; if the other process exits, fills fail.
     pub fn remote(uffd: OwnedFd, base: u64, len: u64, file: File) -> Result<Self, MemoryError> {
         check_file_size(&file, len)?;
+        // Held until this value is dropped (its descriptor closed).
+        rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive)
+            .map_err(sys("lock snapshot for filling"))?;
         let base = NonNull::new(base as *mut u8).ok_or(MemoryError::Sys {
             op: "remote snapshot mapping",
             source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
@@ -510,6 +522,17 @@ impl SnapshotMapping {
             file,
             local: false,
         })
+    }
+
+    /// Blocks until no other process fills this mapping: each remote filler
+    /// holds its lock on the file until it is done with it, or exits.
+    pub fn wait_for_fillers(&self) -> Result<(), MemoryError> {
+        loop {
+            match rustix::fs::flock(&self.file, FlockOperation::LockShared) {
+                Err(rustix::io::Errno::INTR) => continue,
+                result => return result.map_err(sys("wait for snapshot fillers")),
+            }
+        }
     }
 
     /// Fills the pages of `offset..offset + len` (page-aligned) from the
