@@ -14,7 +14,7 @@ use kube::{Resource, ResourceExt};
 use sandfork_api::{Sandbox, SandboxBranch};
 
 use crate::agents::Agents;
-use crate::error::ErrorChain;
+use crate::events::{self, Pending, Queue};
 use crate::metrics::Metrics;
 use crate::pod::VmmImage;
 
@@ -50,7 +50,8 @@ pub struct Settings {
     pub reconcile_timeout: Duration,
     /// The image of the `vmm` container of sandbox Pods.
     pub vmm_image: VmmImage,
-    /// Send Events without waiting for the API server's answer.
+    /// Queue Events to be sent one at a time, not waiting for the API
+    /// server's answer; otherwise each is sent before its pass goes on.
     pub events_in_background: bool,
     /// A warm pool refills once this long has passed without a claim of
     /// its Pods: starting Pods takes the CPU a burst of forks needs.
@@ -128,6 +129,8 @@ pub struct Context {
     pub caches: Caches,
     pub metrics: Arc<Metrics>,
     pub recorder: Recorder,
+    /// Where Events wait to be sent, when sent in the background.
+    events: Option<Queue<Pending>>,
     pub clock: Clock,
     pub settings: Settings,
     failures: Mutex<HashMap<String, u32>>,
@@ -159,8 +162,12 @@ impl Context {
         clock: Clock,
         settings: Settings,
     ) -> Self {
+        let recorder = Recorder::new(client.clone(), reporter);
         Self {
-            recorder: Recorder::new(client.clone(), reporter),
+            events: settings
+                .events_in_background
+                .then(|| events::event_queue(recorder.clone())),
+            recorder,
             client,
             agents,
             caches,
@@ -197,24 +204,24 @@ impl Context {
     }
 
     /// Publishes `event` about `obj`; failing to publish is only logged.
-    /// Unless the settings say otherwise it is sent in the background: an
-    /// Event is an API write, and a fork's path would wait for each.
+    /// Unless the settings say otherwise it is queued: an Event is an API
+    /// write, and a fork's path would wait for each.
     pub async fn publish<K>(&self, obj: &K, event: Event)
     where
         K: Resource<DynamicType = ()>,
     {
-        let recorder = self.recorder.clone();
-        let reference = obj.object_ref(&());
-        let name = obj.name_any();
-        let send = async move {
-            if let Err(err) = recorder.publish(&event, &reference).await {
-                tracing::warn!(object = %name, reason = event.reason, error = %ErrorChain(&err), "could not publish event");
-            }
+        let pending = Pending {
+            event,
+            reference: obj.object_ref(&()),
+            name: obj.name_any(),
         };
-        if self.settings.events_in_background {
-            tokio::spawn(send);
-        } else {
-            send.await;
+        match &self.events {
+            Some(queue) => {
+                if let Err(dropped) = queue.push(pending) {
+                    tracing::warn!(object = %dropped.name, reason = dropped.event.reason, "too many Events waiting to be sent; dropped one");
+                }
+            }
+            None => events::send(&self.recorder, pending).await,
         }
     }
 

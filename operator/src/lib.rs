@@ -12,6 +12,7 @@ pub mod client;
 pub mod context;
 pub mod controller;
 pub mod error;
+pub mod events;
 pub mod http;
 pub mod leader;
 pub mod metrics;
