@@ -121,6 +121,15 @@ async fn fill(pool: &SandboxWarmPool, ctx: &Context) -> Result<Action> {
         return Ok(Action::await_change());
     }
 
+    // While its Pods are being claimed the pool neither lists nor writes:
+    // in a fan-out each claim brought a pass, and each pass's list of
+    // every Pod of the pool and its status write took the API server's CPU
+    // from the claims. The status catches up once they pause.
+    let refill_wait = ctx.refill_wait(&pool_key(&namespace_of(pool), &pool.name_any()));
+    if let Some(wait) = refill_wait {
+        return Ok(Action::requeue(wait));
+    }
+
     let mut by_node: BTreeMap<String, Vec<Pod>> = BTreeMap::new();
     for pod in unclaimed_pods(pool, &pods).await? {
         if pod.metadata.deletion_timestamp.is_some() {
@@ -138,8 +147,6 @@ async fn fill(pool: &SandboxWarmPool, ctx: &Context) -> Result<Action> {
             .push(pod);
     }
 
-    // Claims going on: the Pods that replace them start once they pause.
-    let refill_wait = ctx.refill_wait(&pool_key(&namespace_of(pool), &pool.name_any()));
     let explicit = !pool.spec.node_names.is_empty();
     let mut ready_by_node = BTreeMap::new();
     let (mut ready_total, mut starting_total, mut short) = (0u32, 0u32, false);
@@ -154,10 +161,7 @@ async fn fill(pool: &SandboxWarmPool, ctx: &Context) -> Result<Action> {
         // left for the forks that just claimed them.
         let starting = kept.iter().filter(|pod| !is_claimable(pod)).count();
         let missing = wanted.saturating_sub(kept.len());
-        let startable = match refill_wait {
-            Some(_) => 0,
-            None => missing.min(MAX_STARTING_PER_NODE.saturating_sub(starting)),
-        };
+        let startable = missing.min(MAX_STARTING_PER_NODE.saturating_sub(starting));
         for _ in 0..startable {
             let made = warm_pod(pool, node, &ctx.settings.vmm_image).map_err(Error::Permanent)?;
             kept.push(pods.create(&PostParams::default(), &made).await?);
@@ -204,9 +208,7 @@ async fn fill(pool: &SandboxWarmPool, ctx: &Context) -> Result<Action> {
     };
     update.set_conditions(&[Cond::new(conditions::READY, ready, why, message)]);
     update.write(ctx).await?;
-    Ok(if let Some(wait) = refill_wait.filter(|_| short) {
-        Action::requeue(wait)
-    } else if ready {
+    Ok(if ready {
         Action::requeue(ctx.settings.resync)
     } else {
         // Pod changes trigger passes; this is a backstop (and finds new agents).
