@@ -125,8 +125,7 @@ async fn fill(pool: &SandboxWarmPool, ctx: &Context) -> Result<Action> {
     // in a fan-out each claim brought a pass, and each pass's list of
     // every Pod of the pool and its status write took the API server's CPU
     // from the claims. The status catches up once they pause.
-    let refill_wait = ctx.refill_wait(&pool_key(&namespace_of(pool), &pool.name_any()));
-    if let Some(wait) = refill_wait {
+    if let Some(wait) = ctx.refill_wait(&pool_key(&namespace_of(pool), &pool.name_any())) {
         return Ok(Action::requeue(wait));
     }
 
